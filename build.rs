@@ -1,0 +1,36 @@
+//! Builds the small C++ shim over ATen and links the binary to libtorch (rpath + no-as-needed).
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    // torch-sys exports the libtorch folder to direct dependents only; that is why
+    // torch-sys is a direct dependency of this crate.
+    let lib = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB (is LIBTORCH_USE_PYTORCH=1 set?)"),
+    );
+    let include = lib.join("..").join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("reg_shim");
+    let lib = lib.display();
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // Without --no-as-needed the linker drops libtorch_cuda (no symbol of it is used
+    // directly) and CUDA silently disappears at run time.
+    println!("cargo:rustc-link-arg=-L{lib}");
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    println!("cargo:rustc-link-arg=-ltorch");
+    println!("cargo:rustc-link-arg=-ltorch_cuda");
+    println!("cargo:rustc-link-arg=-ltorch_cpu");
+    println!("cargo:rustc-link-arg=-lc10");
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
+}

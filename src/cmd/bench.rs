@@ -1,0 +1,126 @@
+//! `reg-ddp bench`: times training steps on synthetic data of the configured shapes.
+
+use anyhow::Result;
+use reg::config::SitDims;
+use reg::train::{resolve_device, Trainer};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Batch to time (defaults to the config's global batch).
+    #[arg(long)]
+    pub batch: Option<i64>,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Training FLOPs per image (forward + backward = 3 x forward), counted from the shapes.
+/// Matmuls count 2 FLOPs per multiply-add; adaLN and the embedders act once per image,
+/// everything else once per token.
+pub fn train_flops_per_image(d: &SitDims) -> f64 {
+    let (h, t) = (d.hidden_size as f64, (d.num_patches() + 1) as f64);
+    let (p, c, z, pd) = (d.patch_size as f64, d.in_channels as f64, d.z_dim as f64, d.projector_dim as f64);
+    let mlp = d.mlp_hidden() as f64;
+    let per_token_block = 2.0 * (3.0 * h * h + h * h + 2.0 * h * mlp) + 4.0 * t * h;
+    let blocks = d.depth as f64 * (t * per_token_block + 2.0 * h * 6.0 * h);
+    let embed = (t - 1.0) * 2.0 * c * p * p * h + 2.0 * z * h + 2.0 * (256.0 * h + h * h);
+    let projector = t * 2.0 * (h * pd + pd * pd + pd * z);
+    let head = 2.0 * h * 2.0 * h + (t - 1.0) * 2.0 * h * p * p * c + 2.0 * h * z;
+    3.0 * (blocks + embed + projector + head)
+}
+
+/// Dense bf16 peak of known GPUs, from `nvidia-smi`'s name of device 0.
+fn gpu_peak_flops() -> Option<(String, f64)> {
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=name", "--format=csv,noheader"]).output().ok()?;
+    let name = String::from_utf8_lossy(&out.stdout).lines().next()?.trim().to_string();
+    let peak = if name.contains("H100") && name.contains("PCIe") {
+        756e12
+    } else if name.contains("H100") || name.contains("H200") || name.contains("H800") {
+        989e12
+    } else if name.contains("A100") {
+        312e12
+    } else if name.contains("B200") {
+        2250e12
+    } else {
+        return None;
+    };
+    Some((name, peak))
+}
+
+/// Peak resident memory of this process (VmHWM), for CPU runs.
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    super::set_threads(a.threads);
+    let file = a.config.display().to_string();
+    let mut sets = a.sets.clone();
+    if let Some(b) = a.batch {
+        sets.push(format!("train.global_batch={b}"));
+    }
+    sets.push("data.source=synthetic".into());
+    let cfg = super::load_config(&a.config, &sets)?;
+    let device = resolve_device(&cfg.train.device)?;
+    let mut t = Trainer::new(cfg, &file, device)?;
+    for _ in 0..a.warmup {
+        t.train_step()?;
+    }
+    t.sync();
+    let start = Instant::now();
+    for _ in 0..a.steps {
+        t.train_step()?;
+    }
+    t.sync();
+    let secs = start.elapsed().as_secs_f64();
+    let batch = t.cfg.train.global_batch as f64;
+    let ms = 1000.0 * secs / a.steps.max(1) as f64;
+    let ips = batch * a.steps as f64 / secs;
+    let flops = train_flops_per_image(&t.dims);
+    let gpu = if device.is_cuda() { gpu_peak_flops() } else { None };
+    let mfu = gpu.as_ref().map(|(_, peak)| flops * ips / peak);
+    let peak_mem = if device.is_cuda() { None } else { peak_rss_bytes() };
+    let line = serde_json::json!({
+        "config": file,
+        "device": gpu.as_ref().map(|(n, _)| n.clone()).unwrap_or_else(|| format!("{device:?}")),
+        "precision": format!("{:?}", t.kind),
+        "threads": tch::get_num_threads(),
+        "batch": batch,
+        "steps": a.steps,
+        "ms_per_step": ms,
+        "images_per_s": ips,
+        "params": t.params.numel() + t.params.buffer_numel(),
+        "train_flops_per_image": flops,
+        "mfu": mfu,
+        "peak_mem_bytes": peak_mem,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reg::config::ModelConfig;
+
+    #[test]
+    fn xl2_flops_match_the_design_figure() {
+        let m: ModelConfig = serde_yaml::from_str("arch: SiT-XL/2").unwrap();
+        let tflop_batch32 = train_flops_per_image(&m.dims("x").unwrap()) * 32.0 / 1e12;
+        assert!((tflop_batch32 - 22.8).abs() < 0.2, "{tflop_batch32}");
+    }
+}

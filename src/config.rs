@@ -1,0 +1,476 @@
+//! Run configuration: serde structs read from YAML, `--set key=value` overrides, validation.
+
+use crate::bail_input;
+use crate::error::bad_input;
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything a run needs; written resolved into the run folder.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub loss: LossConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+}
+
+/// SiT + REG architecture. `arch` names a preset (`SiT-XL/2`); the explicit fields
+/// override it, which is how tiny test models are described.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub arch: Option<String>,
+    #[serde(default)]
+    pub depth: Option<i64>,
+    #[serde(default)]
+    pub hidden_size: Option<i64>,
+    #[serde(default)]
+    pub num_heads: Option<i64>,
+    #[serde(default)]
+    pub patch_size: Option<i64>,
+    /// Latent side (32 for 256 px images through the f8 VAE).
+    #[serde(default = "d_input_size")]
+    pub input_size: i64,
+    #[serde(default = "d_in_channels")]
+    pub in_channels: i64,
+    #[serde(default = "d_num_classes")]
+    pub num_classes: i64,
+    /// 1-based block after which the REPA projector reads the tokens.
+    #[serde(default)]
+    pub encoder_depth: Option<i64>,
+    /// Encoder width (768 for DINOv2-B).
+    #[serde(default = "d_z_dim")]
+    pub z_dim: i64,
+    #[serde(default = "d_projector_dim")]
+    pub projector_dim: i64,
+    #[serde(default)]
+    pub qk_norm: bool,
+    #[serde(default = "d_mlp_ratio")]
+    pub mlp_ratio: f64,
+    #[serde(default = "d_class_dropout")]
+    pub class_dropout_prob: f64,
+}
+
+fn d_input_size() -> i64 {
+    32
+}
+fn d_in_channels() -> i64 {
+    4
+}
+fn d_num_classes() -> i64 {
+    1000
+}
+fn d_z_dim() -> i64 {
+    768
+}
+fn d_projector_dim() -> i64 {
+    2048
+}
+fn d_mlp_ratio() -> f64 {
+    4.0
+}
+fn d_class_dropout() -> f64 {
+    0.1
+}
+
+/// The fully resolved architecture (no options left).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SitDims {
+    pub depth: i64,
+    pub hidden_size: i64,
+    pub num_heads: i64,
+    pub patch_size: i64,
+    pub input_size: i64,
+    pub in_channels: i64,
+    pub num_classes: i64,
+    pub encoder_depth: i64,
+    pub z_dim: i64,
+    pub projector_dim: i64,
+    pub qk_norm: bool,
+    pub mlp_ratio: f64,
+}
+
+impl SitDims {
+    /// Image tokens `T = (H / p)^2`.
+    pub fn num_patches(&self) -> i64 {
+        (self.input_size / self.patch_size).pow(2)
+    }
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_heads
+    }
+    pub fn mlp_hidden(&self) -> i64 {
+        (self.hidden_size as f64 * self.mlp_ratio) as i64
+    }
+}
+
+/// (depth, width, heads, default encoder_depth) of the named sizes.
+fn preset(size: &str) -> Option<(i64, i64, i64, i64)> {
+    match size {
+        "S" => Some((12, 384, 6, 4)),
+        "B" => Some((12, 768, 12, 4)),
+        "L" => Some((24, 1024, 16, 8)),
+        "XL" => Some((28, 1152, 16, 8)),
+        _ => None,
+    }
+}
+
+impl ModelConfig {
+    /// Resolves the preset and overrides; `file` only names the source in errors.
+    pub fn dims(&self, file: &str) -> Result<SitDims> {
+        let (mut depth, mut hidden, mut heads, mut enc, mut patch) = (None, None, None, None, None);
+        if let Some(arch) = &self.arch {
+            let parsed = arch
+                .strip_prefix("SiT-")
+                .and_then(|s| s.split_once('/'))
+                .and_then(|(size, p)| Some((preset(size)?, p.parse::<i64>().ok()?)));
+            let Some(((d, h, n, e), p)) = parsed else {
+                bail_input!("{file}: model.arch: unknown architecture {arch:?} (expected SiT-S|B|L|XL/2|4|8)");
+            };
+            (depth, hidden, heads, enc, patch) = (Some(d), Some(h), Some(n), Some(e), Some(p));
+        }
+        let pick = |explicit: Option<i64>, preset: Option<i64>, field: &str| -> Result<i64> {
+            explicit
+                .or(preset)
+                .ok_or_else(|| bad_input(format!("{file}: model.{field}: missing (give model.arch or model.{field})")))
+        };
+        let dims = SitDims {
+            depth: pick(self.depth, depth, "depth")?,
+            hidden_size: pick(self.hidden_size, hidden, "hidden_size")?,
+            num_heads: pick(self.num_heads, heads, "num_heads")?,
+            patch_size: pick(self.patch_size, patch, "patch_size")?,
+            input_size: self.input_size,
+            in_channels: self.in_channels,
+            num_classes: self.num_classes,
+            encoder_depth: pick(self.encoder_depth, enc, "encoder_depth")?,
+            z_dim: self.z_dim,
+            projector_dim: self.projector_dim,
+            qk_norm: self.qk_norm,
+            mlp_ratio: self.mlp_ratio,
+        };
+        let positive = [
+            ("depth", dims.depth),
+            ("hidden_size", dims.hidden_size),
+            ("num_heads", dims.num_heads),
+            ("patch_size", dims.patch_size),
+            ("input_size", dims.input_size),
+            ("in_channels", dims.in_channels),
+            ("num_classes", dims.num_classes),
+            ("encoder_depth", dims.encoder_depth),
+            ("z_dim", dims.z_dim),
+            ("projector_dim", dims.projector_dim),
+        ];
+        for (field, v) in positive {
+            if v <= 0 {
+                bail_input!("{file}: model.{field}: must be positive, got {v}");
+            }
+        }
+        if dims.input_size % dims.patch_size != 0 {
+            bail_input!(
+                "{file}: model.patch_size: {} does not divide the latent size {}",
+                dims.patch_size,
+                dims.input_size
+            );
+        }
+        if dims.hidden_size % dims.num_heads != 0 {
+            bail_input!(
+                "{file}: model.num_heads: {} does not divide hidden_size {}",
+                dims.num_heads,
+                dims.hidden_size
+            );
+        }
+        // The 2-D sin-cos table splits the width in four (rows/cols x sin/cos).
+        if dims.hidden_size % 4 != 0 {
+            bail_input!("{file}: model.hidden_size: {} is not a multiple of 4", dims.hidden_size);
+        }
+        if dims.encoder_depth > dims.depth {
+            bail_input!(
+                "{file}: model.encoder_depth: {} is greater than depth {}",
+                dims.encoder_depth,
+                dims.depth
+            );
+        }
+        if !(self.mlp_ratio > 0.0) {
+            bail_input!("{file}: model.mlp_ratio: must be positive");
+        }
+        if !(0.0..1.0).contains(&self.class_dropout_prob) {
+            bail_input!("{file}: model.class_dropout_prob: must be in [0, 1)");
+        }
+        Ok(dims)
+    }
+}
+
+/// Interpolant between data (t = 0) and noise (t = 1).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PathType {
+    Linear,
+    Cosine,
+}
+
+/// How training times are drawn.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Weighting {
+    Uniform,
+    Lognormal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    pub path: PathType,
+    pub weighting: Weighting,
+    /// Weight of the REPA projection (cosine) term.
+    pub proj_coeff: f64,
+    /// Weight of the REG-token velocity term.
+    pub cls_coeff: f64,
+    /// SD-VAE latent scale.
+    pub latent_scale: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig {
+            path: PathType::Linear,
+            weighting: Weighting::Uniform,
+            proj_coeff: 0.5,
+            cls_coeff: 0.03,
+            latent_scale: 0.18215,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    pub ema_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            ema_decay: 0.9999,
+        }
+    }
+}
+
+/// Compute precision. `auto` is bf16 on CUDA and fp32 on CPU.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Auto,
+    Bf16,
+    Fp32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Run name: outputs go to `<output_dir>/<name>/`.
+    pub name: String,
+    #[serde(default = "d_output_dir")]
+    pub output_dir: String,
+    pub global_batch: i64,
+    pub steps: i64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "d_precision")]
+    pub precision: Precision,
+    #[serde(default = "d_log_every")]
+    pub log_every: i64,
+    #[serde(default = "d_checkpoint_every")]
+    pub checkpoint_every: i64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "d_device")]
+    pub device: String,
+}
+
+fn d_output_dir() -> String {
+    "checkpoints".into()
+}
+fn d_precision() -> Precision {
+    Precision::Auto
+}
+fn d_log_every() -> i64 {
+    100
+}
+fn d_checkpoint_every() -> i64 {
+    50_000
+}
+fn d_device() -> String {
+    "auto".into()
+}
+
+/// Where batches come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataSource {
+    /// Class-conditioned random latents and features, drawn from the step's keyed stream.
+    #[default]
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    #[serde(default)]
+    pub source: DataSource,
+}
+
+impl Config {
+    /// Reads `path`, applies `key=value` overrides, validates. Every failure is an
+    /// input error naming the file and the field.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Config> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| bad_input(format!("{file}: cannot read: {e}")))?;
+        Self::from_yaml(&text, &file, sets)
+    }
+
+    /// As `load`, from text; `file` names the source in errors.
+    pub fn from_yaml(text: &str, file: &str, sets: &[String]) -> Result<Config> {
+        let mut doc: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| bad_input(format!("{file}: malformed YAML: {e}")))?;
+        for set in sets {
+            apply_set(&mut doc, set).map_err(|e| bad_input(format!("--set {set}: {e}")))?;
+        }
+        let cfg: Config = serde_path_to_error::deserialize(doc).map_err(|e| {
+            let field = e.path().to_string();
+            bad_input(format!("{file}: {field}: {}", strip_location(&e.inner().to_string())))
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &str) -> Result<()> {
+        self.model.dims(file)?;
+        let t = &self.train;
+        if t.global_batch <= 0 {
+            bail_input!("{file}: train.global_batch: must be positive, got {}", t.global_batch);
+        }
+        if t.steps < 0 {
+            bail_input!("{file}: train.steps: must not be negative");
+        }
+        if t.log_every <= 0 || t.checkpoint_every <= 0 {
+            bail_input!("{file}: train.log_every / train.checkpoint_every: must be positive");
+        }
+        if t.name.is_empty() || t.name.contains('/') {
+            bail_input!("{file}: train.name: must be a non-empty folder name");
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0) || !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || !(o.eps > 0.0) {
+            bail_input!("{file}: optim: lr and eps must be positive, betas in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&o.ema_decay) {
+            bail_input!("{file}: optim.ema_decay: must be in [0, 1]");
+        }
+        if o.weight_decay < 0.0 || o.max_grad_norm < 0.0 {
+            bail_input!("{file}: optim.weight_decay / optim.max_grad_norm: must not be negative");
+        }
+        if !(self.loss.latent_scale > 0.0) {
+            bail_input!("{file}: loss.latent_scale: must be positive");
+        }
+        Ok(())
+    }
+
+    /// The global batch split over `world` ranks; an input error when it does not divide.
+    pub fn local_batch(&self, world: i64, file: &str) -> Result<i64> {
+        if self.train.global_batch % world != 0 {
+            bail_input!(
+                "{file}: train.global_batch: {} is not divisible by the world size {world}",
+                self.train.global_batch
+            );
+        }
+        Ok(self.train.global_batch / world)
+    }
+}
+
+/// serde_yaml appends " at line L column C" which points into the re-serialised
+/// document after `--set`, not the user's file; the field path says where instead.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// `a.b.c=value`: the value is parsed as YAML, so numbers, bools and lists work.
+fn apply_set(doc: &mut serde_yaml::Value, set: &str) -> Result<()> {
+    let (key, value) = set.split_once('=').ok_or_else(|| anyhow::anyhow!("expected key=value"))?;
+    let value: serde_yaml::Value = serde_yaml::from_str(value)?;
+    let mut node = doc;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if part.is_empty() {
+            anyhow::bail!("empty key segment");
+        }
+        let map = match node {
+            serde_yaml::Value::Mapping(m) => m,
+            serde_yaml::Value::Null => {
+                *node = serde_yaml::Value::Mapping(Default::default());
+                node.as_mapping_mut().unwrap()
+            }
+            _ => anyhow::bail!("{} is not a mapping", parts[..i].join(".")),
+        };
+        let k = serde_yaml::Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(serde_yaml::Value::Null);
+    }
+    unreachable!("split always yields at least one part")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = "model: {depth: 2, hidden_size: 32, num_heads: 2, patch_size: 2, input_size: 8, encoder_depth: 1, z_dim: 16, projector_dim: 32, num_classes: 4}\ntrain: {name: t, global_batch: 4, steps: 1}\n";
+
+    #[test]
+    fn presets_resolve() {
+        let m: ModelConfig = serde_yaml::from_str("arch: SiT-XL/2").unwrap();
+        let d = m.dims("x").unwrap();
+        assert_eq!((d.depth, d.hidden_size, d.num_heads, d.patch_size, d.encoder_depth), (28, 1152, 16, 2, 8));
+        let m: ModelConfig = serde_yaml::from_str("arch: SiT-B/4").unwrap();
+        assert_eq!(m.dims("x").unwrap().encoder_depth, 4);
+    }
+
+    #[test]
+    fn set_overrides_nested_values() {
+        let c = Config::from_yaml(TINY, "t.yaml", &["optim.lr=0.5".into(), "train.seed=7".into()]).unwrap();
+        assert_eq!(c.optim.lr, 0.5);
+        assert_eq!(c.train.seed, 7);
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let e = Config::from_yaml(TINY, "t.yaml", &["train.bogus=1".into()]).unwrap_err();
+        let s = format!("{e:#}");
+        assert!(s.contains("t.yaml") && s.contains("bogus"), "{s}");
+        let e = Config::from_yaml(TINY, "t.yaml", &["model.patch_size=3".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("model.patch_size"));
+        let e = Config::from_yaml(TINY, "t.yaml", &["model.encoder_depth=3".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("model.encoder_depth"));
+    }
+}

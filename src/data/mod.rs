@@ -1,0 +1,22 @@
+//! Where training batches come from: the synthetic source now, precomputed shards later.
+
+pub mod synthetic;
+
+use tch::Tensor;
+
+/// One rank's rows of a global batch, on the CPU.
+pub struct Batch {
+    /// VAE moments `[mean; std]`. [n, 2C, H, W] f32
+    pub moments: Tensor,
+    /// Encoder tokens, class token first. [n, T+1, Dz]
+    pub feat: Tensor,
+    /// Class labels. [n] i64
+    pub y: Tensor,
+}
+
+/// A source of batches addressed by global position, so every rank can take its
+/// own rows and results do not depend on the world size.
+pub trait BatchSource: Send {
+    /// Rows `[lo, lo + n)` of the global batch of `step`.
+    fn batch(&mut self, step: u64, lo: i64, n: i64) -> anyhow::Result<Batch>;
+}

@@ -1,0 +1,137 @@
+//! The REG loss: velocity matching of latents and REG token, plus REPA alignment.
+
+use crate::config::{LossConfig, PathType, Weighting};
+use crate::diffusion::path::{expand_like, Interpolant};
+use crate::model::sit::SiT;
+use tch::{Device, Kind, Tensor};
+
+/// Every random draw of one training step, for the whole global batch, from a
+/// generator keyed by (seed, step): a data-parallel rank takes its rows, and a
+/// resumed run needs no RNG state.
+pub struct StepDraws {
+    /// Times in (0, 1). [B]
+    pub t: Tensor,
+    /// Latent noise. [B, C, H, W]
+    pub noise: Tensor,
+    /// REG-token noise. [B, Dz]
+    pub noise_cls: Tensor,
+    /// Posterior sample noise `x = mean + std * eps`. [B, C, H, W]
+    pub eps: Tensor,
+    /// Label dropped for guidance. [B] bool
+    pub drop: Tensor,
+}
+
+/// Mixes (seed, step) into one 63-bit generator seed (SplitMix64 finaliser), so
+/// nearby steps get unrelated streams.
+pub fn step_seed(seed: u64, step: u64, stream: u64) -> i64 {
+    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+impl StepDraws {
+    /// Draws on the CPU (identical on every machine and device), in a fixed order.
+    pub fn generate(
+        seed: u64,
+        step: u64,
+        global_batch: i64,
+        latent: [i64; 3],
+        z_dim: i64,
+        cfg: &LossConfig,
+        class_dropout: f64,
+    ) -> Self {
+        tch::manual_seed(step_seed(seed, step, 0));
+        let b = global_batch;
+        let opts = (Kind::Float, Device::Cpu);
+        let t = match cfg.weighting {
+            Weighting::Uniform => Tensor::rand([b], opts),
+            Weighting::Lognormal => {
+                let s = Tensor::randn([b], opts).exp();
+                match cfg.path {
+                    PathType::Linear => &s / (&s + 1.0),
+                    PathType::Cosine => s.atan() * (2.0 / std::f64::consts::PI),
+                }
+            }
+        };
+        let [c, h, w] = latent;
+        let noise = Tensor::randn([b, c, h, w], opts);
+        let noise_cls = Tensor::randn([b, z_dim], opts);
+        let eps = Tensor::randn([b, c, h, w], opts);
+        let drop = Tensor::rand([b], opts).lt(class_dropout);
+        StepDraws { t, noise, noise_cls, eps, drop }
+    }
+
+    /// Rows `[lo, lo + n)` moved to `device`.
+    pub fn rows(&self, lo: i64, n: i64, device: Device) -> Self {
+        let r = |x: &Tensor| x.narrow(0, lo, n).to_device(device);
+        StepDraws { t: r(&self.t), noise: r(&self.noise), noise_cls: r(&self.noise_cls), eps: r(&self.eps), drop: r(&self.drop) }
+    }
+}
+
+/// `x = (mean + std * eps) * scale` from stored VAE moments `[mean; std]` (8 channels).
+pub fn sample_posterior(moments: &Tensor, eps: &Tensor, scale: f64) -> Tensor {
+    let c = moments.size()[1] / 2;
+    let mean = moments.narrow(1, 0, c);
+    let std = moments.narrow(1, c, c);
+    (mean + std * eps) * scale
+}
+
+/// Replaces dropped labels by the null label `num_classes`.
+pub fn drop_labels(y: &Tensor, drop: &Tensor, num_classes: i64) -> Tensor {
+    y.where_self(&drop.logical_not(), &y.full_like(num_classes))
+}
+
+/// The loss and its parts.
+pub struct LossTerms {
+    /// `mean(denoise) + proj_coeff * proj + cls_coeff * mean(cls)`, f32 scalar.
+    pub total: Tensor,
+    /// Per-sample latent velocity MSE. [N]
+    pub denoise: Tensor,
+    /// Per-sample REG-token velocity MSE. [N]
+    pub cls: Tensor,
+    /// Mean over samples and tokens of `-cos(zs, z)`. []
+    pub proj: Tensor,
+}
+
+/// Inputs of the loss for this rank's rows.
+pub struct LossInputs<'a> {
+    /// Clean latents (already sampled from the posterior and scaled). [N, C, H, W]
+    pub x0: &'a Tensor,
+    /// Encoder tokens, class token first. [N, T+1, Dz]
+    pub feat: &'a Tensor,
+    /// Labels after dropout. [N]
+    pub y: &'a Tensor,
+    /// Times. [N]
+    pub t: &'a Tensor,
+    pub noise: &'a Tensor,
+    pub noise_cls: &'a Tensor,
+}
+
+/// REG loss with v-prediction; the model computes in `kind`, the loss in f32.
+pub fn reg_loss(model: &SiT, inp: &LossInputs, cfg: &LossConfig, kind: Kind) -> LossTerms {
+    let cls0 = inp.feat.select(1, 0).to_kind(Kind::Float);
+    let p = Interpolant::at(cfg.path, inp.t);
+    let e = |v: &Tensor| expand_like(v, inp.x0);
+    let x_t = e(&p.alpha) * inp.x0 + e(&p.sigma) * inp.noise;
+    let v = e(&p.d_alpha) * inp.x0 + e(&p.d_sigma) * inp.noise;
+    let e2 = |v: &Tensor| v.unsqueeze(1);
+    let cls_t = e2(&p.alpha) * &cls0 + e2(&p.sigma) * inp.noise_cls;
+    let v_cls = e2(&p.d_alpha) * &cls0 + e2(&p.d_sigma) * inp.noise_cls;
+
+    let out = model.forward(&x_t, inp.t, inp.y, &cls_t, kind);
+    let denoise = (out.x.to_kind(Kind::Float) - v).square().flatten(1, -1).mean_dim(-1, false, None);
+    let cls = (out.cls.to_kind(Kind::Float) - v_cls).square().mean_dim(-1, false, None);
+    // Cosine in float32 even under bf16: low precision here is a known NaN source late in training.
+    let zs = normalize(&out.zs.to_kind(Kind::Float));
+    let z = normalize(&inp.feat.to_kind(Kind::Float));
+    let proj = -(zs * z).sum_dim_intlist(-1, false, None).mean(None);
+    let total = denoise.mean(None) + &proj * cfg.proj_coeff + cls.mean(None) * cfg.cls_coeff;
+    LossTerms { total, denoise, cls, proj }
+}
+
+/// `F.normalize(x, dim=-1)`: `x / max(|x|, 1e-12)`.
+fn normalize(x: &Tensor) -> Tensor {
+    let n = x.norm_scalaropt_dim(2.0, [-1], true).clamp_min(1e-12);
+    x / n
+}

@@ -1,0 +1,7 @@
+//! Interpolant paths, the REG training loss, and (later) the samplers.
+
+pub mod loss;
+pub mod path;
+
+pub use loss::{reg_loss, LossTerms, StepDraws};
+pub use path::Interpolant;

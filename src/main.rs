@@ -1,0 +1,33 @@
+//! reg-ddp: train, bench (and later prepare, sample, eval) SiT + REG from one binary.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "reg-ddp", version, about = "SiT + REG diffusion training on libtorch")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a YAML config.
+    Train(cmd::train::Args),
+    /// Time training steps on synthetic data and print one JSON line.
+    Bench(cmd::bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => cmd::train::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+    };
+    if let Err(e) = result {
+        // One line: the whole context chain, without a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(if reg::error::is_input_error(&e) { 2 } else { 1 });
+    }
+}

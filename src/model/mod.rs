@@ -1,0 +1,20 @@
+//! Pure modules over tch, named like upstream: SiT + REG, and the flat parameter store.
+
+pub mod params;
+pub mod sit;
+pub mod weights;
+
+use crate::config::SitDims;
+use anyhow::Result;
+use tch::Device;
+
+pub use params::Params;
+pub use sit::SiT;
+
+/// Builds a SiT + REG model with freshly initialised weights (seeded) on `device`.
+pub fn build_sit(dims: &SitDims, device: Device, seed: u64) -> Result<(SiT, Params)> {
+    let mut pb = params::ParamBuilder::new(device);
+    let model = SiT::new(&mut pb, dims);
+    let params = pb.finish(seed)?;
+    Ok((model, params))
+}

@@ -1,0 +1,121 @@
+//! Safetensors I/O: the only weight format we read or write. Errors name the file and tensor.
+
+use crate::bail_input;
+use crate::error::bad_input;
+use anyhow::{Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F64 => Kind::Double,
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Double => Dtype::F64,
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+/// Reads every tensor of a safetensors file onto the CPU, in file order.
+/// Missing, truncated or malformed files are input errors naming the file.
+pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let file = path.display();
+    let f = std::fs::File::open(path).map_err(|e| bad_input(format!("{file}: cannot open: {e}")))?;
+    // SAFETY: the map is read-only and dropped before returning; tensors are copied out.
+    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad_input(format!("{file}: cannot map: {e}")))?;
+    let st = SafeTensors::deserialize(&map)
+        .map_err(|e| bad_input(format!("{file}: not a valid safetensors file: {e:?}")))?;
+    let mut order: Vec<(usize, String)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
+        order.push((offset, name));
+    }
+    order.sort();
+    let mut out = Vec::with_capacity(order.len());
+    for (_, name) in order {
+        let view = st.tensor(&name).expect("name listed by the file itself");
+        let Some(kind) = kind_of(view.dtype()) else {
+            bail_input!("{file}: tensor {name}: unsupported dtype {:?}", view.dtype());
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .with_context(|| format!("{file}: tensor {name}: cannot build tensor"))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
+/// Reads into a map by name.
+pub fn read_map(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(read(path)?.into_iter().collect())
+}
+
+/// Raw little-endian bytes of a tensor (moved to the CPU, made contiguous).
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.to_device(tch::Device::Cpu).contiguous();
+    let kind = t.kind();
+    let numel = t.numel();
+    let mut buf = vec![0u8; numel * kind.elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut buf, numel)?;
+    Ok(buf)
+}
+
+/// Writes tensors atomically: a temporary file in the same folder, fsync, rename,
+/// fsync of the folder. A crash leaves either the old file or the new one.
+pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let Some(dtype) = dtype_of(t.kind()) else {
+            anyhow::bail!("tensor {name}: dtype {:?} cannot be stored", t.kind());
+        };
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), dtype, shape, tensor_bytes(t)?));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, &metadata)?;
+    write_atomic(path, &bytes)
+}
+
+/// Atomic replace of `path` by `bytes`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    let name = path.file_name().context("path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("{}: write failed", tmp.display()))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

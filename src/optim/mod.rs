@@ -1,0 +1,91 @@
+//! AdamW, global-norm clipping and EMA over a contiguous slice of the flat fp32
+//! parameter buffer: a data-parallel rank hands in just its own slice (ZeRO-1).
+
+use crate::config::OptimConfig;
+use tch::{Kind, Tensor};
+
+/// AdamW (decoupled weight decay) with the update of `torch.optim.AdamW`.
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Number of updates taken so far.
+    pub step: i64,
+    /// First moment of this slice. [n] f32
+    pub exp_avg: Tensor,
+    /// Second moment of this slice. [n] f32
+    pub exp_avg_sq: Tensor,
+}
+
+impl AdamW {
+    /// Zero moments for a slice like `param`.
+    pub fn new(cfg: &OptimConfig, param: &Tensor) -> Self {
+        AdamW {
+            lr: cfg.lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+            step: 0,
+            exp_avg: param.zeros_like(),
+            exp_avg_sq: param.zeros_like(),
+        }
+    }
+
+    /// One update of `param` (a slice of the flat weights) in place from `grad`.
+    pub fn update(&mut self, param: &Tensor, grad: &Tensor) {
+        let _g = tch::no_grad_guard();
+        self.step += 1;
+        let mut p = param.shallow_clone();
+        if self.weight_decay != 0.0 {
+            let _ = p.g_mul_scalar_(1.0 - self.lr * self.weight_decay);
+        }
+        let _ = self.exp_avg.lerp_(grad, 1.0 - self.beta1);
+        let _ = self.exp_avg_sq.g_mul_scalar_(self.beta2);
+        let _ = self.exp_avg_sq.addcmul_(&(grad * (1.0 - self.beta2)), grad);
+        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
+        let denom = (self.exp_avg_sq.sqrt() / bc2.sqrt()) + self.eps;
+        let _ = p.addcdiv_(&(&self.exp_avg * (-self.lr / bc1)), &denom);
+    }
+}
+
+/// Clip factor of `torch.nn.utils.clip_grad_norm_`: `min(1, max / (norm + 1e-6))`.
+/// `sq_sum` is the global sum of squared gradients (already reduced over ranks).
+/// Returns (total norm, factor) as 0-d tensors on the gradient's device, so no sync.
+pub fn clip_factor(sq_sum: &Tensor, max_norm: f64) -> (Tensor, Tensor) {
+    let norm = sq_sum.sqrt();
+    if max_norm <= 0.0 {
+        return (norm.shallow_clone(), norm.ones_like());
+    }
+    let factor = ((&norm + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+    (norm, factor)
+}
+
+/// Sum of squares of a gradient slice, in f32 (double would be exact but slow on GPU).
+pub fn sq_sum(grad: &Tensor) -> Tensor {
+    grad.to_kind(Kind::Float).square().sum(Kind::Float)
+}
+
+/// Exponential moving average of the weights: `ema = decay * ema + (1 - decay) * w`.
+pub struct Ema {
+    pub decay: f64,
+    /// This rank's slice of the averaged weights. [n] f32
+    pub shadow: Tensor,
+}
+
+impl Ema {
+    /// Starts as a copy of the weights.
+    pub fn new(decay: f64, param: &Tensor) -> Self {
+        Ema { decay, shadow: param.detach().copy() }
+    }
+
+    pub fn update(&mut self, param: &Tensor) {
+        let _g = tch::no_grad_guard();
+        // The reference's form (mul then add), not lerp: same rounding as upstream.
+        let _ = self.shadow.g_mul_scalar_(self.decay);
+        let _ = self.shadow.g_add_(&(param * (1.0 - self.decay)));
+    }
+}

@@ -1,0 +1,44 @@
+//! Safe wrappers over `csrc/shim.cpp`: the libtorch calls that tch does not expose.
+
+use anyhow::{bail, Result};
+use std::ffi::{c_char, c_int, CStr};
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn reg_set_grad(param: *mut C_tensor, grad: *mut C_tensor) -> *mut c_char;
+    fn reg_backward(outputs: *const *mut C_tensor, grads: *const *mut C_tensor, n: c_int) -> *mut c_char;
+    fn reg_allow_tf32(on: c_int);
+    fn reg_free_error(e: *mut c_char);
+}
+
+fn check(err: *mut c_char) -> Result<()> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string allocated by the shim.
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { reg_free_error(err) };
+    bail!("libtorch: {msg}")
+}
+
+/// Makes `grad` the `.grad` of `param`, so backward accumulates into it in place.
+pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
+    // SAFETY: both pointers are live tensors owned by the caller for this call.
+    check(unsafe { reg_set_grad(param.as_ptr() as *mut C_tensor, grad.as_ptr() as *mut C_tensor) })
+}
+
+/// `torch::autograd::backward(outputs, grads)`: backward with explicit output gradients.
+pub fn backward_with_grads(outputs: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+    assert_eq!(outputs.len(), grads.len());
+    let o: Vec<*mut C_tensor> = outputs.iter().map(|t| t.as_ptr() as *mut C_tensor).collect();
+    let g: Vec<*mut C_tensor> = grads.iter().map(|t| t.as_ptr() as *mut C_tensor).collect();
+    // SAFETY: the pointer arrays live for the call; the shim copies the handles.
+    check(unsafe { reg_backward(o.as_ptr(), g.as_ptr(), o.len() as c_int) })
+}
+
+/// Allows TF32 in cuBLAS and cuDNN (no effect on CPU).
+pub fn allow_tf32(on: bool) {
+    // SAFETY: sets two global flags; cannot fail.
+    unsafe { reg_allow_tf32(on as c_int) }
+}
