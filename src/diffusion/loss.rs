@@ -98,8 +98,10 @@ pub struct LossTerms {
 pub struct LossInputs<'a> {
     /// Clean latents (already sampled from the posterior and scaled). [N, C, H, W]
     pub x0: &'a Tensor,
-    /// Encoder tokens, class token first. [N, T+1, Dz]
+    /// Encoder tokens, class token first: the REPA targets. [N, T+1, Dz]
     pub feat: &'a Tensor,
+    /// Clean REG token (the encoder's class token, i.e. `feat[:, 0]` in training). [N, Dz]
+    pub cls0: &'a Tensor,
     /// Labels after dropout. [N]
     pub y: &'a Tensor,
     /// Times. [N]
@@ -110,7 +112,7 @@ pub struct LossInputs<'a> {
 
 /// REG loss with v-prediction; the model computes in `kind`, the loss in f32.
 pub fn reg_loss(model: &SiT, inp: &LossInputs, cfg: &LossConfig, kind: Kind) -> LossTerms {
-    let cls0 = inp.feat.select(1, 0).to_kind(Kind::Float);
+    let cls0 = inp.cls0.to_kind(Kind::Float);
     let p = Interpolant::at(cfg.path, inp.t);
     let e = |v: &Tensor| expand_like(v, inp.x0);
     let x_t = e(&p.alpha) * inp.x0 + e(&p.sigma) * inp.noise;

@@ -59,6 +59,14 @@ impl ParamBuilder {
         value
     }
 
+    /// Elements declared so far: (trainable, fixed buffers). Counts a model without
+    /// allocating it.
+    pub fn declared_numel(&self) -> (i64, i64) {
+        let params = self.specs.iter().map(|(_, s, _, _)| s.iter().product::<i64>()).sum();
+        let buffers = self.buffers.iter().map(|(_, t)| t.numel() as i64).sum();
+        (params, buffers)
+    }
+
     /// Allocates the flat weight and gradient buffers, points every parameter at its
     /// slice, and draws the initial values from a generator seeded with `seed`.
     pub fn finish(self, seed: u64) -> Result<Params> {

@@ -106,7 +106,8 @@ impl Trainer {
         let y = drop_labels(&batch.y.to_device(self.device), &draws.drop, d.num_classes);
 
         self.params.zero_grad();
-        let inputs = LossInputs { x0: &x0, feat: &feat, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
+        let cls0 = feat.select(1, 0);
+        let inputs = LossInputs { x0: &x0, feat: &feat, cls0: &cls0, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
         let terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
         terms.total.backward();
 
