@@ -3,6 +3,7 @@
 pub mod config;
 pub mod data;
 pub mod diffusion;
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod optim;

@@ -14,6 +14,9 @@ pub struct Args {
     /// Override a config value, e.g. `--set train.steps=100` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Start from these weights (safetensors under the REG parameter names).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// CPU threads for libtorch (0: its default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -55,11 +58,15 @@ pub fn run(a: Args) -> Result<()> {
     let file = a.config.display().to_string();
     let cfg = super::load_config(&a.config, &a.sets)?;
     let device = resolve_device(&cfg.train.device)?;
-    let run_dir = PathBuf::from(&cfg.train.output_dir).join(&cfg.train.name);
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run folder", run_dir.display()))?;
-    std::fs::write(run_dir.join("config.yaml"), serde_yaml::to_string(&cfg)?)
-        .with_context(|| format!("{}: cannot write config.yaml", run_dir.display()))?;
     let mut t = Trainer::new(cfg, &file, device)?;
+    if let Some(init) = &a.init {
+        t.init_from(init)?;
+    }
+    // Only once everything validated: a bad input leaves no half-made run folder.
+    let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run folder", run_dir.display()))?;
+    std::fs::write(run_dir.join("config.yaml"), serde_yaml::to_string(&t.cfg)?)
+        .with_context(|| format!("{}: cannot write config.yaml", run_dir.display()))?;
     let mut tb = EventWriter::create(&run_dir.join("tb"))?;
     let (steps, log_every, ckpt_every) = (t.cfg.train.steps, t.cfg.train.log_every, t.cfg.train.checkpoint_every);
     eprintln!(

@@ -65,9 +65,13 @@ pub struct Trainer {
 impl Trainer {
     /// A fresh run (weights from the seed) on `device`, single rank.
     pub fn new(cfg: Config, file: &str, device: Device) -> Result<Self> {
+        let world = crate::dist::LaunchInfo::from_env().world;
         let dims = cfg.model.dims(file)?;
         let kind = resolve_kind(cfg.train.precision, device);
-        let n = cfg.local_batch(1, file)?;
+        let n = cfg.local_batch(world, file)?;
+        if world > 1 {
+            anyhow::bail!("this build trains on a single rank only (world size {world} from the launcher)");
+        }
         let (model, params) = build_sit(&dims, device, cfg.train.seed)?;
         let opt = AdamW::new(&cfg.optim, &params.flat);
         let ema = Ema::new(cfg.optim.ema_decay, &params.flat);
@@ -126,6 +130,14 @@ impl Trainer {
             cls: terms.cls.mean(Kind::Float).double_value(&[]),
             grad_norm: norm.double_value(&[]),
         })
+    }
+
+    /// Starts from weights saved under the REG names (EMA restarts as a copy).
+    pub fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
+        self.params.load_file(path)?;
+        let _g = tch::no_grad_guard();
+        self.ema.shadow.copy_(&self.params.flat);
+        Ok(())
     }
 
     /// Waits for queued GPU work (timing).

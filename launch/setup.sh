@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything a fresh Debian 12 machine lacks to build and test reg-ddp.
+# Idempotent: a second run checks and returns in seconds.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$REPO"
+
+# 1. Debian packages: C/C++ toolchain (the ATen shim), libclang + pkg-config (mpi-sys
+#    bindings), Open MPI (data-parallel runs and tests).
+pkgs=(build-essential pkg-config libclang-dev clang openmpi-bin libopenmpi-dev python3-venv ca-certificates curl)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 2. Rust toolchain.
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust (rustup) first" >&2
+  exit 1
+fi
+
+# 3. Project virtualenv with the pinned torch (its libtorch is what we link) and the
+#    test readers (TensorBoard's own event reader, numpy).
+PY="${PYTHON:-python3}"
+[ -x "$VIRTUAL_ENV/bin/python" ] || "$PY" -m venv "$VIRTUAL_ENV"
+want="$(cat launch/constraints.txt)"
+stamp="$VIRTUAL_ENV/.reg-ddp-installed"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing Python packages into .venv (torch 2.11.0 is large; first run takes minutes)"
+  "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
+  "$VIRTUAL_ENV/bin/pip" install -q -c launch/constraints.txt torch numpy tensorboard protobuf
+  printf '%s' "$want" > "$stamp"
+fi
+"$VIRTUAL_ENV/bin/python" - <<'PY'
+import torch, sys
+if torch.__version__.split("+")[0] != "2.11.0":
+    sys.exit(f"setup: .venv has torch {torch.__version__}, need 2.11.0 (remove .venv and rerun)")
+PY
+echo "setup: ok"

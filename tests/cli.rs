@@ -1,0 +1,172 @@
+//! The binary as a user runs it: bad input exits 2 with one line naming file and field,
+//! runs are deterministic, and TensorBoard's own reader reads our event files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
+    for v in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn demo_config() -> String {
+    std::fs::read_to_string(repo().join("configs/demo.yaml")).unwrap()
+}
+
+/// Writes `text` as a config in `dir` with the run's output redirected into `dir`.
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn train(dir: &Path, config: &Path, extra: &[&str]) -> Output {
+    let out_dir = format!("train.output_dir={}", dir.join("runs").display());
+    bin().args(["train", "--config"]).arg(config).args(["--set", &out_dir, "--threads", "2"]).args(extra).output().unwrap()
+}
+
+/// Exit code 2, and stderr is exactly one line containing every `needle`.
+fn assert_bad_input(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} missing from: {}", lines[0]);
+    }
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
+
+#[test]
+fn bad_config_exits_2_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(d, "malformed.yaml", "model: {depth: 4\ntrain: [");
+    assert_bad_input(&train(d, &cfg, &[]), &["malformed.yaml", "YAML"]);
+
+    let cfg = write_config(d, "unknown.yaml", &demo_config().replace("  qk_norm: false", "  qk_nrom: false"));
+    assert_bad_input(&train(d, &cfg, &[]), &["unknown.yaml", "qk_nrom"]);
+
+    let cfg = write_config(d, "patch.yaml", &demo_config().replace("  patch_size: 2", "  patch_size: 3"));
+    assert_bad_input(&train(d, &cfg, &[]), &["patch.yaml", "model.patch_size"]);
+
+    let cfg = write_config(d, "enc.yaml", &demo_config().replace("  encoder_depth: 2", "  encoder_depth: 5"));
+    assert_bad_input(&train(d, &cfg, &[]), &["enc.yaml", "model.encoder_depth"]);
+
+    let cfg = write_config(d, "type.yaml", &demo_config().replace("  steps: 300", "  steps: many"));
+    assert_bad_input(&train(d, &cfg, &[]), &["type.yaml", "train.steps"]);
+
+    // A launcher that says 3 ranks: 16 does not split.
+    let cfg = write_config(d, "batch.yaml", &demo_config());
+    let out_dir = format!("train.output_dir={}", d.join("runs").display());
+    let out = bin()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--set", &out_dir])
+        .env("OMPI_COMM_WORLD_SIZE", "3")
+        .output()
+        .unwrap();
+    assert_bad_input(&out, &["batch.yaml", "train.global_batch", "world size 3"]);
+
+    let out = bin().args(["train", "--config", "/nonexistent/x.yaml"]).output().unwrap();
+    assert_bad_input(&out, &["/nonexistent/x.yaml"]);
+}
+
+#[test]
+fn bad_weights_exit_2_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(d, "demo.yaml", &demo_config());
+    // A good weights file: the checkpoint of a 1-step run.
+    let out = train(d, &cfg, &["--set", "train.steps=1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let good = d.join("runs/demo/step-0000001/model.safetensors");
+    let ok = train(d, &cfg, &["--set", "train.steps=1", "--set", "train.name=init", "--init", good.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    let missing = d.join("missing.safetensors");
+    assert_bad_input(&train(d, &cfg, &["--init", missing.to_str().unwrap()]), &["missing.safetensors"]);
+
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = d.join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert_bad_input(&train(d, &cfg, &["--init", truncated.to_str().unwrap()]), &["truncated.safetensors"]);
+
+    // Weights of another shape: a wider model's checkpoint.
+    let wide = write_config(d, "wide.yaml", &demo_config().replace("hidden_size: 64", "hidden_size: 96").replace("name: demo", "name: wide"));
+    assert!(train(d, &wide, &["--set", "train.steps=1"]).status.success());
+    let wrong_shape = d.join("runs/wide/step-0000001/model.safetensors");
+    assert_bad_input(&train(d, &cfg, &["--init", wrong_shape.to_str().unwrap()]), &["wide", "x_embedder.proj.weight", "shape"]);
+
+    // A renamed tensor.
+    let renamed = d.join("renamed.safetensors");
+    let text = bytes.clone();
+    let pos = text.windows(8).position(|w| w == b"wg_norm.").unwrap();
+    let mut b = text;
+    b[pos..pos + 8].copy_from_slice(b"wx_norm.");
+    std::fs::write(&renamed, b).unwrap();
+    assert_bad_input(&train(d, &cfg, &["--init", renamed.to_str().unwrap()]), &["renamed.safetensors", "wx_norm"]);
+}
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+#[test]
+fn same_seed_gives_bitwise_identical_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(d, "demo.yaml", &demo_config());
+    let mut runs = Vec::new();
+    for name in ["a", "b"] {
+        let out = train(d, &cfg, &["--json", "--set", "train.steps=30", "--set", &format!("train.name={name}")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let losses: Vec<u64> = json_lines(&out).iter().map(|j| j["loss"].as_f64().unwrap().to_bits()).collect();
+        assert_eq!(losses.len(), 3);
+        let weights = std::fs::read(d.join(format!("runs/{name}/step-0000030/model.safetensors"))).unwrap();
+        let ema = std::fs::read(d.join(format!("runs/{name}/step-0000030/ema.safetensors"))).unwrap();
+        runs.push((losses, weights, ema));
+    }
+    assert_eq!(runs[0].0, runs[1].0, "losses differ");
+    assert!(runs[0].1 == runs[1].1, "weights differ");
+    assert!(runs[0].2 == runs[1].2, "EMA differs");
+    // And a different seed does change them (the comparison can fail).
+    let out = train(d, &cfg, &["--json", "--set", "train.steps=30", "--set", "train.name=c", "--set", "train.seed=1"]);
+    let losses: Vec<u64> = json_lines(&out).iter().map(|j| j["loss"].as_f64().unwrap().to_bits()).collect();
+    assert_ne!(runs[0].0, losses);
+}
+
+#[test]
+fn tensorboard_reads_our_event_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = write_config(d, "demo.yaml", &demo_config());
+    let out = train(d, &cfg, &["--set", "train.steps=12", "--set", "train.log_every=4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tb = d.join("runs/demo/tb");
+    let py = repo().join(".venv/bin/python");
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0})
+acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+    let out = Command::new(&py).arg("-c").arg(script).arg(&tb).output().expect("run .venv python (./launch/setup.sh installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tags: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for tag in ["loss/total", "loss/denoise", "loss/proj", "loss/cls", "train/grad_norm", "train/lr", "perf/images_per_s", "perf/step_ms"] {
+        let steps: Vec<i64> = tags[tag].as_array().unwrap_or_else(|| panic!("tag {tag} missing")).iter().map(|p| p[0].as_i64().unwrap()).collect();
+        assert_eq!(steps, vec![4, 8, 12], "{tag}");
+    }
+    let lr = tags["train/lr"][0][1].as_f64().unwrap();
+    assert!((lr - 1e-3).abs() < 1e-9);
+    assert!(tags["loss/total"][0][1].as_f64().unwrap().is_finite());
+}
