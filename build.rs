@@ -22,6 +22,19 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false)
         .compile("reg_shim");
+    // The CUDA half needs the CUDA runtime headers, which the nvidia-cuda-runtime wheel
+    // installed beside torch ships (torch/lib/../../nvidia/cu13/include).
+    let cuda_include = lib.join("../../nvidia/cu13/include");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/shim_cuda.cpp")
+        .include(&include)
+        .include(&cuda_include)
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .warnings(false)
+        .compile("reg_shim_cuda");
+    println!("cargo:rerun-if-changed=csrc/shim_cuda.cpp");
     let lib = lib.display();
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // Without --no-as-needed the linker drops libtorch_cuda (no symbol of it is used
@@ -32,5 +45,6 @@ fn main() {
     println!("cargo:rustc-link-arg=-ltorch_cuda");
     println!("cargo:rustc-link-arg=-ltorch_cpu");
     println!("cargo:rustc-link-arg=-lc10");
+    println!("cargo:rustc-link-arg=-lc10_cuda");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
 }
