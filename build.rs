@@ -37,6 +37,8 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim_cuda.cpp");
     let lib = lib.display();
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // NCCL is dlopen'ed (cudarc) as libnccl.so from the wheel's folder.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}/../../nvidia/nccl/lib");
     // Without --no-as-needed the linker drops libtorch_cuda (no symbol of it is used
     // directly) and CUDA silently disappears at run time.
     println!("cargo:rustc-link-arg=-L{lib}");

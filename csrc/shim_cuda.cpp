@@ -21,3 +21,11 @@ int64_t reg_cuda_peak_allocated(int device) {
 
 void reg_cuda_reset_peak(int device) { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
 }
+
+extern "C" {
+// Makes `device` current on this thread (NCCL binds a communicator to the current device).
+void reg_cuda_set_device(int device) { c10::cuda::set_device(static_cast<c10::DeviceIndex>(device)); }
+
+// Waits for everything queued on libtorch's current stream of `device`.
+void reg_cuda_stream_sync(int device) { c10::cuda::getCurrentCUDAStream(device).synchronize(); }
+}

@@ -43,4 +43,7 @@ import torch, sys
 if torch.__version__.split("+")[0] != "2.11.0":
     sys.exit(f"setup: .venv has torch {torch.__version__}, need 2.11.0 (remove .venv and rerun)")
 PY
+# cudarc loads NCCL as libnccl.so; the wheel ships only libnccl.so.2.
+nccl_dir="$("$VIRTUAL_ENV/bin/python" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')"
+[ -e "$nccl_dir/libnccl.so" ] || ln -s libnccl.so.2 "$nccl_dir/libnccl.so"
 echo "setup: ok"

@@ -18,6 +18,24 @@ pub struct Config {
     pub train: TrainConfig,
     #[serde(default)]
     pub data: DataConfig,
+    #[serde(default)]
+    pub dist: DistConfig,
+}
+
+/// Data-parallel settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Gradient reduce-scatter bucket, in MB of fp32 gradients.
+    pub bucket_mb: f64,
+    /// A rank that sees no progress for this long (a peer died or hangs) exits.
+    pub timeout_s: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig { bucket_mb: 64.0, timeout_s: 600.0 }
+    }
 }
 
 /// SiT + REG architecture. `arch` names a preset (`SiT-XL/2`); the explicit fields
@@ -223,7 +241,7 @@ pub enum Weighting {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
     pub path: PathType,
     pub weighting: Weighting,
@@ -248,7 +266,7 @@ impl Default for LossConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
     pub lr: f64,
     pub beta1: f64,
@@ -331,7 +349,7 @@ pub enum DataSource {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     #[serde(default)]
     pub source: DataSource,
@@ -385,6 +403,9 @@ impl Config {
         }
         if o.weight_decay < 0.0 || o.max_grad_norm < 0.0 {
             bail_input!("{file}: optim.weight_decay / optim.max_grad_norm: must not be negative");
+        }
+        if !(self.dist.bucket_mb > 0.0) || !(self.dist.timeout_s > 0.0) {
+            bail_input!("{file}: dist.bucket_mb / dist.timeout_s: must be positive");
         }
         if !(self.loss.latent_scale > 0.0) {
             bail_input!("{file}: loss.latent_scale: must be positive");

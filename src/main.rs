@@ -26,8 +26,13 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
-        // One line: the whole context chain, without a backtrace.
-        eprintln!("error: {e:#}");
-        std::process::exit(if reg::error::is_input_error(&e) { 2 } else { 1 });
+        let input = reg::error::is_input_error(&e);
+        // Every rank sees the same bad input; one of them says so. One line: the whole
+        // context chain, without a backtrace.
+        let rank = reg::dist::LaunchInfo::from_env().rank;
+        if !input || rank == 0 {
+            eprintln!("error: {}{e:#}", if rank > 0 { format!("rank {rank}: ") } else { String::new() });
+        }
+        std::process::exit(if input { 2 } else { 1 });
     }
 }

@@ -106,7 +106,7 @@ def main():
         with torch.no_grad():
             for n, p in named:
                 ema_named[n].mul_(0.9999).add_(p.data, alpha=1 - 0.9999)
-        return loss
+        return loss.detach()
 
     for _ in range(a.warmup):
         step()
@@ -117,7 +117,7 @@ def main():
     print(json.dumps({"impl": "reg-pytorch", "model": name, "batch": B, "threads": a.threads,
                       "ms_per_step": round(dt * 1e3, 3), "images_per_s": round(B / dt, 3),
                       "params": sum(p.numel() for p in params), "torch": torch.__version__,
-                      "final_loss": round(float(loss), 5)}))
+                      "final_loss": round(loss.item(), 5)}))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,11 @@ pub fn run(a: Args) -> Result<()> {
     sets.push("data.source=synthetic".into());
     let cfg = super::load_config(&a.config, &sets)?;
     let device = resolve_device(&cfg.train.device)?;
-    let mut t = Trainer::new(cfg, &file, device)?;
+    cfg.local_batch(reg::dist::LaunchInfo::from_env().world, &file)?;
+    let mut t = Trainer::new(cfg, &file, reg::dist::init(device)?)?;
+    if let tch::Device::Cuda(i) = device {
+        reg::dist::nccl_comm::cuda_reset_peak(i);
+    }
     for _ in 0..a.warmup {
         t.train_step()?;
     }
@@ -93,7 +97,10 @@ pub fn run(a: Args) -> Result<()> {
     let flops = train_flops_per_image(&t.dims);
     let gpu = if device.is_cuda() { gpu_peak_flops() } else { None };
     let mfu = gpu.as_ref().map(|(_, peak)| flops * ips / peak);
-    let peak_mem = if device.is_cuda() { None } else { peak_rss_bytes() };
+    let peak_mem = match t.device {
+        tch::Device::Cuda(i) => Some(reg::dist::nccl_comm::cuda_peak_allocated(i) as u64),
+        _ => peak_rss_bytes(),
+    };
     let line = serde_json::json!({
         "config": file,
         "device": gpu.as_ref().map(|(n, _)| n.clone()).unwrap_or_else(|| format!("{device:?}")),
@@ -108,7 +115,9 @@ pub fn run(a: Args) -> Result<()> {
         "mfu": mfu,
         "peak_mem_bytes": peak_mem,
     });
-    println!("{line}");
+    if t.rank() == 0 {
+        println!("{line}");
+    }
     Ok(())
 }
 

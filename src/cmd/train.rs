@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use reg::dist::{self, watchdog::Watchdog, LaunchInfo};
 use reg::train::{checkpoint, resolve_device, tboard::EventWriter, StepStats, Trainer};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -58,19 +59,37 @@ pub fn run(a: Args) -> Result<()> {
     let file = a.config.display().to_string();
     let cfg = super::load_config(&a.config, &a.sets)?;
     let device = resolve_device(&cfg.train.device)?;
-    let mut t = Trainer::new(cfg, &file, device)?;
+    // Check the batch split before starting MPI: bad input fails fast on every rank.
+    cfg.local_batch(LaunchInfo::from_env().world, &file)?;
+    let comm = dist::init(device)?;
+    let mut t = Trainer::new(cfg, &file, comm)?;
+    let (rank, world) = (t.rank(), t.world());
+    let watchdog = (world > 1).then(|| Watchdog::start(rank, std::time::Duration::from_secs_f64(t.cfg.dist.timeout_s)));
+    if a.json {
+        // Every rank reports what it holds: the optimiser state is only its shard.
+        println!(
+            "{}",
+            serde_json::json!({"rank": rank, "world": world, "pid": std::process::id(), "flat": t.params.padded_len(), "shard": t.shard_len,
+                "exp_avg": t.opt.exp_avg.numel(), "exp_avg_sq": t.opt.exp_avg_sq.numel(), "ema": t.ema.shadow.numel()})
+        );
+    }
     if let Some(init) = &a.init {
         t.init_from(init)?;
     }
     // Only once everything validated: a bad input leaves no half-made run folder.
     let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run folder", run_dir.display()))?;
-    std::fs::write(run_dir.join("config.yaml"), serde_yaml::to_string(&t.cfg)?)
-        .with_context(|| format!("{}: cannot write config.yaml", run_dir.display()))?;
-    let mut tb = EventWriter::create(&run_dir.join("tb"))?;
+    let mut tb = None;
+    if rank == 0 {
+        std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run folder", run_dir.display()))?;
+        std::fs::write(run_dir.join("config.yaml"), serde_yaml::to_string(&t.cfg)?)
+            .with_context(|| format!("{}: cannot write config.yaml", run_dir.display()))?;
+        tb = Some(EventWriter::create(&run_dir.join("tb"))?);
+    }
     let (steps, log_every, ckpt_every) = (t.cfg.train.steps, t.cfg.train.log_every, t.cfg.train.checkpoint_every);
-    eprintln!(
-        "reg-ddp: {} parameters ({} trainable) on {:?}, {:?} compute, global batch {}, {} steps -> {}",
+    if rank == 0 {
+        eprintln!(
+        "reg-ddp: {} ranks, {} parameters ({} trainable) on {:?}, {:?} compute, global batch {}, {} steps -> {}",
+        world,
         t.params.numel() + t.params.buffer_numel(),
         t.params.numel(),
         t.device,
@@ -79,7 +98,8 @@ pub fn run(a: Args) -> Result<()> {
         steps,
         run_dir.display()
     );
-    let bar = if a.json { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
+    }
+    let bar = if a.json || rank != 0 { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
             .expect("static template"),
@@ -90,12 +110,16 @@ pub fn run(a: Args) -> Result<()> {
         let s = t.train_step()?;
         window.add(&s);
         bar.inc(1);
-        if t.step % log_every == 0 || t.step == steps {
+        if let Some(w) = &watchdog {
+            w.beat(t.step);
+        }
+        if rank == 0 && (t.step % log_every == 0 || t.step == steps) {
             t.sync();
             let secs = tick.elapsed().as_secs_f64();
             let m = window.mean();
             let ips = window.n * t.cfg.train.global_batch as f64 / secs;
             let step_ms = 1000.0 * secs / window.n;
+            let tb = tb.as_mut().expect("rank 0 has the writer");
             tb.scalars(
                 t.step,
                 &[
@@ -127,6 +151,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let dir = checkpoint::save(&run_dir, &t)?;
     bar.finish();
-    eprintln!("reg-ddp: done; checkpoint {}", dir.display());
+    if rank == 0 {
+        eprintln!("reg-ddp: done; checkpoint {}", dir.display());
+    }
     Ok(())
 }

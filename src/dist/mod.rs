@@ -1,4 +1,13 @@
-//! Where this process stands in a data-parallel job: rank, world size, node-local rank.
+//! Data-parallel plumbing: where this process stands (rank, world, local rank), one
+//! `Comm` interface over tensors with MPI (CPU) and NCCL (GPU) backends, and a
+//! watchdog that ends a rank whose peers stopped answering.
+
+pub mod mpi_comm;
+pub mod nccl_comm;
+pub mod watchdog;
+
+use anyhow::Result;
+use tch::{Device, Tensor};
 
 /// What the launcher (mpirun, srun) tells us through the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,4 +34,77 @@ impl LaunchInfo {
     pub fn single() -> Self {
         LaunchInfo { rank: 0, world: 1, local_rank: 0 }
     }
+}
+
+/// Collectives over tensors. Buffers are contiguous and live on the device the
+/// backend serves (CPU for MPI, this rank's GPU for NCCL). Sums only: averaging is
+/// the caller's division, so every backend rounds the same way.
+pub trait Comm {
+    fn rank(&self) -> i64;
+    fn world(&self) -> i64;
+    /// `t` becomes the element-wise sum of every rank's `t`.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<()>;
+    /// `input` is `[world * n]`; `output` (`[n]`) becomes the sum over ranks of chunk `rank`.
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+    /// `output` (`[world * n]`) becomes the concatenation of every rank's `input` (`[n]`).
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+    /// `t` becomes root's `t`.
+    fn broadcast(&self, t: &Tensor, root: i64) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    /// The device whose tensors this backend moves.
+    fn device(&self) -> Device;
+}
+
+/// World size 1: every collective is the identity.
+pub struct SingleComm {
+    pub device: Device,
+}
+
+impl Comm for SingleComm {
+    fn rank(&self) -> i64 {
+        0
+    }
+    fn world(&self) -> i64 {
+        1
+    }
+    fn all_reduce_sum(&self, _t: &Tensor) -> Result<()> {
+        Ok(())
+    }
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        output.shallow_clone().copy_(input);
+        Ok(())
+    }
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        output.shallow_clone().copy_(input);
+        Ok(())
+    }
+    fn broadcast(&self, _t: &Tensor, _root: i64) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn device(&self) -> Device {
+        self.device
+    }
+}
+
+/// The process's communicator. Without a launcher (world size 1) this never touches
+/// MPI and computes on `device`. Under one, it initialises MPI and, when `device` is
+/// a GPU, uses `cuda:{local_rank}` with NCCL; otherwise the CPU with MPI.
+pub fn init(device: Device) -> Result<Box<dyn Comm>> {
+    let info = LaunchInfo::from_env();
+    if info.world <= 1 {
+        return Ok(Box::new(SingleComm { device }));
+    }
+    let mpi = mpi_comm::MpiComm::init()?;
+    if mpi.world() != info.world {
+        anyhow::bail!("the launcher says {} ranks but MPI has {}", info.world, mpi.world());
+    }
+    if device.is_cuda() {
+        let n = tch::Cuda::device_count().max(1);
+        let nccl = nccl_comm::NcclComm::init(mpi, Device::Cuda((info.local_rank % n) as usize))?;
+        return Ok(Box::new(nccl));
+    }
+    Ok(Box::new(mpi))
 }

@@ -13,8 +13,13 @@ pub use sit::SiT;
 
 /// Builds a SiT + REG model with freshly initialised weights (seeded) on `device`.
 pub fn build_sit(dims: &SitDims, device: Device, seed: u64) -> Result<(SiT, Params)> {
+    build_sit_padded(dims, device, seed, 1)
+}
+
+/// As `build_sit`, with the flat buffers padded to a multiple of `pad_to`.
+pub fn build_sit_padded(dims: &SitDims, device: Device, seed: u64, pad_to: i64) -> Result<(SiT, Params)> {
     let mut pb = params::ParamBuilder::new(device);
     let model = SiT::new(&mut pb, dims);
-    let params = pb.finish(seed)?;
+    let params = pb.finish(seed, pad_to)?;
     Ok((model, params))
 }

@@ -68,11 +68,14 @@ impl ParamBuilder {
     }
 
     /// Allocates the flat weight and gradient buffers, points every parameter at its
-    /// slice, and draws the initial values from a generator seeded with `seed`.
-    pub fn finish(self, seed: u64) -> Result<Params> {
+    /// slice, and draws the initial values from a generator seeded with `seed`. The
+    /// buffers are zero-padded to a multiple of `pad_to` (the world size, so each
+    /// rank's shard has the same length); parameter offsets do not depend on it.
+    pub fn finish(self, seed: u64, pad_to: i64) -> Result<Params> {
         let total: i64 = self.specs.iter().map(|(_, s, _, _)| s.iter().product::<i64>()).sum();
-        let flat = Tensor::zeros([total], (Kind::Float, self.device));
-        let grad = Tensor::zeros([total], (Kind::Float, self.device));
+        let padded = (total + pad_to - 1) / pad_to * pad_to;
+        let flat = Tensor::zeros([padded], (Kind::Float, self.device));
+        let grad = Tensor::zeros([padded], (Kind::Float, self.device));
         let mut entries = Vec::with_capacity(self.specs.len());
         let mut handles = Vec::with_capacity(self.specs.len());
         let mut offset = 0;
@@ -99,7 +102,7 @@ impl ParamBuilder {
             handles.push(handle);
             offset += numel;
         }
-        Ok(Params { flat, grad, entries, handles, buffers: self.buffers })
+        Ok(Params { flat, grad, entries, handles, buffers: self.buffers, total })
     }
 }
 
@@ -112,11 +115,18 @@ pub struct Params {
     pub entries: Vec<Entry>,
     handles: Vec<Tensor>,
     buffers: Vec<(String, Tensor)>,
+    /// Trainable elements (the flat buffers may be longer: padding).
+    total: i64,
 }
 
 impl Params {
     /// Trainable element count.
     pub fn numel(&self) -> i64 {
+        self.total
+    }
+
+    /// Length of the flat buffers, padding included.
+    pub fn padded_len(&self) -> i64 {
         self.flat.size()[0]
     }
 

@@ -1,4 +1,6 @@
-//! The training loop: data, forward, REG loss, backward, clip, AdamW, EMA, metrics.
+//! The training loop: data, forward, REG loss, backward, gradient reduce-scatter,
+//! clip, AdamW and EMA on this rank's shard (ZeRO-1), weight all-gather, metrics.
+//! It talks to other ranks only through the `Comm` trait.
 
 pub mod checkpoint;
 pub mod tboard;
@@ -6,7 +8,8 @@ pub mod tboard;
 use crate::config::{Config, DataSource, Precision, SitDims};
 use crate::data::{synthetic::Synthetic, BatchSource};
 use crate::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs, StepDraws};
-use crate::model::{build_sit, Params, SiT};
+use crate::dist::Comm;
+use crate::model::{build_sit_padded, Params, SiT};
 use crate::optim::{clip_factor, sq_sum, AdamW, Ema};
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -34,7 +37,7 @@ pub fn resolve_kind(p: Precision, device: Device) -> Kind {
     }
 }
 
-/// Metrics of one step (this rank's view).
+/// Metrics of one step, averaged over ranks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
     pub loss: f64,
@@ -44,55 +47,100 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// Model, optimiser state and data of one run.
+/// Model, optimiser shard and data of one rank of a run.
 pub struct Trainer {
     pub cfg: Config,
     pub dims: SitDims,
     pub device: Device,
     pub kind: Kind,
     pub model: SiT,
+    /// Full working weights and gradients (every rank holds all of them).
     pub params: Params,
+    /// AdamW moments of this rank's shard only.
     pub opt: AdamW,
+    /// EMA of this rank's shard only.
     pub ema: Ema,
+    pub comm: Box<dyn Comm>,
     source: Box<dyn BatchSource>,
     /// Steps completed.
     pub step: i64,
-    /// This rank's rows of the global batch: `[lo, lo + n)`.
-    lo: i64,
-    n: i64,
+    /// This rank's rows of the global batch: `[row_lo, row_lo + rows)`.
+    row_lo: i64,
+    rows: i64,
+    /// This rank's slice of the flat buffers: `[shard_lo, shard_lo + shard_len)`.
+    pub shard_lo: i64,
+    pub shard_len: i64,
+    /// Reduced (averaged) gradients of the shard.
+    shard_grad: Tensor,
+    /// Elements per rank in one reduce-scatter bucket.
+    bucket: i64,
 }
 
 impl Trainer {
-    /// A fresh run (weights from the seed) on `device`, single rank.
-    pub fn new(cfg: Config, file: &str, device: Device) -> Result<Self> {
-        let world = crate::dist::LaunchInfo::from_env().world;
+    /// A fresh run (weights from the seed) on the communicator's device.
+    pub fn new(cfg: Config, file: &str, comm: Box<dyn Comm>) -> Result<Self> {
+        let (rank, world, device) = (comm.rank(), comm.world(), comm.device());
         let dims = cfg.model.dims(file)?;
         let kind = resolve_kind(cfg.train.precision, device);
-        let n = cfg.local_batch(world, file)?;
-        if world > 1 {
-            anyhow::bail!("this build trains on a single rank only (world size {world} from the launcher)");
-        }
-        let (model, params) = build_sit(&dims, device, cfg.train.seed)?;
-        let opt = AdamW::new(&cfg.optim, &params.flat);
-        let ema = Ema::new(cfg.optim.ema_decay, &params.flat);
-        let tokens = dims.num_patches() + 1;
+        let rows = cfg.local_batch(world, file)?;
+        let (model, params) = build_sit_padded(&dims, device, cfg.train.seed, world)?;
+        let shard_len = params.padded_len() / world;
+        let shard_lo = rank * shard_len;
+        let shard = params.flat.narrow(0, shard_lo, shard_len);
+        let opt = AdamW::new(&cfg.optim, &shard);
+        let ema = Ema::new(cfg.optim.ema_decay, &shard);
+        // With one rank the shard's gradient is the flat gradient itself: no copy.
+        let shard_grad = if world == 1 { params.grad.shallow_clone() } else { shard.zeros_like() };
+        let bucket = ((cfg.dist.bucket_mb * 1e6 / 4.0) as i64 / world).max(1);
         let source: Box<dyn BatchSource> = match cfg.data.source {
             DataSource::Synthetic => Box::new(Synthetic::new(
                 cfg.train.seed,
                 cfg.train.global_batch,
                 dims.num_classes,
                 [dims.in_channels, dims.input_size, dims.input_size],
-                tokens,
+                dims.num_patches() + 1,
                 dims.z_dim,
             )),
         };
-        Ok(Trainer { cfg, dims, device, kind, model, params, opt, ema, source, step: 0, lo: 0, n })
+        Ok(Trainer {
+            cfg,
+            dims,
+            device,
+            kind,
+            model,
+            params,
+            opt,
+            ema,
+            comm,
+            source,
+            step: 0,
+            row_lo: rank * rows,
+            rows,
+            shard_lo,
+            shard_len,
+            shard_grad,
+            bucket,
+        })
     }
 
-    /// One optimisation step; returns its metrics.
+    pub fn rank(&self) -> i64 {
+        self.comm.rank()
+    }
+
+    pub fn world(&self) -> i64 {
+        self.comm.world()
+    }
+
+    /// This rank's slice of the live weights.
+    pub fn shard(&self) -> Tensor {
+        self.params.flat.narrow(0, self.shard_lo, self.shard_len)
+    }
+
+    /// One optimisation step; returns its metrics averaged over ranks.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let d = &self.dims;
         let step = self.step as u64;
+        // Draws for the whole global batch, then this rank's rows: independent of the world size.
         let draws = StepDraws::generate(
             self.cfg.train.seed,
             step,
@@ -102,8 +150,8 @@ impl Trainer {
             &self.cfg.loss,
             self.cfg.model.class_dropout_prob,
         )
-        .rows(self.lo, self.n, self.device);
-        let batch = self.source.batch(step, self.lo, self.n)?;
+        .rows(self.row_lo, self.rows, self.device);
+        let batch = self.source.batch(step, self.row_lo, self.rows)?;
         let moments = batch.moments.to_device(self.device);
         let feat = batch.feat.to_device(self.device);
         let x0 = sample_posterior(&moments, &draws.eps, self.cfg.loss.latent_scale);
@@ -115,28 +163,64 @@ impl Trainer {
         let terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
         terms.total.backward();
 
-        let (norm, factor) = clip_factor(&sq_sum(&self.params.grad), self.cfg.optim.max_grad_norm);
-        {
-            let _g = tch::no_grad_guard();
-            let _ = self.params.grad.shallow_clone().g_mul_(&factor);
+        let _g = tch::no_grad_guard();
+        self.reduce_scatter_grads()?;
+        let sq = sq_sum(&self.shard_grad);
+        self.comm.all_reduce_sum(&sq)?;
+        let (norm, factor) = clip_factor(&sq, self.cfg.optim.max_grad_norm);
+        let _ = self.shard_grad.g_mul_(&factor);
+        let shard = self.shard();
+        self.opt.update(&shard, &self.shard_grad);
+        self.ema.update(&shard);
+        if self.world() > 1 {
+            self.comm.all_gather(&shard, &self.params.flat)?;
         }
-        self.opt.update(&self.params.flat, &self.params.grad);
-        self.ema.update(&self.params.flat);
         self.step += 1;
-        Ok(StepStats {
-            loss: terms.total.double_value(&[]),
-            denoise: terms.denoise.mean(Kind::Float).double_value(&[]),
-            proj: terms.proj.double_value(&[]),
-            cls: terms.cls.mean(Kind::Float).double_value(&[]),
-            grad_norm: norm.double_value(&[]),
-        })
+
+        let metrics = Tensor::stack(
+            &[terms.total.detach(), terms.denoise.mean(Kind::Float), terms.proj.detach(), terms.cls.mean(Kind::Float)],
+            0,
+        )
+        .to_kind(Kind::Float);
+        self.comm.all_reduce_sum(&metrics)?;
+        let m: Vec<f64> = Vec::<f64>::try_from((metrics / self.world() as f64).to_kind(Kind::Double).to_device(Device::Cpu))?;
+        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm: norm.double_value(&[]) })
+    }
+
+    /// Sums every rank's gradients into this rank's shard, bucket by bucket, and
+    /// averages. Bucket `j` holds piece `j` of every rank's shard, staged contiguously.
+    fn reduce_scatter_grads(&mut self) -> Result<()> {
+        let world = self.world();
+        if world == 1 {
+            return Ok(());
+        }
+        let by_rank = self.params.grad.view([world, self.shard_len]);
+        let mut j = 0;
+        while j < self.shard_len {
+            let len = self.bucket.min(self.shard_len - j);
+            let staged = by_rank.narrow(1, j, len).contiguous().view([-1]);
+            self.comm.reduce_scatter_sum(&staged, &self.shard_grad.narrow(0, j, len))?;
+            j += len;
+        }
+        let _ = self.shard_grad.g_div_scalar_(world as f64);
+        Ok(())
+    }
+
+    /// The full flat buffer of a per-rank shard (weights layout), on every rank.
+    pub fn gather(&self, shard: &Tensor) -> Result<Tensor> {
+        if self.world() == 1 {
+            return Ok(shard.shallow_clone());
+        }
+        let full = self.params.flat.zeros_like();
+        self.comm.all_gather(&shard.contiguous(), &full)?;
+        Ok(full)
     }
 
     /// Starts from weights saved under the REG names (EMA restarts as a copy).
     pub fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
         self.params.load_file(path)?;
         let _g = tch::no_grad_guard();
-        self.ema.shadow.copy_(&self.params.flat);
+        self.ema.shadow.copy_(&self.shard());
         Ok(())
     }
 
@@ -145,10 +229,5 @@ impl Trainer {
         if let Device::Cuda(i) = self.device {
             tch::Cuda::synchronize(i as i64);
         }
-    }
-
-    /// A snapshot of the trainable weights (for tests and comparisons).
-    pub fn weights(&self) -> Tensor {
-        self.params.flat.detach().copy()
     }
 }

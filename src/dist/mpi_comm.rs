@@ -1,0 +1,107 @@
+//! The MPI backend: collectives over CPU tensors, straight from their memory.
+
+use super::Comm;
+use anyhow::{bail, Result};
+use mpi::collective::SystemOperation;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use tch::{Device, Kind, Tensor};
+
+pub struct MpiComm {
+    // Dropping the universe finalises MPI; it lives as long as the communicator.
+    _universe: mpi::environment::Universe,
+    pub world_comm: SimpleCommunicator,
+}
+
+impl MpiComm {
+    pub fn init() -> Result<Self> {
+        let Some(universe) = mpi::initialize() else { bail!("MPI was already initialised") };
+        let world_comm = universe.world();
+        Ok(MpiComm { _universe: universe, world_comm })
+    }
+}
+
+fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
+    if t.device() != Device::Cpu || !t.is_contiguous() {
+        bail!("MPI {what}: needs a contiguous CPU tensor, got {:?}", t.device());
+    }
+    Ok(())
+}
+
+/// Runs `$body` with `$s` (and `$r`) bound to typed slices over the tensors' memory.
+macro_rules! typed {
+    ($t:expr, |$s:ident: $ty:ident| $body:expr) => {{
+        let n = $t.numel();
+        match $t.kind() {
+            Kind::Float => { type $ty = f32; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
+            Kind::Double => { type $ty = f64; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
+            Kind::Int64 => { type $ty = i64; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
+            Kind::Uint8 => { type $ty = u8; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
+            k => bail!("MPI: unsupported dtype {k:?}"),
+        }
+    }};
+}
+
+/// A typed view of a second tensor of the same kind as the first.
+fn view<T>(t: &Tensor) -> &mut [T] {
+    // SAFETY: the caller checked kind, contiguity and device; the tensor outlives the call.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+}
+
+impl Comm for MpiComm {
+    fn rank(&self) -> i64 {
+        self.world_comm.rank() as i64
+    }
+    fn world(&self) -> i64 {
+        self.world_comm.size() as i64
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
+        check_cpu(t, "all-reduce")?;
+        let send = t.copy();
+        typed!(send, |s: T| {
+            let r: &mut [T] = view(t);
+            self.world_comm.all_reduce_into(&s[..], r, SystemOperation::sum());
+        });
+        Ok(())
+    }
+    fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        check_cpu(input, "reduce-scatter")?;
+        check_cpu(output, "reduce-scatter")?;
+        if input.kind() != output.kind() || input.numel() != output.numel() * self.world() as usize {
+            bail!("MPI reduce-scatter: input must be world x output of the same dtype");
+        }
+        typed!(input, |s: T| {
+            let r: &mut [T] = view(output);
+            self.world_comm.reduce_scatter_block_into(&s[..], r, SystemOperation::sum());
+        });
+        Ok(())
+    }
+    fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        check_cpu(input, "all-gather")?;
+        check_cpu(output, "all-gather")?;
+        if input.kind() != output.kind() || output.numel() != input.numel() * self.world() as usize {
+            bail!("MPI all-gather: output must be world x input of the same dtype");
+        }
+        // The input may alias a slice of the output (the weights' own shard): send a copy.
+        let send = input.copy();
+        typed!(send, |s: T| {
+            let r: &mut [T] = view(output);
+            self.world_comm.all_gather_into(&s[..], r);
+        });
+        Ok(())
+    }
+    fn broadcast(&self, t: &Tensor, root: i64) -> Result<()> {
+        check_cpu(t, "broadcast")?;
+        typed!(t, |s: T| {
+            self.world_comm.process_at_rank(root as i32).broadcast_into(s);
+        });
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.world_comm.barrier();
+        Ok(())
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+}

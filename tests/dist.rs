@@ -1,0 +1,181 @@
+//! Data parallelism under a real `mpirun`: results independent of the world size,
+//! optimiser state really sharded, and a dead or hung rank ends the job.
+
+use reg::model::weights;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `mpirun -np N reg-ddp train ...` with the variables Open MPI needs as root, in a
+/// container, oversubscribed (launch/env.sh sets the same).
+fn mpirun(np: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_reg-ddp")]).args(args);
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    c
+}
+
+fn train_args<'a>(out: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let config = repo().join("configs/demo.yaml");
+    let mut v: Vec<String> = vec!["train".into(), "--config".into(), config.display().to_string(), "--json".into(), "--threads".into(), "1".into()];
+    for s in [format!("train.output_dir={out}"), format!("train.name={name}")] {
+        v.push("--set".into());
+        v.push(s);
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+fn load(p: &Path) -> HashMap<String, Tensor> {
+    weights::read_map(p).unwrap()
+}
+
+#[test]
+fn one_two_and_four_ranks_train_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().display().to_string();
+    let mut runs = Vec::new();
+    for np in [1usize, 2, 4] {
+        let name = format!("np{np}");
+        let args = train_args(&out, &name, &["--set", "train.steps=20", "--set", "train.log_every=1"]);
+        let o = mpirun(np, &args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+        assert!(o.status.success(), "np={np}: {}", String::from_utf8_lossy(&o.stderr));
+        let lines = json_lines(&o.stdout);
+        // Each rank holds exactly 1/np of the moments and the EMA.
+        let shards: Vec<&serde_json::Value> = lines.iter().filter(|j| j.get("shard").is_some()).collect();
+        assert_eq!(shards.len(), np);
+        for s in &shards {
+            let flat = s["flat"].as_i64().unwrap();
+            assert_eq!(s["world"].as_i64().unwrap(), np as i64);
+            for key in ["shard", "exp_avg", "exp_avg_sq", "ema"] {
+                assert_eq!(s[key].as_i64().unwrap() * np as i64, flat, "np={np} {key}");
+            }
+        }
+        let losses: Vec<f64> = lines.iter().filter_map(|j| j.get("loss").and_then(|l| l.as_f64())).collect();
+        assert_eq!(losses.len(), 20, "np={np}: one loss line per step");
+        let ckpt = dir.path().join(&name).join("step-0000020");
+        runs.push((np, losses, load(&ckpt.join("model.safetensors")), load(&ckpt.join("ema.safetensors"))));
+    }
+    let (_, ref_losses, ref_w, ref_ema) = &runs[0];
+    let flat = |m: &HashMap<String, Tensor>| {
+        let mut names: Vec<&String> = m.keys().collect();
+        names.sort();
+        Tensor::cat(&names.iter().map(|n| m[*n].flatten(0, -1)).collect::<Vec<_>>(), 0)
+    };
+    for (np, losses, w, ema) in &runs[1..] {
+        for (step, (a, b)) in losses.iter().zip(ref_losses).enumerate() {
+            assert!(((a - b) / b).abs() <= 1e-5, "np={np} step {}: loss {a} vs {b}", step + 1);
+        }
+        // The whole model: max |a - b| / max |b| over all weights, and over the EMA.
+        let r = rel(&flat(w), &flat(ref_w));
+        assert!(r <= 1e-5, "np={np} weights: relative difference {r:e}");
+        let r = rel(&flat(ema), &flat(ref_ema));
+        assert!(r <= 1e-5, "np={np} EMA: relative difference {r:e}");
+        // And tensor by tensor, except the attention key bias: its exact gradient is
+        // zero (a per-query constant added to every logit leaves softmax unchanged), so
+        // its gradient is pure rounding noise that Adam scales up to +-lr steps, and it
+        // differs with any change of summation order, rank count included.
+        for (name, t) in ref_w {
+            let (a, b) = if name.ends_with("attn.qkv.bias") {
+                let h = t.size()[0] / 3;
+                let cut = |x: &Tensor| Tensor::cat(&[x.narrow(0, 0, h), x.narrow(0, 2 * h, h)], 0);
+                (cut(&w[name]), cut(t))
+            } else {
+                (w[name].shallow_clone(), t.shallow_clone())
+            };
+            let r = rel(&a, &b);
+            assert!(r <= 1e-5, "np={np} weight {name}: relative difference {r:e}");
+        }
+    }
+    // The weights did move (the comparison is not between two copies of the init).
+    assert!(ref_losses[19] < ref_losses[0]);
+}
+
+/// Starts a long 2-rank run with a short watchdog; returns the child and rank 1's pid.
+fn start_two_ranks(out: &str, name: &str) -> (std::process::Child, i32, std::sync::mpsc::Receiver<String>) {
+    let args = train_args(out, name, &["--set", "train.steps=1000000", "--set", "train.log_every=1000", "--set", "dist.timeout_s=5"]);
+    let mut child = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut pid = None;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) {
+            if j["rank"].as_i64() == Some(1) {
+                pid = Some(j["pid"].as_i64().unwrap() as i32);
+                break;
+            }
+        }
+    }
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    (child, pid.expect("rank 1 reported its pid"), rx)
+}
+
+fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, start.elapsed());
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the job did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, pid, rx) = start_two_ranks(&dir.path().display().to_string(), "kill");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let (status, took) = wait_with_limit(&mut child, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let err: Vec<String> = rx.try_iter().collect();
+    assert!(err.iter().any(|l| l.contains("rank 1")), "no line names rank 1: {err:?}");
+}
+
+#[test]
+fn a_hung_rank_ends_the_job_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, pid, rx) = start_two_ranks(&dir.path().display().to_string(), "hang");
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (status, took) = wait_with_limit(&mut child, Duration::from_secs(60));
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(!status.success());
+    // Timeout 5 s (+ the step in flight and mpirun's clean-up).
+    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(20), "took {took:?}");
+    let err: Vec<String> = rx.try_iter().collect();
+    assert!(err.iter().any(|l| l.contains("rank 0: no progress for 5 s")), "{err:?}");
+}
