@@ -47,6 +47,22 @@ char *reg_backward(at::Tensor **outputs, at::Tensor **grads, int n) {
   }
 }
 
+// One fused AdamW update of a flat slice (one pass over p, g, m, v). `step` is the
+// step-count tensor, already advanced by the caller (the kernel does not advance it).
+// When `found_inf` is given and non-zero, the kernel leaves everything untouched.
+char *reg_fused_adamw(at::Tensor *p, at::Tensor *g, at::Tensor *m, at::Tensor *v, at::Tensor *step, double lr,
+                      double beta1, double beta2, double weight_decay, double eps, at::Tensor *found_inf) {
+  try {
+    std::optional<at::Tensor> inf;
+    if (found_inf) inf = *found_inf;
+    at::_fused_adamw_({*p}, {*g}, {*m}, {*v}, {}, {*step}, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false, std::nullopt, inf);
+    return nullptr;
+  } catch (const std::exception &e) {
+    return dup_error(e);
+  }
+}
+
 // TF32 matmuls on Ampere and later; a no-op on CPU.
 void reg_allow_tf32(int on) {
   at::globalContext().setAllowTF32CuBLAS(on != 0);

@@ -119,7 +119,7 @@ fn loss_gradients_and_step_match_reference() {
     let (norm, factor) = clip_factor(&sq_sum(&params.grad), 1.0);
     assert_rel("step.grad_norm", &norm, &g["step.grad_norm"], 1e-5);
     let _ = params.grad.shallow_clone().g_mul_(&factor);
-    opt.update(&params.flat, &params.grad);
+    opt.update(&params.flat, &params.grad).unwrap();
     ema.update(&params.flat);
     for (kind, flat) in [("param", &params.flat), ("ema", &ema.shadow)] {
         for (name, t) in params.named(flat) {
@@ -141,7 +141,7 @@ fn bf16_compute_keeps_f32_masters_and_close_loss() {
     params.zero_grad();
     terms.total.backward();
     let mut opt = AdamW::new(&OptimConfig::default(), &params.flat);
-    opt.update(&params.flat, &params.grad);
+    opt.update(&params.flat, &params.grad).unwrap();
     assert_eq!(params.flat.kind(), Kind::Float);
     assert_eq!(params.grad.kind(), Kind::Float);
     assert!(params.handles().iter().all(|h| h.kind() == Kind::Float));

@@ -13,6 +13,8 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Number of updates taken so far.
     pub step: i64,
+    /// The same count as a tensor on the slice's device (the fused kernel reads it).
+    step_t: Tensor,
     /// First moment of this slice. [n] f32
     pub exp_avg: Tensor,
     /// Second moment of this slice. [n] f32
@@ -29,26 +31,32 @@ impl AdamW {
             eps: cfg.eps,
             weight_decay: cfg.weight_decay,
             step: 0,
+            step_t: Tensor::zeros([], (Kind::Float, param.device())),
             exp_avg: param.zeros_like(),
             exp_avg_sq: param.zeros_like(),
         }
     }
 
-    /// One update of `param` (a slice of the flat weights) in place from `grad`.
-    pub fn update(&mut self, param: &Tensor, grad: &Tensor) {
+    /// One update of `param` (a slice of the flat weights) in place from `grad`:
+    /// one fused kernel (`torch.optim.AdamW(fused=True)`), one pass over the slice.
+    pub fn update(&mut self, param: &Tensor, grad: &Tensor) -> anyhow::Result<()> {
         let _g = tch::no_grad_guard();
         self.step += 1;
-        let mut p = param.shallow_clone();
-        if self.weight_decay != 0.0 {
-            let _ = p.g_mul_scalar_(1.0 - self.lr * self.weight_decay);
-        }
-        let _ = self.exp_avg.lerp_(grad, 1.0 - self.beta1);
-        let _ = self.exp_avg_sq.g_mul_scalar_(self.beta2);
-        let _ = self.exp_avg_sq.addcmul_(&(grad * (1.0 - self.beta2)), grad);
-        let bc1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.step as i32);
-        let denom = (self.exp_avg_sq.sqrt() / bc2.sqrt()) + self.eps;
-        let _ = p.addcdiv_(&(&self.exp_avg * (-self.lr / bc1)), &denom);
+        let _ = self.step_t.fill_(self.step as f64);
+        let args = crate::shim::AdamWArgs {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
+        };
+        crate::shim::fused_adamw(param, grad, &self.exp_avg, &self.exp_avg_sq, &self.step_t, &args, None)
+    }
+
+    /// Restores the step count (after loading moments from a checkpoint).
+    pub fn set_step(&mut self, step: i64) {
+        self.step = step;
+        let _ = self.step_t.fill_(step as f64);
     }
 }
 
@@ -64,9 +72,9 @@ pub fn clip_factor(sq_sum: &Tensor, max_norm: f64) -> (Tensor, Tensor) {
     (norm, factor)
 }
 
-/// Sum of squares of a gradient slice, in f32 (double would be exact but slow on GPU).
+/// Sum of squares of a gradient slice: one pass (a vector norm), then squared.
 pub fn sq_sum(grad: &Tensor) -> Tensor {
-    grad.to_kind(Kind::Float).square().sum(Kind::Float)
+    grad.norm().square()
 }
 
 /// Exponential moving average of the weights: `ema = decay * ema + (1 - decay) * w`.
@@ -84,8 +92,7 @@ impl Ema {
 
     pub fn update(&mut self, param: &Tensor) {
         let _g = tch::no_grad_guard();
-        // The reference's form (mul then add), not lerp: same rounding as upstream.
-        let _ = self.shadow.g_mul_scalar_(self.decay);
-        let _ = self.shadow.g_add_(&(param * (1.0 - self.decay)));
+        // lerp: one pass, `ema + (1 - decay) (w - ema)`, the same average.
+        let _ = self.shadow.lerp_(param, 1.0 - self.decay);
     }
 }

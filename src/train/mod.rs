@@ -170,7 +170,7 @@ impl Trainer {
         let (norm, factor) = clip_factor(&sq, self.cfg.optim.max_grad_norm);
         let _ = self.shard_grad.g_mul_(&factor);
         let shard = self.shard();
-        self.opt.update(&shard, &self.shard_grad);
+        self.opt.update(&shard, &self.shard_grad)?;
         self.ema.update(&shard);
         if self.world() > 1 {
             self.comm.all_gather(&shard, &self.params.flat)?;
