@@ -321,6 +321,19 @@ pub struct TrainConfig {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "d_device")]
     pub device: String,
+    /// Complete checkpoints kept (at least 2).
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: i64,
+    /// Consecutive non-finite steps (skipped) tolerated before the run stops.
+    #[serde(default = "d_max_skips")]
+    pub max_consecutive_skips: i64,
+}
+
+fn d_keep() -> i64 {
+    3
+}
+fn d_max_skips() -> i64 {
+    20
 }
 
 fn d_output_dir() -> String {
@@ -390,6 +403,12 @@ impl Config {
         }
         if t.log_every <= 0 || t.checkpoint_every <= 0 {
             bail_input!("{file}: train.log_every / train.checkpoint_every: must be positive");
+        }
+        if t.keep_checkpoints < 2 {
+            bail_input!("{file}: train.keep_checkpoints: must be at least 2, got {}", t.keep_checkpoints);
+        }
+        if t.max_consecutive_skips < 0 {
+            bail_input!("{file}: train.max_consecutive_skips: must not be negative");
         }
         if t.name.is_empty() || t.name.contains('/') {
             bail_input!("{file}: train.name: must be a non-empty folder name");

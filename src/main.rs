@@ -17,6 +17,8 @@ enum Command {
     Train(cmd::train::Args),
     /// Time training steps on synthetic data and print one JSON line.
     Bench(cmd::bench::Args),
+    /// Write a checkpoint's weights (or EMA) as one safetensors file with REG names.
+    Export(cmd::export::Args),
 }
 
 fn main() {
@@ -24,6 +26,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(a) => cmd::train::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Export(a) => cmd::export::run(a),
     };
     if let Err(e) = result {
         let input = reg::error::is_input_error(&e);

@@ -87,7 +87,9 @@ fn bad_weights_exit_2_naming_file_and_tensor() {
     // A good weights file: the checkpoint of a 1-step run.
     let out = train(d, &cfg, &["--set", "train.steps=1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let good = d.join("runs/demo/step-0000001/model.safetensors");
+    let good = d.join("model.safetensors");
+    let ckpt = d.join("runs/demo/step-0000001");
+    assert!(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&good).status().unwrap().success());
     let ok = train(d, &cfg, &["--set", "train.steps=1", "--set", "train.name=init", "--init", good.to_str().unwrap()]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 
@@ -102,7 +104,9 @@ fn bad_weights_exit_2_naming_file_and_tensor() {
     // Weights of another shape: a wider model's checkpoint.
     let wide = write_config(d, "wide.yaml", &demo_config().replace("hidden_size: 64", "hidden_size: 96").replace("name: demo", "name: wide"));
     assert!(train(d, &wide, &["--set", "train.steps=1"]).status.success());
-    let wrong_shape = d.join("runs/wide/step-0000001/model.safetensors");
+    let wrong_shape = d.join("wide.safetensors");
+    let ckpt = d.join("runs/wide/step-0000001");
+    assert!(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&wrong_shape).status().unwrap().success());
     assert_bad_input(&train(d, &cfg, &["--init", wrong_shape.to_str().unwrap()]), &["wide", "x_embedder.proj.weight", "shape"]);
 
     // A renamed tensor.
@@ -130,13 +134,16 @@ fn same_seed_gives_bitwise_identical_runs() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let losses: Vec<u64> = json_lines(&out).iter().filter_map(|j| j.get("loss")?.as_f64()).map(f64::to_bits).collect();
         assert_eq!(losses.len(), 3);
-        let weights = std::fs::read(d.join(format!("runs/{name}/step-0000030/model.safetensors"))).unwrap();
-        let ema = std::fs::read(d.join(format!("runs/{name}/step-0000030/ema.safetensors"))).unwrap();
+        // The whole state (weights, moments, EMA) of the single rank.
+        let state = std::fs::read(d.join(format!("runs/{name}/step-0000030/rank-00000-of-00001.safetensors"))).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(d.join(format!("runs/{name}/step-0000030/manifest.json"))).unwrap()).unwrap();
+        let (weights, ema) = (state, manifest["shards"][0]["sha256"].as_str().unwrap().to_string());
         runs.push((losses, weights, ema));
     }
     assert_eq!(runs[0].0, runs[1].0, "losses differ");
     assert!(runs[0].1 == runs[1].1, "weights differ");
-    assert!(runs[0].2 == runs[1].2, "EMA differs");
+    assert!(runs[0].2 == runs[1].2, "checksums differ");
     // And a different seed does change them (the comparison can fail).
     let out = train(d, &cfg, &["--json", "--set", "train.steps=30", "--set", "train.name=c", "--set", "train.seed=1"]);
     let losses: Vec<u64> = json_lines(&out).iter().filter_map(|j| j.get("loss")?.as_f64()).map(f64::to_bits).collect();
@@ -162,7 +169,17 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Ta
     let out = Command::new(&py).arg("-c").arg(script).arg(&tb).output().expect("run .venv python (./launch/setup.sh installs it)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tags: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for tag in ["loss/total", "loss/denoise", "loss/proj", "loss/cls", "train/grad_norm", "train/lr", "perf/images_per_s", "perf/step_ms"] {
+    for tag in [
+        "loss/total",
+        "loss/denoise",
+        "loss/proj",
+        "loss/cls",
+        "train/grad_norm",
+        "train/lr",
+        "train/skipped_steps",
+        "perf/images_per_s",
+        "perf/step_ms",
+    ] {
         let steps: Vec<i64> = tags[tag].as_array().unwrap_or_else(|| panic!("tag {tag} missing")).iter().map(|p| p[0].as_i64().unwrap()).collect();
         assert_eq!(steps, vec![4, 8, 12], "{tag}");
     }

@@ -45,8 +45,16 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
 }
 
-fn load(p: &Path) -> HashMap<String, Tensor> {
-    weights::read_map(p).unwrap()
+/// The weights (or EMA) of a checkpoint by name, through `reg-ddp export`.
+fn export(ckpt: &Path, ema: bool) -> HashMap<String, Tensor> {
+    let out = ckpt.join(if ema { "ema-export.safetensors" } else { "export.safetensors" });
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
+    c.args(["export", "--ckpt"]).arg(ckpt).arg("--out").arg(&out);
+    if ema {
+        c.arg("--ema");
+    }
+    assert!(c.status().unwrap().success());
+    weights::read_map(&out).unwrap()
 }
 
 #[test]
@@ -73,7 +81,7 @@ fn one_two_and_four_ranks_train_the_same_model() {
         let losses: Vec<f64> = lines.iter().filter_map(|j| j.get("loss").and_then(|l| l.as_f64())).collect();
         assert_eq!(losses.len(), 20, "np={np}: one loss line per step");
         let ckpt = dir.path().join(&name).join("step-0000020");
-        runs.push((np, losses, load(&ckpt.join("model.safetensors")), load(&ckpt.join("ema.safetensors"))));
+        runs.push((np, losses, export(&ckpt, false), export(&ckpt, true)));
     }
     let (_, ref_losses, ref_w, ref_ema) = &runs[0];
     let flat = |m: &HashMap<String, Tensor>| {

@@ -1,6 +1,7 @@
 //! One file per subcommand, wiring the library together; nothing imports this module.
 
 pub mod bench;
+pub mod export;
 pub mod train;
 
 use anyhow::Result;

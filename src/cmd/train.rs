@@ -1,10 +1,14 @@
-//! `reg-ddp train`: runs the loop with TensorBoard metrics, a progress bar and checkpoints.
+//! `reg-ddp train`: the loop with TensorBoard metrics, a progress bar, background
+//! sharded checkpoints, resume, preemption by signal and a skip limit for faults.
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use reg::dist::{self, watchdog::Watchdog, LaunchInfo};
-use reg::train::{checkpoint, resolve_device, tboard::EventWriter, StepStats, Trainer};
-use std::path::PathBuf;
+use reg::train::checkpoint::{self, PendingSave};
+use reg::train::{resolve_device, tboard::EventWriter, StepStats, Trainer};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -18,6 +22,10 @@ pub struct Args {
     /// Start from these weights (safetensors under the REG parameter names).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// `auto`: continue from the newest complete checkpoint of the run (a fresh
+    /// start when there is none); or a `step-NNNNNNN` folder.
+    #[arg(long)]
+    pub resume: Option<String>,
     /// CPU threads for libtorch (0: its default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -50,8 +58,40 @@ impl Window {
             proj: self.sum.proj / n,
             cls: self.sum.cls / n,
             grad_norm: self.sum.grad_norm / n,
+            skipped: false,
         }
     }
+}
+
+/// SIGTERM / SIGUSR1 set the flag (checkpoint at the next step boundary, exit 0);
+/// a second one exits at once.
+fn preemption_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        // Registered first: runs before the flag is set, so it fires only on a repeat.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Rank 0 picks (and checksums) the checkpoint; every rank learns which by broadcast.
+fn resume_from(run: &Path, spec: &str, t: &mut Trainer) -> Result<Option<PathBuf>> {
+    let chosen = if t.rank() == 0 { checkpoint::choose(run, spec)? } else { None };
+    let step = t.agree(&[chosen.as_ref().map(|(_, m)| m.step as f64 + 1.0).unwrap_or(0.0)])?[0] as i64 - 1;
+    if step < 0 {
+        return Ok(None);
+    }
+    let (dir, manifest) = match chosen {
+        Some(c) => c,
+        None => {
+            let dir = if spec == "auto" { checkpoint::step_dir(run, step) } else { PathBuf::from(spec) };
+            let text = std::fs::read_to_string(dir.join("manifest.json")).context("manifest chosen by rank 0")?;
+            (dir, serde_json::from_str(&text)?)
+        }
+    };
+    checkpoint::load(&dir, &manifest, t)?;
+    Ok(Some(dir))
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -61,57 +101,84 @@ pub fn run(a: Args) -> Result<()> {
     let device = resolve_device(&cfg.train.device)?;
     // Check the batch split before starting MPI: bad input fails fast on every rank.
     cfg.local_batch(LaunchInfo::from_env().world, &file)?;
+    let stop = preemption_flag()?;
     let comm = dist::init(device)?;
     let mut t = Trainer::new(cfg, &file, comm)?;
     let (rank, world) = (t.rank(), t.world());
+    let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
+    if let Some(init) = &a.init {
+        t.init_from(init)?;
+    }
+    if let Some(spec) = &a.resume {
+        match resume_from(&run_dir, spec, &mut t)? {
+            Some(dir) if rank == 0 => eprintln!("reg-ddp: resumed from {} (step {})", dir.display(), t.step),
+            None if rank == 0 => eprintln!("reg-ddp: no complete checkpoint in {}: starting fresh", run_dir.display()),
+            _ => {}
+        }
+    }
     let watchdog = (world > 1).then(|| Watchdog::start(rank, std::time::Duration::from_secs_f64(t.cfg.dist.timeout_s)));
     if a.json {
         // Every rank reports what it holds: the optimiser state is only its shard.
         println!(
             "{}",
-            serde_json::json!({"rank": rank, "world": world, "pid": std::process::id(), "flat": t.params.padded_len(), "shard": t.shard_len,
-                "exp_avg": t.opt.exp_avg.numel(), "exp_avg_sq": t.opt.exp_avg_sq.numel(), "ema": t.ema.shadow.numel()})
+            serde_json::json!({"rank": rank, "world": world, "pid": std::process::id(), "flat": t.params.padded_len(),
+                "shard": t.shard_len, "exp_avg": t.opt.exp_avg.numel(), "exp_avg_sq": t.opt.exp_avg_sq.numel(),
+                "ema": t.ema.shadow.numel(), "step": t.step})
         );
     }
-    if let Some(init) = &a.init {
-        t.init_from(init)?;
-    }
     // Only once everything validated: a bad input leaves no half-made run folder.
-    let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
     let mut tb = None;
     if rank == 0 {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run folder", run_dir.display()))?;
         std::fs::write(run_dir.join("config.yaml"), serde_yaml::to_string(&t.cfg)?)
             .with_context(|| format!("{}: cannot write config.yaml", run_dir.display()))?;
         tb = Some(EventWriter::create(&run_dir.join("tb"))?);
-    }
-    let (steps, log_every, ckpt_every) = (t.cfg.train.steps, t.cfg.train.log_every, t.cfg.train.checkpoint_every);
-    if rank == 0 {
         eprintln!(
-        "reg-ddp: {} ranks, {} parameters ({} trainable) on {:?}, {:?} compute, global batch {}, {} steps -> {}",
-        world,
-        t.params.numel() + t.params.buffer_numel(),
-        t.params.numel(),
-        t.device,
-        t.kind,
-        t.cfg.train.global_batch,
-        steps,
-        run_dir.display()
-    );
+            "reg-ddp: {} ranks, {} parameters ({} trainable) on {:?}, {:?} compute, global batch {}, steps {}..{} -> {}",
+            world,
+            t.params.numel() + t.params.buffer_numel(),
+            t.params.numel(),
+            t.device,
+            t.kind,
+            t.cfg.train.global_batch,
+            t.step,
+            t.cfg.train.steps,
+            run_dir.display()
+        );
     }
+    t.comm.barrier()?;
+    let (steps, log_every, ckpt_every) = (t.cfg.train.steps, t.cfg.train.log_every, t.cfg.train.checkpoint_every);
     let bar = if a.json || rank != 0 { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
             .expect("static template"),
     );
+    bar.set_position(t.step as u64);
     let mut window = Window::default();
     let mut tick = Instant::now();
+    let mut pending: Option<PendingSave> = None;
+    let mut preempted = false;
     while t.step < steps {
         let s = t.train_step()?;
         window.add(&s);
         bar.inc(1);
         if let Some(w) = &watchdog {
             w.beat(t.step);
+        }
+        if s.skipped {
+            let msg = format!("step {}: non-finite loss or gradient on some rank; update skipped ({} so far)", t.step, t.skipped);
+            if rank == 0 {
+                bar.println(format!("warning: {msg}"));
+            }
+            if t.consecutive_skips > t.cfg.train.max_consecutive_skips {
+                let last = checkpoint::complete_steps(&run_dir).first().map(|(_, d)| d.display().to_string());
+                anyhow::bail!(
+                    "{} consecutive non-finite steps (last at step {}): stopping; last good checkpoint: {}",
+                    t.consecutive_skips,
+                    t.step,
+                    last.unwrap_or_else(|| "none".into())
+                );
+            }
         }
         if rank == 0 && (t.step % log_every == 0 || t.step == steps) {
             t.sync();
@@ -129,6 +196,7 @@ pub fn run(a: Args) -> Result<()> {
                     ("loss/cls", m.cls),
                     ("train/grad_norm", m.grad_norm),
                     ("train/lr", t.opt.lr),
+                    ("train/skipped_steps", t.skipped as f64),
                     ("perf/images_per_s", ips),
                     ("perf/step_ms", step_ms),
                 ],
@@ -139,20 +207,48 @@ pub fn run(a: Args) -> Result<()> {
                 println!(
                     "{}",
                     serde_json::json!({"step": t.step, "loss": m.loss, "denoise": m.denoise, "proj": m.proj,
-                        "cls": m.cls, "grad_norm": m.grad_norm, "images_per_s": ips, "step_ms": step_ms})
+                        "cls": m.cls, "grad_norm": m.grad_norm, "skipped": t.skipped, "images_per_s": ips, "step_ms": step_ms})
                 );
             }
             window = Window::default();
             tick = Instant::now();
         }
+        // Step boundary: do all ranks agree to stop (a signal on any rank), and has
+        // every rank finished writing the checkpoint in flight?
+        let written = pending.as_ref().map(|p| p.is_written()).unwrap_or(false);
+        let votes = t.agree(&[stop.load(Ordering::Relaxed) as i64 as f64, written as i64 as f64])?;
+        if votes[1] as i64 == world {
+            let dir = checkpoint::finish(pending.take().expect("a save is in flight"), &t)?;
+            if rank == 0 {
+                bar.println(format!("checkpoint {}", dir.display()));
+            }
+        }
+        if votes[0] > 0.0 {
+            preempted = true;
+            break;
+        }
         if t.step % ckpt_every == 0 && t.step < steps {
-            checkpoint::save(&run_dir, &t)?;
+            if let Some(p) = pending.take() {
+                checkpoint::finish(p, &t)?;
+            }
+            pending = Some(checkpoint::start(&run_dir, &t)?);
         }
     }
-    let dir = checkpoint::save(&run_dir, &t)?;
+    // A save in flight is always of an earlier step: complete it, then save this one.
+    if let Some(p) = pending.take() {
+        checkpoint::finish(p, &t)?;
+    }
+    // A resumed run that had nothing left to do already has this checkpoint.
+    let done = t.agree(&[checkpoint::step_dir(&run_dir, t.step).join("manifest.json").exists() as i64 as f64])?[0] > 0.0;
+    let dir = if done {
+        checkpoint::step_dir(&run_dir, t.step)
+    } else {
+        checkpoint::finish(checkpoint::start(&run_dir, &t)?, &t)?
+    };
     bar.finish();
     if rank == 0 {
-        eprintln!("reg-ddp: done; checkpoint {}", dir.display());
+        let why = if preempted { "preempted by signal" } else { "done" };
+        eprintln!("reg-ddp: {why} at step {}; checkpoint {}", t.step, dir.display());
     }
     Ok(())
 }

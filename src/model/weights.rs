@@ -86,6 +86,11 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 /// Writes tensors atomically: a temporary file in the same folder, fsync, rename,
 /// fsync of the folder. A crash leaves either the old file or the new one.
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    write_atomic(path, &serialize(tensors, metadata)?)
+}
+
+/// The safetensors bytes of `tensors` (copied to the host).
+pub fn serialize(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let Some(dtype) = dtype_of(t.kind()) else {
@@ -98,8 +103,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap
         .iter()
         .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, &metadata)?;
-    write_atomic(path, &bytes)
+    Ok(safetensors::serialize(views, &metadata)?)
 }
 
 /// Atomic replace of `path` by `bytes`.

@@ -40,6 +40,12 @@ impl AdamW {
     /// One update of `param` (a slice of the flat weights) in place from `grad`:
     /// one fused kernel (`torch.optim.AdamW(fused=True)`), one pass over the slice.
     pub fn update(&mut self, param: &Tensor, grad: &Tensor) -> anyhow::Result<()> {
+        self.update_unless(param, grad, None)
+    }
+
+    /// As `update`, but a no-op on the device when `found_inf` (0-d f32) is non-zero,
+    /// without waiting for it; call `undo_step` once the host knows it was skipped.
+    pub fn update_unless(&mut self, param: &Tensor, grad: &Tensor, found_inf: Option<&Tensor>) -> anyhow::Result<()> {
         let _g = tch::no_grad_guard();
         self.step += 1;
         let _ = self.step_t.fill_(self.step as f64);
@@ -50,7 +56,12 @@ impl AdamW {
             weight_decay: self.weight_decay,
             eps: self.eps,
         };
-        crate::shim::fused_adamw(param, grad, &self.exp_avg, &self.exp_avg_sq, &self.step_t, &args, None)
+        crate::shim::fused_adamw(param, grad, &self.exp_avg, &self.exp_avg_sq, &self.step_t, &args, found_inf)
+    }
+
+    /// The last update was skipped: its step does not count.
+    pub fn undo_step(&mut self) {
+        self.set_step(self.step - 1);
     }
 
     /// Restores the step count (after loading moments from a checkpoint).
@@ -94,5 +105,13 @@ impl Ema {
         let _g = tch::no_grad_guard();
         // lerp: one pass, `ema + (1 - decay) (w - ema)`, the same average.
         let _ = self.shadow.lerp_(param, 1.0 - self.decay);
+    }
+
+    /// As `update`, but leaves the average untouched when `skip` (0-d f32) is non-zero,
+    /// decided on the device.
+    pub fn update_unless(&mut self, param: &Tensor, skip: &Tensor) {
+        let _g = tch::no_grad_guard();
+        let weight = (skip * -1.0 + 1.0) * (1.0 - self.decay);
+        let _ = self.shadow.lerp_tensor_(param, &weight.to_kind(self.shadow.kind()));
     }
 }

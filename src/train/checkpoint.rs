@@ -1,49 +1,323 @@
-//! Saving a run's state: weights and EMA under the REG names, AdamW moments, and the step.
-//! Everything goes into `step-NNNNNNN/` written under a temporary name and renamed
-//! into place, so a crash never leaves a half-written checkpoint that looks complete.
+//! Sharded checkpoints. Every rank writes its slice of the flat fp32 master weights,
+//! AdamW moments and EMA to `step-NNNNNNN/rank-RRRRR-of-WWWWW.safetensors` (in a
+//! background thread, from a host copy); rank 0 then writes `manifest.json` last and
+//! atomically. A step folder without a manifest is incomplete and never used.
+//! Resuming re-slices the flat state by the manifest's offsets, so any world size
+//! can continue any checkpoint.
 
 use super::Trainer;
+use crate::bail_input;
+use crate::config::Config;
+use crate::error::bad_input;
 use crate::model::weights;
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use tch::{Device, Kind, Tensor};
 
-/// Folder name of the checkpoint after `step` steps.
+pub const FORMAT_VERSION: u32 = 1;
+/// The per-rank tensors, each a `[shard]` f32 slice of a flat buffer.
+pub const STATE: [&str; 4] = ["weights", "exp_avg", "exp_avg_sq", "ema"];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayoutEntry {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardEntry {
+    pub file: String,
+    pub rank: i64,
+    /// This shard covers `[lo, lo + len)` of the (padded) flat buffers.
+    pub lo: i64,
+    pub len: i64,
+    pub sha256: String,
+}
+
+/// What `manifest.json` records: enough to rebuild the flat state at any world size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// Optimisation steps completed.
+    pub step: i64,
+    /// AdamW's update count (steps minus skipped ones).
+    pub adam_step: i64,
+    /// Non-finite steps skipped so far.
+    pub skipped: i64,
+    /// Global samples consumed: the loader's position.
+    pub samples_seen: i64,
+    pub world: i64,
+    /// Trainable elements; the flat buffers were padded to `padded`.
+    pub total: i64,
+    pub padded: i64,
+    pub layout: Vec<LayoutEntry>,
+    pub shards: Vec<ShardEntry>,
+    pub config: Config,
+}
+
 pub fn step_dir(run: &Path, step: i64) -> PathBuf {
     run.join(format!("step-{step:07}"))
 }
 
-/// Writes the checkpoint of the trainer's current step; returns its folder. Every
-/// rank calls it (the sharded state is gathered); rank 0 writes.
-pub fn save(run: &Path, t: &Trainer) -> Result<PathBuf> {
-    let dst = step_dir(run, t.step);
-    let ema = t.gather(&t.ema.shadow)?;
-    let exp_avg = t.gather(&t.opt.exp_avg)?;
-    let exp_avg_sq = t.gather(&t.opt.exp_avg_sq)?;
+pub fn shard_file(rank: i64, world: i64) -> String {
+    format!("rank-{rank:05}-of-{world:05}.safetensors")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, with fsyncs.
+fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    weights::write_atomic(path, bytes)
+}
+
+/// A checkpoint whose rank file is being written in the background.
+pub struct PendingSave {
+    pub step: i64,
+    pub dir: PathBuf,
+    handle: JoinHandle<Result<[u8; 32]>>,
+    manifest: Manifest,
+}
+
+impl PendingSave {
+    /// True once this rank's file is on disk (never blocks).
+    pub fn is_written(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// Starts this rank's part of the checkpoint of the current step: copies the shard
+/// state to the host now, writes it in a thread. Training may continue at once;
+/// `finish` (collective) completes the checkpoint.
+pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
+    let (rank, world) = (t.rank(), t.world());
+    let dir = step_dir(run, t.step);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let host = |x: &Tensor| x.to_device(Device::Cpu).copy();
+    let tensors: Vec<(String, Tensor)> = vec![
+        ("weights".into(), host(&t.shard())),
+        ("exp_avg".into(), host(&t.opt.exp_avg)),
+        ("exp_avg_sq".into(), host(&t.opt.exp_avg_sq)),
+        ("ema".into(), host(&t.ema.shadow)),
+    ];
+    // One metadata key holding a JSON object: a HashMap with several keys would be
+    // serialised in random order, and identical states must give identical bytes.
+    let info = serde_json::json!({
+        "step": t.step, "rank": rank, "world": world, "lo": t.shard_lo, "len": t.shard_len,
+        "seed": t.cfg.train.seed, "samples_seen": t.samples_seen(), "adam_step": t.opt.step,
+    });
+    let meta = HashMap::from([("reg_ddp".to_string(), info.to_string())]);
+    let path = dir.join(shard_file(rank, world));
+    let slow_ms: u64 = std::env::var("REG_DDP_TEST_SLOW_WRITE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let handle = std::thread::Builder::new().name("ckpt-writer".into()).spawn(move || -> Result<[u8; 32]> {
+        let bytes = weights::serialize(&tensors, Some(meta))?;
+        if slow_ms > 0 {
+            // Test hook: a partly written temporary file sits on disk for a while.
+            let tmp = path.with_extension("partial");
+            std::fs::write(&tmp, &bytes[..bytes.len() / 2])?;
+            std::thread::sleep(std::time::Duration::from_millis(slow_ms));
+            std::fs::remove_file(&tmp)?;
+        }
+        write_durable(&path, &bytes)?;
+        Ok(Sha256::digest(&bytes).into())
+    })?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        step: t.step,
+        adam_step: t.opt.step,
+        skipped: t.skipped,
+        samples_seen: t.samples_seen(),
+        world,
+        total: t.params.numel(),
+        padded: t.params.padded_len(),
+        layout: t
+            .params
+            .entries
+            .iter()
+            .map(|e| LayoutEntry { name: e.name.clone(), shape: e.shape.clone(), offset: e.offset })
+            .collect(),
+        shards: Vec::new(),
+        config: t.cfg.clone(),
+    };
+    Ok(PendingSave { step: t.step, dir, handle, manifest })
+}
+
+/// Waits for this rank's file, gathers every rank's checksum, and on rank 0 writes
+/// the manifest (the commit point) and prunes old checkpoints. Collective.
+pub fn finish(p: PendingSave, t: &Trainer) -> Result<PathBuf> {
+    let sha = p.handle.join().map_err(|_| anyhow::anyhow!("checkpoint writer thread panicked"))??;
+    let (world, device) = (t.world(), t.comm.device());
+    let mine = Tensor::from_slice(&sha).to_device(device);
+    let all = Tensor::zeros([32 * world], (Kind::Uint8, device));
+    t.comm.all_gather(&mine, &all)?;
     if t.rank() != 0 {
-        return Ok(dst);
+        return Ok(p.dir);
     }
-    let tmp = run.join(format!(".tmp-step-{:07}-{}", t.step, std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    let all: Vec<u8> = Vec::<u8>::try_from(all.to_device(Device::Cpu))?;
+    let mut m = p.manifest;
+    let len = m.padded / world;
+    m.shards = (0..world)
+        .map(|r| ShardEntry {
+            file: shard_file(r, world),
+            rank: r,
+            lo: r * len,
+            len,
+            sha256: hex(&all[(32 * r) as usize..(32 * r + 32) as usize]),
+        })
+        .collect();
+    write_durable(&p.dir.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    prune(p.dir.parent().expect("step folder has a parent"), t.cfg.train.keep_checkpoints)?;
+    Ok(p.dir)
+}
+
+/// Steps of the complete checkpoints of a run (those with a manifest), newest first.
+pub fn complete_steps(run: &Path) -> Vec<(i64, PathBuf)> {
+    let mut v: Vec<(i64, PathBuf)> = std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join("manifest.json").is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v
+}
+
+/// Keeps the newest `keep` complete checkpoints; removes older ones and incomplete
+/// folders older than the newest complete one (left by crashes).
+fn prune(run: &Path, keep: i64) -> Result<()> {
+    let complete = complete_steps(run);
+    let Some(&(newest, _)) = complete.first() else { return Ok(()) };
+    for (_, dir) in complete.iter().skip(keep.max(2) as usize) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot remove old checkpoint", dir.display()))?;
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    t.params.save_file(&t.params.flat, &tmp.join("model.safetensors"))?;
-    t.params.save_file(&ema, &tmp.join("ema.safetensors"))?;
-    let meta = HashMap::from([("step".to_string(), t.opt.step.to_string())]);
-    weights::write(
-        &tmp.join("optim.safetensors"),
-        &[("exp_avg".into(), exp_avg), ("exp_avg_sq".into(), exp_avg_sq)],
-        Some(meta),
-    )?;
-    let state = serde_json::json!({ "step": t.step, "config": t.cfg });
-    weights::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-    if dst.exists() {
-        std::fs::remove_dir_all(&dst)?;
+    for e in std::fs::read_dir(run)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<i64>().ok()) {
+            if step < newest && !e.path().join("manifest.json").exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
-    std::fs::rename(&tmp, &dst).with_context(|| format!("{}: cannot rename into place", dst.display()))?;
-    if let Ok(d) = std::fs::File::open(run) {
-        let _ = d.sync_all();
+    Ok(())
+}
+
+/// Reads a checkpoint's manifest and checks every shard against its SHA-256.
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
+    let m: Manifest =
+        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not a reg-ddp manifest: {e}", path.display())))?;
+    if m.format_version != FORMAT_VERSION {
+        bail_input!("{}: format_version {} (this build reads {FORMAT_VERSION})", path.display(), m.format_version);
     }
-    Ok(dst)
+    for s in &m.shards {
+        let f = dir.join(&s.file);
+        let bytes = std::fs::read(&f).map_err(|e| bad_input(format!("{}: cannot read: {e}", f.display())))?;
+        let got = hex(&Sha256::digest(&bytes));
+        if got != s.sha256 {
+            bail_input!("{}: SHA-256 mismatch (manifest {}, file {got})", f.display(), s.sha256);
+        }
+    }
+    Ok(m)
+}
+
+/// Picks the checkpoint to resume: `auto` is the newest complete one of the run that
+/// passes its checksums (falling back to older ones, with a warning); anything else
+/// is a step folder. `None`: `auto` found nothing (a fresh start).
+pub fn choose(run: &Path, spec: &str) -> Result<Option<(PathBuf, Manifest)>> {
+    if spec != "auto" {
+        let dir = PathBuf::from(spec);
+        return Ok(Some((dir.clone(), verify(&dir)?)));
+    }
+    for (_, dir) in complete_steps(run) {
+        match verify(&dir) {
+            Ok(m) => return Ok(Some((dir, m))),
+            Err(e) => eprintln!("warning: skipping checkpoint {}: {e:#}", dir.display()),
+        }
+    }
+    Ok(None)
+}
+
+/// Copies `[lo, lo + len)` of one flat state buffer out of the checkpoint's shards
+/// into `dst` (`[len]`); elements past `total` (padding) stay zero.
+fn read_range(dir: &Path, m: &Manifest, name: &str, lo: i64, dst: &Tensor) -> Result<()> {
+    let len = dst.size()[0];
+    let hi = (lo + len).min(m.total);
+    for s in &m.shards {
+        let (a, b) = (lo.max(s.lo), hi.min(s.lo + s.len));
+        if a >= b {
+            continue;
+        }
+        let f = dir.join(&s.file);
+        let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        // SAFETY: read-only map of a complete, checksummed file.
+        let map = unsafe { memmap2::Mmap::map(&file) }?;
+        let st = safetensors::SafeTensors::deserialize(&map)
+            .map_err(|e| bad_input(format!("{}: not a valid safetensors file: {e:?}", f.display())))?;
+        let view = st.tensor(name).map_err(|_| bad_input(format!("{}: tensor {name}: missing", f.display())))?;
+        if view.shape() != [s.len as usize] || view.dtype() != safetensors::Dtype::F32 {
+            bail_input!("{}: tensor {name}: expected f32 [{}]", f.display(), s.len);
+        }
+        let bytes = &view.data()[((a - s.lo) * 4) as usize..((b - s.lo) * 4) as usize];
+        let src = Tensor::f_from_data_size(bytes, &[b - a], Kind::Float)?;
+        dst.narrow(0, a - lo, b - a).copy_(&src);
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint into a trainer of any world size: this rank reads its slices,
+/// the weights are then all-gathered. Collective.
+pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
+    let here: Vec<LayoutEntry> = t
+        .params
+        .entries
+        .iter()
+        .map(|e| LayoutEntry { name: e.name.clone(), shape: e.shape.clone(), offset: e.offset })
+        .collect();
+    if here != m.layout {
+        let diff = here.iter().zip(&m.layout).find(|(a, b)| a != b).map(|(a, _)| a.name.clone());
+        bail_input!(
+            "{}: the checkpoint's model does not match the config (first difference: {})",
+            dir.display(),
+            diff.unwrap_or_else(|| format!("{} vs {} tensors", here.len(), m.layout.len()))
+        );
+    }
+    let _g = tch::no_grad_guard();
+    let lo = t.shard_lo;
+    let staging = Tensor::zeros([t.shard_len], (Kind::Float, Device::Cpu));
+    for name in STATE {
+        let _ = staging.shallow_clone().zero_();
+        read_range(dir, m, name, lo, &staging)?;
+        let dst = match name {
+            "weights" => t.shard(),
+            "exp_avg" => t.opt.exp_avg.shallow_clone(),
+            "exp_avg_sq" => t.opt.exp_avg_sq.shallow_clone(),
+            _ => t.ema.shadow.shallow_clone(),
+        };
+        dst.shallow_clone().copy_(&staging);
+    }
+    if t.world() > 1 {
+        t.comm.all_gather(&t.shard(), &t.params.flat)?;
+    }
+    t.opt.set_step(m.adam_step);
+    t.step = m.step;
+    t.skipped = m.skipped;
+    Ok(())
+}
+
+/// Assembles one full flat buffer (`weights` or `ema`) of a checkpoint on the CPU.
+pub fn read_full(dir: &Path, m: &Manifest, name: &str) -> Result<Tensor> {
+    let full = Tensor::zeros([m.padded], (Kind::Float, Device::Cpu));
+    read_range(dir, m, name, 0, &full)?;
+    Ok(full)
 }

@@ -45,6 +45,8 @@ pub struct StepStats {
     pub proj: f64,
     pub cls: f64,
     pub grad_norm: f64,
+    /// The update was skipped (non-finite loss or gradients on some rank).
+    pub skipped: bool,
 }
 
 /// Model, optimiser shard and data of one rank of a run.
@@ -64,6 +66,11 @@ pub struct Trainer {
     source: Box<dyn BatchSource>,
     /// Steps completed.
     pub step: i64,
+    /// Non-finite steps skipped so far, and how many in a row just now.
+    pub skipped: i64,
+    pub consecutive_skips: i64,
+    /// Test switch: make the loss non-finite at this (step, rank).
+    fault_nan: Option<(i64, i64)>,
     /// This rank's rows of the global batch: `[row_lo, row_lo + rows)`.
     row_lo: i64,
     rows: i64,
@@ -114,6 +121,12 @@ impl Trainer {
             comm,
             source,
             step: 0,
+            skipped: 0,
+            consecutive_skips: 0,
+            fault_nan: std::env::var("REG_DDP_TEST_NAN_AT").ok().and_then(|v| {
+                let (s, r) = v.split_once(':')?;
+                Some((s.parse().ok()?, r.parse().ok()?))
+            }),
             row_lo: rank * rows,
             rows,
             shard_lo,
@@ -160,18 +173,25 @@ impl Trainer {
         self.params.zero_grad();
         let cls0 = feat.select(1, 0);
         let inputs = LossInputs { x0: &x0, feat: &feat, cls0: &cls0, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
-        let terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
+        let mut terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
+        if self.fault_nan == Some((self.step, self.rank())) {
+            terms.total = &terms.total * f64::NAN;
+        }
         terms.total.backward();
 
         let _g = tch::no_grad_guard();
         self.reduce_scatter_grads()?;
-        let sq = sq_sum(&self.shard_grad);
-        self.comm.all_reduce_sum(&sq)?;
-        let (norm, factor) = clip_factor(&sq, self.cfg.optim.max_grad_norm);
+        // One all-reduce carries the gradient's sum of squares and "my loss is not
+        // finite": every rank then agrees, on the device, whether to skip this update.
+        let local_bad = terms.total.isfinite().logical_not().to_kind(Kind::Float);
+        let control = Tensor::stack(&[sq_sum(&self.shard_grad), local_bad], 0);
+        self.comm.all_reduce_sum(&control)?;
+        let (norm, factor) = clip_factor(&control.get(0), self.cfg.optim.max_grad_norm);
+        let skip = control.get(1).gt(0.0).logical_or(&norm.isfinite().logical_not()).to_kind(Kind::Float);
         let _ = self.shard_grad.g_mul_(&factor);
         let shard = self.shard();
-        self.opt.update(&shard, &self.shard_grad)?;
-        self.ema.update(&shard);
+        self.opt.update_unless(&shard, &self.shard_grad, Some(&skip))?;
+        self.ema.update_unless(&shard, &skip);
         if self.world() > 1 {
             self.comm.all_gather(&shard, &self.params.flat)?;
         }
@@ -184,7 +204,27 @@ impl Trainer {
         .to_kind(Kind::Float);
         self.comm.all_reduce_sum(&metrics)?;
         let m: Vec<f64> = Vec::<f64>::try_from((metrics / self.world() as f64).to_kind(Kind::Double).to_device(Device::Cpu))?;
-        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm: norm.double_value(&[]) })
+        let skipped = skip.double_value(&[]) != 0.0;
+        if skipped {
+            self.opt.undo_step();
+            self.skipped += 1;
+            self.consecutive_skips += 1;
+        } else {
+            self.consecutive_skips = 0;
+        }
+        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm: norm.double_value(&[]), skipped })
+    }
+
+    /// Global samples consumed so far (the data position a checkpoint records).
+    pub fn samples_seen(&self) -> i64 {
+        self.step * self.cfg.train.global_batch
+    }
+
+    /// Element-wise sum over ranks of a few host values (agreement at step boundaries).
+    pub fn agree(&self, values: &[f64]) -> Result<Vec<f64>> {
+        let t = Tensor::from_slice(values).to_device(self.comm.device());
+        self.comm.all_reduce_sum(&t)?;
+        Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
     }
 
     /// Sums every rank's gradients into this rank's shard, bucket by bucket, and
