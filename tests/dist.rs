@@ -1,61 +1,12 @@
 //! Data parallelism under a real `mpirun`: results independent of the world size,
 //! optimiser state really sharded, and a dead or hung rank ends the job.
 
-use reg::model::weights;
-use std::collections::HashMap;
+mod common;
+
+use common::{assert_same_model, export, json_lines, mpirun, train_args};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tch::{Kind, Tensor};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `mpirun -np N reg-ddp train ...` with the variables Open MPI needs as root, in a
-/// container, oversubscribed (launch/env.sh sets the same).
-fn mpirun(np: usize, args: &[&str]) -> Command {
-    let mut c = Command::new("mpirun");
-    c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_reg-ddp")]).args(args);
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
-    c
-}
-
-fn train_args<'a>(out: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<String> {
-    let config = repo().join("configs/demo.yaml");
-    let mut v: Vec<String> = vec!["train".into(), "--config".into(), config.display().to_string(), "--json".into(), "--threads".into(), "1".into()];
-    for s in [format!("train.output_dir={out}"), format!("train.name={name}")] {
-        v.push("--set".into());
-        v.push(s);
-    }
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
-}
-
-/// The weights (or EMA) of a checkpoint by name, through `reg-ddp export`.
-fn export(ckpt: &Path, ema: bool) -> HashMap<String, Tensor> {
-    let out = ckpt.join(if ema { "ema-export.safetensors" } else { "export.safetensors" });
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
-    c.args(["export", "--ckpt"]).arg(ckpt).arg("--out").arg(&out);
-    if ema {
-        c.arg("--ema");
-    }
-    assert!(c.status().unwrap().success());
-    weights::read_map(&out).unwrap()
-}
 
 #[test]
 fn one_two_and_four_ranks_train_the_same_model() {
@@ -84,35 +35,11 @@ fn one_two_and_four_ranks_train_the_same_model() {
         runs.push((np, losses, export(&ckpt, false), export(&ckpt, true)));
     }
     let (_, ref_losses, ref_w, ref_ema) = &runs[0];
-    let flat = |m: &HashMap<String, Tensor>| {
-        let mut names: Vec<&String> = m.keys().collect();
-        names.sort();
-        Tensor::cat(&names.iter().map(|n| m[*n].flatten(0, -1)).collect::<Vec<_>>(), 0)
-    };
     for (np, losses, w, ema) in &runs[1..] {
         for (step, (a, b)) in losses.iter().zip(ref_losses).enumerate() {
             assert!(((a - b) / b).abs() <= 1e-5, "np={np} step {}: loss {a} vs {b}", step + 1);
         }
-        // The whole model: max |a - b| / max |b| over all weights, and over the EMA.
-        let r = rel(&flat(w), &flat(ref_w));
-        assert!(r <= 1e-5, "np={np} weights: relative difference {r:e}");
-        let r = rel(&flat(ema), &flat(ref_ema));
-        assert!(r <= 1e-5, "np={np} EMA: relative difference {r:e}");
-        // And tensor by tensor, except the attention key bias: its exact gradient is
-        // zero (a per-query constant added to every logit leaves softmax unchanged), so
-        // its gradient is pure rounding noise that Adam scales up to +-lr steps, and it
-        // differs with any change of summation order, rank count included.
-        for (name, t) in ref_w {
-            let (a, b) = if name.ends_with("attn.qkv.bias") {
-                let h = t.size()[0] / 3;
-                let cut = |x: &Tensor| Tensor::cat(&[x.narrow(0, 0, h), x.narrow(0, 2 * h, h)], 0);
-                (cut(&w[name]), cut(t))
-            } else {
-                (w[name].shallow_clone(), t.shallow_clone())
-            };
-            let r = rel(&a, &b);
-            assert!(r <= 1e-5, "np={np} weight {name}: relative difference {r:e}");
-        }
+        assert_same_model(&format!("np={np}"), w, ema, ref_w, ref_ema);
     }
     // The weights did move (the comparison is not between two copies of the init).
     assert!(ref_losses[19] < ref_losses[0]);

@@ -1,0 +1,102 @@
+//! Helpers shared by the integration tests that drive the binary.
+#![allow(dead_code)]
+
+use reg::model::weights;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{Kind, Tensor};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `mpirun -np N reg-ddp train ...` with the variables Open MPI needs as root, in a
+/// container, oversubscribed (launch/env.sh sets the same).
+pub fn mpirun(np: usize, args: &[&str]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_reg-ddp")]).args(args);
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    c
+}
+
+pub fn train_args<'a>(out: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let config = repo().join("configs/demo.yaml");
+    let mut v: Vec<String> = vec!["train".into(), "--config".into(), config.display().to_string(), "--json".into(), "--threads".into(), "1".into()];
+    for s in [format!("train.output_dir={out}"), format!("train.name={name}")] {
+        v.push("--set".into());
+        v.push(s);
+    }
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+/// The weights (or EMA) of a checkpoint by name, through `reg-ddp export`.
+pub fn export(ckpt: &Path, ema: bool) -> HashMap<String, Tensor> {
+    let out = ckpt.join(if ema { "ema-export.safetensors" } else { "export.safetensors" });
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
+    c.args(["export", "--ckpt"]).arg(ckpt).arg("--out").arg(&out);
+    if ema {
+        c.arg("--ema");
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    weights::read_map(&out).unwrap()
+}
+
+
+/// Losses of the logged steps, in order.
+pub fn losses(stdout: &[u8]) -> Vec<f64> {
+    json_lines(stdout).iter().filter_map(|j| j.get("loss")?.as_f64()).collect()
+}
+
+/// Same model within 1e-5 relative: over all weights and all EMA values, and tensor by
+/// tensor except the attention key bias. Its exact gradient is zero (a per-query
+/// constant added to every logit leaves softmax unchanged), so its gradient is pure
+/// rounding noise that Adam scales up to +-lr steps, and it differs with any change of
+/// summation order, rank count included.
+pub fn assert_same_model(
+    what: &str,
+    w: &HashMap<String, Tensor>,
+    ema: &HashMap<String, Tensor>,
+    ref_w: &HashMap<String, Tensor>,
+    ref_ema: &HashMap<String, Tensor>,
+) {
+    let flat = |m: &HashMap<String, Tensor>| {
+        let mut names: Vec<&String> = m.keys().collect();
+        names.sort();
+        Tensor::cat(&names.iter().map(|n| m[*n].flatten(0, -1)).collect::<Vec<_>>(), 0)
+    };
+    let r = rel(&flat(w), &flat(ref_w));
+    assert!(r <= 1e-5, "{what} weights: relative difference {r:e}");
+    let r = rel(&flat(ema), &flat(ref_ema));
+    assert!(r <= 1e-5, "{what} EMA: relative difference {r:e}");
+    for (name, t) in ref_w {
+        let (a, b) = if name.ends_with("attn.qkv.bias") {
+            let h = t.size()[0] / 3;
+            let cut = |x: &Tensor| Tensor::cat(&[x.narrow(0, 0, h), x.narrow(0, 2 * h, h)], 0);
+            (cut(&w[name]), cut(t))
+        } else {
+            (w[name].shallow_clone(), t.shallow_clone())
+        };
+        let r = rel(&a, &b);
+        assert!(r <= 1e-5, "{what} weight {name}: relative difference {r:e}");
+    }
+}
+
+/// The manifest of a checkpoint folder.
+pub fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
