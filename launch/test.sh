@@ -6,3 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$REPO"
 cargo build --release --quiet
 cargo test --release -- --test-threads=1
+# The SLURM proof starts a one-node cluster here (root, a few minutes): opt-in.
+if [ "${SLURM_TESTS:-0}" = 1 ]; then
+  "$REPO/tests/slurm_test.sh"
+fi

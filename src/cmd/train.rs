@@ -247,6 +247,14 @@ pub fn run(a: Args) -> Result<()> {
     };
     bar.finish();
     if rank == 0 {
+        // Launch scripts read this to decide whether to requeue.
+        let status = serde_json::json!({"state": if preempted { "preempted" } else { "done" }, "step": t.step,
+            "steps": steps, "checkpoint": dir.display().to_string()});
+        let text = serde_json::to_string(&status)?;
+        std::fs::write(run_dir.join("status.json"), &text)?;
+        if let Ok(extra) = std::env::var("REG_DDP_STATUS_FILE") {
+            std::fs::write(&extra, &text).with_context(|| format!("{extra}: cannot write status"))?;
+        }
         let why = if preempted { "preempted by signal" } else { "done" };
         eprintln!("reg-ddp: {why} at step {}; checkpoint {}", t.step, dir.display());
     }
