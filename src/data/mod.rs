@@ -1,5 +1,6 @@
 //! Where training batches come from: the synthetic source now, precomputed shards later.
 
+pub mod crop;
 pub mod synthetic;
 
 use tch::Tensor;

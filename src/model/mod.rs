@@ -1,7 +1,10 @@
 //! Pure modules over tch, named like upstream: SiT + REG, and the flat parameter store.
 
+pub mod dinov2;
 pub mod params;
 pub mod sit;
+pub mod torchfile;
+pub mod vae;
 pub mod weights;
 
 use crate::config::SitDims;

@@ -1,0 +1,1 @@
+//! ADM center crop (to be written).

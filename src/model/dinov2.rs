@@ -1,0 +1,1 @@
+//! DINOv2 ViT/14 encoder (transformers Dinov2Model layout) (to be written).

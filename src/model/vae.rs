@@ -1,0 +1,1 @@
+//! Stable Diffusion KL-f8 VAE (diffusers AutoencoderKL layout) (to be written).
