@@ -352,20 +352,39 @@ fn d_device() -> String {
     "auto".into()
 }
 
-/// Where batches come from.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+/// Where training batches come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum DataSource {
-    /// Class-conditioned random latents and features, drawn from the step's keyed stream.
-    #[default]
+    /// Class-conditioned random latents and features (tests, benchmarks).
     Synthetic,
+    /// A dataset folder written by `reg-ddp prepare` (`data.path`).
+    Shards,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    #[serde(default)]
-    pub source: DataSource,
+    /// Defaults to `shards` when `path` is given, `synthetic` otherwise.
+    pub source: Option<DataSource>,
+    /// Dataset folder (with `index.json`).
+    pub path: Option<String>,
+    /// Batches assembled ahead by the loader thread.
+    pub prefetch: usize,
+    /// Check each shard's SHA-256 the first time it is read.
+    pub verify_checksums: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { source: None, path: None, prefetch: 4, verify_checksums: true }
+    }
+}
+
+impl DataConfig {
+    pub fn resolved_source(&self) -> DataSource {
+        self.source.unwrap_or(if self.path.is_some() { DataSource::Shards } else { DataSource::Synthetic })
+    }
 }
 
 impl Config {
@@ -422,6 +441,11 @@ impl Config {
         }
         if o.weight_decay < 0.0 || o.max_grad_norm < 0.0 {
             bail_input!("{file}: optim.weight_decay / optim.max_grad_norm: must not be negative");
+        }
+        match (self.data.resolved_source(), &self.data.path) {
+            (DataSource::Shards, None) => bail_input!("{file}: data.path: missing (data.source is shards)"),
+            (DataSource::Synthetic, Some(_)) => bail_input!("{file}: data.path: given, but data.source is synthetic"),
+            _ => {}
         }
         if !(self.dist.bucket_mb > 0.0) || !(self.dist.timeout_s > 0.0) {
             bail_input!("{file}: dist.bucket_mb / dist.timeout_s: must be positive");

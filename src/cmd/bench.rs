@@ -74,6 +74,7 @@ pub fn run(a: Args) -> Result<()> {
         sets.push(format!("train.global_batch={b}"));
     }
     sets.push("data.source=synthetic".into());
+    sets.push("data.path=null".into());
     let cfg = super::load_config(&a.config, &sets)?;
     let device = resolve_device(&cfg.train.device)?;
     cfg.local_batch(reg::dist::LaunchInfo::from_env().world, &file)?;

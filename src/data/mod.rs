@@ -1,6 +1,8 @@
 //! Where training batches come from: the synthetic source now, precomputed shards later.
 
 pub mod crop;
+pub mod loader;
+pub mod shards;
 pub mod synthetic;
 
 use tch::Tensor;
@@ -9,10 +11,13 @@ use tch::Tensor;
 pub struct Batch {
     /// VAE moments `[mean; std]`. [n, 2C, H, W] f32
     pub moments: Tensor,
-    /// Encoder tokens, class token first. [n, T+1, Dz]
+    /// Encoder tokens, class token first (f32 or bf16; empty when the dataset holds
+    /// images for online encoding). [n, T+1, Dz]
     pub feat: Tensor,
     /// Class labels. [n] i64
     pub y: Tensor,
+    /// Images for online encoding. [n, 3, R, R] u8
+    pub images: Option<Tensor>,
 }
 
 /// A source of batches addressed by global position, so every rank can take its

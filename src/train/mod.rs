@@ -6,7 +6,8 @@ pub mod checkpoint;
 pub mod tboard;
 
 use crate::config::{Config, DataSource, Precision, SitDims};
-use crate::data::{synthetic::Synthetic, BatchSource};
+use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, BatchSource};
+use std::sync::Arc;
 use crate::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs, StepDraws};
 use crate::dist::Comm;
 use crate::model::{build_sit_padded, Params, SiT};
@@ -35,6 +36,32 @@ pub fn resolve_kind(p: Precision, device: Device) -> Kind {
         Precision::Auto if device.is_cuda() => Kind::BFloat16,
         Precision::Auto => Kind::Float,
     }
+}
+
+/// A dataset must hold what the model expects: latent shape, encoder tokens and
+/// width, class count. Input errors name `index.json` and the field.
+pub fn check_dataset(ds: &Dataset, d: &SitDims) -> Result<()> {
+    let file = ds.dir.join("index.json");
+    let file = file.display();
+    let ix = &ds.index;
+    let want = vec![2 * d.in_channels, d.input_size, d.input_size];
+    if ix.latent_shape != want {
+        crate::bail_input!("{file}: latent_shape: {:?}, the model expects {want:?}", ix.latent_shape);
+    }
+    if let Some(e) = ix.encoder.as_ref().filter(|_| ix.features) {
+        if e.tokens != d.num_patches() + 1 {
+            crate::bail_input!("{file}: encoder.tokens: {}, the model has {} tokens (patches + REG token)", e.tokens, d.num_patches() + 1);
+        }
+        if e.z_dim != d.z_dim {
+            crate::bail_input!("{file}: encoder.z_dim: {}, model.z_dim is {}", e.z_dim, d.z_dim);
+        }
+    } else {
+        crate::bail_input!("{file}: features: false; training from images needs model.encoder: online (not built yet)");
+    }
+    if ix.num_classes() != d.num_classes {
+        crate::bail_input!("{file}: class_names: {} classes, model.num_classes is {}", ix.num_classes(), d.num_classes);
+    }
+    Ok(())
 }
 
 /// Metrics of one step, averaged over ranks.
@@ -99,7 +126,13 @@ impl Trainer {
         // With one rank the shard's gradient is the flat gradient itself: no copy.
         let shard_grad = if world == 1 { params.grad.shallow_clone() } else { shard.zeros_like() };
         let bucket = ((cfg.dist.bucket_mb * 1e6 / 4.0) as i64 / world).max(1);
-        let source: Box<dyn BatchSource> = match cfg.data.source {
+        let source: Box<dyn BatchSource> = match cfg.data.resolved_source() {
+            DataSource::Shards => {
+                let path = std::path::Path::new(cfg.data.path.as_deref().expect("validated"));
+                let ds = Dataset::open(path, cfg.data.verify_checksums)?;
+                check_dataset(&ds, &dims)?;
+                Box::new(ShardLoader::new(Arc::new(ds), cfg.train.seed, cfg.train.global_batch, cfg.data.prefetch, device)?)
+            }
             DataSource::Synthetic => Box::new(Synthetic::new(
                 cfg.train.seed,
                 cfg.train.global_batch,
@@ -166,7 +199,7 @@ impl Trainer {
         .rows(self.row_lo, self.rows, self.device);
         let batch = self.source.batch(step, self.row_lo, self.rows)?;
         let moments = batch.moments.to_device(self.device);
-        let feat = batch.feat.to_device(self.device);
+        let feat = batch.feat.to_device(self.device).to_kind(Kind::Float);
         let x0 = sample_posterior(&moments, &draws.eps, self.cfg.loss.latent_scale);
         let y = drop_labels(&batch.y.to_device(self.device), &draws.drop, d.num_classes);
 

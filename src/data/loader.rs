@@ -1,0 +1,175 @@
+//! Feeds training from shards: each epoch a permutation of all records seeded by
+//! (seed, epoch); step `s` takes the next `global_batch` records of it and each rank
+//! its own rows, so the data order does not depend on the world size. A background
+//! thread assembles batches into a bounded queue (pinned memory on CUDA). The
+//! position is the step itself: restoring it is exact.
+
+use super::shards::Dataset;
+use super::{Batch, BatchSource};
+use crate::bail_input;
+use crate::diffusion::loss::step_seed;
+use anyhow::Result;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// SplitMix64: a tiny, portable generator for the permutation (independent of
+/// libtorch's global generator, which the training thread uses).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, n) (Lemire's multiply-shift; the bias is below 2^-32 for n < 2^32).
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// The record order of `epoch`: a Fisher-Yates shuffle of `0..n`.
+pub fn permutation(n: i64, seed: u64, epoch: i64) -> Vec<i64> {
+    let mut rng = SplitMix(step_seed(seed, epoch as u64, 3) as u64);
+    let mut p: Vec<i64> = (0..n).collect();
+    for i in (1..p.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// Where step `step` reads: (epoch, first position in that epoch's permutation).
+pub fn position(step: i64, records: i64, global_batch: i64) -> (i64, i64) {
+    let per_epoch = (records / global_batch).max(1);
+    (step / per_epoch, (step % per_epoch) * global_batch)
+}
+
+/// Assembles rows `[lo, lo + n)` of the global batch of `step` (on the CPU).
+pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64) -> Result<Batch> {
+    let idx = &perm[(start + lo) as usize..(start + lo + n) as usize];
+    let ix = &ds.index;
+    let k = ix.num_classes();
+    let gather = |name: &str| -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for &i in idx {
+            let (s, row) = ds.locate(i);
+            out.extend_from_slice(ds.record_bytes(s, name, row)?);
+        }
+        Ok(out)
+    };
+    let l = &ix.latent_shape;
+    let lkind = if ix.latent_dtype == "bf16" { Kind::BFloat16 } else { Kind::Float };
+    let moments = Tensor::f_from_data_size(&gather("latents")?, &[n, l[0], l[1], l[2]], lkind)?.to_kind(Kind::Float);
+    let labels: Vec<i64> = gather("labels")?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    for (&y, &i) in labels.iter().zip(idx) {
+        if !(0..k).contains(&y) {
+            let (s, row) = ds.locate(i);
+            bail_input!("{}: labels[{row}] = {y} is outside [0, {k})", ds.shards[s].path.display());
+        }
+    }
+    let feat = match &ix.encoder {
+        Some(e) if ix.features => Tensor::f_from_data_size(&gather("features")?, &[n, e.tokens, e.z_dim], Kind::BFloat16)?,
+        _ => Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+    };
+    let images = if ix.images {
+        let r = ix.resolution;
+        Some(Tensor::f_from_data_size(&gather("images")?, &[n, 3, r, r], Kind::Uint8)?)
+    } else {
+        None
+    };
+    Ok(Batch { moments, feat, y: Tensor::from_slice(&labels), images })
+}
+
+/// A batch source over a dataset with a prefetching thread.
+pub struct ShardLoader {
+    ds: Arc<Dataset>,
+    seed: u64,
+    global_batch: i64,
+    prefetch: usize,
+    pin: Option<Device>,
+    worker: Option<(i64, i64, i64, Receiver<Result<Batch>>)>,
+}
+
+impl ShardLoader {
+    pub fn new(ds: Arc<Dataset>, seed: u64, global_batch: i64, prefetch: usize, device: Device) -> Result<Self> {
+        if ds.len() < global_batch {
+            bail_input!("{}: {} records, fewer than one global batch ({global_batch})", ds.dir.display(), ds.len());
+        }
+        let pin = device.is_cuda().then_some(device);
+        Ok(ShardLoader { ds, seed, global_batch, prefetch: prefetch.max(1), pin, worker: None })
+    }
+
+    /// (Re)starts the thread at `step` for rows `[lo, lo + n)`.
+    fn start(&mut self, step: i64, lo: i64, n: i64) {
+        let (tx, rx) = sync_channel(self.prefetch);
+        let (ds, seed, b, pin) = (self.ds.clone(), self.seed, self.global_batch, self.pin);
+        std::thread::Builder::new()
+            .name("loader".into())
+            .spawn(move || {
+                let mut epoch = -1;
+                let mut perm = Vec::new();
+                for s in step.. {
+                    let (e, start) = position(s, ds.len(), b);
+                    if e != epoch {
+                        perm = permutation(ds.len(), seed, e);
+                        epoch = e;
+                    }
+                    let batch = assemble(&ds, &perm, start, lo, n).map(|mut bt| {
+                        if let Some(d) = pin {
+                            bt.moments = bt.moments.pin_memory(d);
+                            bt.feat = bt.feat.pin_memory(d);
+                        }
+                        bt
+                    });
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        return; // the trainer went away, or the error is delivered
+                    }
+                }
+            })
+            .expect("spawn loader thread");
+        self.worker = Some((step, lo, n, rx));
+    }
+}
+
+impl BatchSource for ShardLoader {
+    fn batch(&mut self, step: u64, lo: i64, n: i64) -> Result<Batch> {
+        let step = step as i64;
+        match &self.worker {
+            Some((next, l, m, _)) if *next == step && *l == lo && *m == n => {}
+            _ => self.start(step, lo, n),
+        }
+        let (next, _, _, rx) = self.worker.as_mut().expect("started above");
+        *next += 1;
+        rx.recv().map_err(|_| anyhow::anyhow!("data loader thread ended"))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_seeded_shuffle() {
+        let a = permutation(1000, 7, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, permutation(1000, 7, 0));
+        assert_ne!(a, permutation(1000, 7, 1));
+        assert_ne!(a, permutation(1000, 8, 0));
+    }
+
+    #[test]
+    fn positions_walk_epochs_dropping_the_remainder() {
+        // 10 records, batch 4: two steps per epoch, records 8 and 9 of each order unused.
+        assert_eq!(position(0, 10, 4), (0, 0));
+        assert_eq!(position(1, 10, 4), (0, 4));
+        assert_eq!(position(2, 10, 4), (1, 0));
+        assert_eq!(position(5, 10, 4), (2, 4));
+    }
+}

@@ -1,0 +1,237 @@
+//! The dataset format: a folder with `index.json` and `shard-NNNNN.safetensors` files of
+//! a few thousand records each. Per shard: `latents [N, 8, h, w]` (VAE mean and std, f32
+//! or bf16), `labels [N] i64`, and `features [N, T+1, Dz]` bf16 (encoder class token
+//! first) and/or `images [N, 3, R, R] u8` (for online encoding). Shards are
+//! memory-mapped: reading a record touches only its bytes.
+
+use crate::bail_input;
+use crate::error::bad_input;
+use anyhow::{Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The encoder whose tokens a dataset holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderInfo {
+    pub name: String,
+    /// Tokens per record, class token included (257 for DINOv2-B at 224 px).
+    pub tokens: i64,
+    pub z_dim: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardInfo {
+    pub file: String,
+    pub records: i64,
+    pub sha256: String,
+}
+
+/// `index.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Index {
+    pub format_version: u32,
+    /// Image side in pixels (256 or 512).
+    pub resolution: i64,
+    /// Shape of one record's `latents`: `[2C, h, w]` (mean and std).
+    pub latent_shape: Vec<i64>,
+    /// `f32` or `bf16`.
+    pub latent_dtype: String,
+    pub vae: String,
+    pub encoder: Option<EncoderInfo>,
+    /// Whether shards hold `features` / `images`.
+    pub features: bool,
+    pub images: bool,
+    pub class_names: Vec<String>,
+    pub shards: Vec<ShardInfo>,
+    /// Images that could not be read (listed in `bad_images_report`).
+    #[serde(default)]
+    pub bad_images: i64,
+    #[serde(default)]
+    pub bad_images_report: Option<String>,
+}
+
+impl Index {
+    pub fn records(&self) -> i64 {
+        self.shards.iter().map(|s| s.records).sum()
+    }
+    pub fn num_classes(&self) -> i64 {
+        self.class_names.len() as i64
+    }
+}
+
+pub fn shard_name(i: usize) -> String {
+    format!("shard-{i:05}.safetensors")
+}
+
+/// One memory-mapped shard; its SHA-256 is checked the first time it is read.
+pub struct Shard {
+    pub path: PathBuf,
+    pub records: i64,
+    sha256: String,
+    map: OnceLock<Result<memmap2::Mmap, String>>,
+    /// Where each tensor's data sits in the file (from the header).
+    fields: Vec<(String, Field)>,
+}
+
+/// Byte ranges of the tensors of one shard, for slicing records.
+#[derive(Clone, Copy, Debug)]
+struct Field {
+    offset: usize,
+    bytes_per_record: usize,
+}
+
+/// An opened dataset: index plus its shards.
+pub struct Dataset {
+    pub dir: PathBuf,
+    pub index: Index,
+    pub shards: Vec<Arc<Shard>>,
+    /// Global record index -> (shard, row), via the cumulative record counts.
+    starts: Vec<i64>,
+    pub verify_checksums: bool,
+}
+
+fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F32 => "f32",
+        Dtype::BF16 => "bf16",
+        Dtype::U8 => "u8",
+        Dtype::I64 => "i64",
+        _ => "other",
+    }
+}
+
+impl Dataset {
+    /// Opens `dir/index.json` and checks every shard's header against it (shapes,
+    /// dtypes, record counts; a truncated file fails here). Checksums are verified
+    /// lazily, when a shard is first read, unless `verify_checksums` is false.
+    pub fn open(dir: &Path, verify_checksums: bool) -> Result<Dataset> {
+        let ipath = dir.join("index.json");
+        let text = std::fs::read_to_string(&ipath).map_err(|e| bad_input(format!("{}: cannot read: {e}", ipath.display())))?;
+        let index: Index = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+            .map_err(|e| bad_input(format!("{}: {}: {}", ipath.display(), e.path(), e.inner())))?;
+        if index.format_version != FORMAT_VERSION {
+            bail_input!("{}: format_version: {} (this build reads {FORMAT_VERSION})", ipath.display(), index.format_version);
+        }
+        if index.latent_shape.len() != 3 {
+            bail_input!("{}: latent_shape: expected [2C, h, w]", ipath.display());
+        }
+        if !index.features && !index.images {
+            bail_input!("{}: features/images: a dataset needs encoder features or images", ipath.display());
+        }
+        let mut shards = Vec::new();
+        let mut starts = vec![0];
+        for s in &index.shards {
+            let path = dir.join(&s.file);
+            let mut shard = Shard { path, records: s.records, sha256: s.sha256.clone(), map: OnceLock::new(), fields: Vec::new() };
+            shard.fields = shard.check_header(&index)?;
+            starts.push(starts.last().unwrap() + s.records);
+            shards.push(Arc::new(shard));
+        }
+        Ok(Dataset { dir: dir.to_path_buf(), index, shards, starts, verify_checksums })
+    }
+
+    pub fn len(&self) -> i64 {
+        *self.starts.last().unwrap()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (shard, row) of a global record index.
+    pub fn locate(&self, i: i64) -> (usize, i64) {
+        let s = self.starts.partition_point(|&x| x <= i) - 1;
+        (s, i - self.starts[s])
+    }
+
+    /// The bytes of record `row` of tensor `name` in shard `s`.
+    pub fn record_bytes(&self, s: usize, name: &str, row: i64) -> Result<&[u8]> {
+        let shard = &self.shards[s];
+        let map = shard.mapped(self.verify_checksums)?;
+        let Some((_, f)) = shard.fields.iter().find(|(n, _)| n == name) else {
+            bail_input!("{}: tensor {name}: missing", shard.path.display());
+        };
+        let lo = f.offset + f.bytes_per_record * row as usize;
+        Ok(&map[lo..lo + f.bytes_per_record])
+    }
+}
+
+impl Shard {
+    /// The mapped file; the first call checks the SHA-256 (streaming over the map).
+    fn mapped(&self, verify: bool) -> Result<&memmap2::Mmap> {
+        let r = self.map.get_or_init(|| {
+            let f = std::fs::File::open(&self.path).map_err(|e| format!("{}: cannot open: {e}", self.path.display()))?;
+            // SAFETY: shards are written once (atomically) and never modified in place.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: cannot map: {e}", self.path.display()))?;
+            if verify {
+                let got: String = Sha256::digest(&map[..]).iter().map(|b| format!("{b:02x}")).collect();
+                if got != self.sha256 {
+                    return Err(format!("{}: SHA-256 mismatch (index {}, file {got})", self.path.display(), self.sha256));
+                }
+            }
+            Ok(map)
+        });
+        r.as_ref().map_err(|e| bad_input(e.clone()))
+    }
+
+    /// Header-only check against the index (tensors, dtypes, shapes, record count);
+    /// returns where each tensor's data sits.
+    fn check_header(&self, index: &Index) -> Result<Vec<(String, Field)>> {
+        let file = self.path.display();
+        let f = std::fs::File::open(&self.path).map_err(|e| bad_input(format!("{file}: cannot open: {e}")))?;
+        // SAFETY: read-only map, dropped at the end of this function.
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad_input(format!("{file}: cannot map: {e}")))?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| bad_input(format!("{file}: not a valid shard (truncated?): {e:?}")))?;
+        let n = self.records;
+        let expect = |name: &str, dtype: &str, shape: Vec<i64>| -> Result<()> {
+            let v = st.tensor(name).map_err(|_| bad_input(format!("{file}: tensor {name}: missing")))?;
+            let got: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+            if got != shape || dtype_name(v.dtype()) != dtype {
+                bail_input!("{file}: tensor {name}: {} {got:?}, index.json says {dtype} {shape:?}", dtype_name(v.dtype()));
+            }
+            Ok(())
+        };
+        let l = &index.latent_shape;
+        expect("latents", &index.latent_dtype, vec![n, l[0], l[1], l[2]])?;
+        expect("labels", "i64", vec![n])?;
+        if index.features {
+            let e = index.encoder.as_ref().ok_or_else(|| bad_input(format!("{file}: index.json: encoder: missing")))?;
+            expect("features", "bf16", vec![n, e.tokens, e.z_dim])?;
+        }
+        if index.images {
+            expect("images", "u8", vec![n, 3, index.resolution, index.resolution])?;
+        }
+        let fields = st
+            .tensors()
+            .into_iter()
+            .map(|(name, v)| {
+                let offset = v.data().as_ptr() as usize - map.as_ptr() as usize;
+                (name, Field { offset, bytes_per_record: v.data().len() / n.max(1) as usize })
+            })
+            .collect();
+        Ok(fields)
+    }
+}
+
+/// Writes one shard (atomically) and returns its index entry.
+pub fn write_shard(dir: &Path, i: usize, tensors: &[(String, tch::Tensor)]) -> Result<ShardInfo> {
+    let records = tensors.first().map(|(_, t)| t.size()[0]).unwrap_or(0);
+    let bytes = crate::model::weights::serialize(tensors, None)?;
+    let file = shard_name(i);
+    crate::model::weights::write_atomic(&dir.join(&file), &bytes).with_context(|| format!("writing {file}"))?;
+    let sha256 = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    Ok(ShardInfo { file, records, sha256 })
+}
+
+/// Writes `index.json` atomically (the dataset's commit point).
+pub fn write_index(dir: &Path, index: &Index) -> Result<()> {
+    crate::model::weights::write_atomic(&dir.join("index.json"), serde_json::to_string_pretty(index)?.as_bytes())
+}
