@@ -1,1 +1,574 @@
-//! DINOv2 ViT/14 encoder (transformers Dinov2Model layout) (to be written).
+//! DINOv2 ViT/14 encoder in the layout of transformers' `Dinov2Model` (`facebook/dinov2-*`), frozen.
+
+use crate::bail_input;
+use crate::error::bad_input;
+use crate::model::weights;
+use anyhow::Result;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// ImageNet statistics the DINOv2 weights were trained with.
+const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// The nonlinearity named by `hidden_act` (transformers' names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: exact, with erf (what every published DINOv2 uses).
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: tanh approximation.
+    GeluTanh,
+    Relu,
+    /// `silu`, `swish`.
+    Silu,
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Gelu => x.gelu("none"),
+            Activation::GeluTanh => x.gelu("tanh"),
+            Activation::Relu => x.relu(),
+            Activation::Silu => x.silu(),
+        }
+    }
+}
+
+/// The fields of `config.json` the forward pass depends on (`Dinov2Config`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dinov2Config {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub mlp_ratio: f64,
+    pub patch_size: i64,
+    /// The resolution the position table was trained for (518 for the published models).
+    pub image_size: i64,
+    pub num_channels: i64,
+    pub layer_norm_eps: f64,
+    pub hidden_act: Activation,
+    pub qkv_bias: bool,
+    pub use_swiglu_ffn: bool,
+}
+
+impl Dinov2Config {
+    /// Parses a `config.json`. Sizes are required; the rest defaults as in `Dinov2Config`.
+    /// `layerscale_value` is only an initial value and the weights carry `lambda1`, so it is not read.
+    pub fn parse(text: &str, file: &str) -> Result<Self> {
+        let j: Value = serde_json::from_str(text)
+            .map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
+        let Some(obj) = j.as_object() else {
+            bail_input!("{file}: expected a JSON object");
+        };
+        if let Some(t) = obj.get("model_type") {
+            // Registers, or another model's config, would load into the wrong layout.
+            if t.as_str() != Some("dinov2") {
+                bail_input!("{file}: field model_type: expected \"dinov2\", found {t}");
+            }
+        }
+        let int = |name: &str, default: Option<i64>| -> Result<i64> {
+            let v = match (obj.get(name), default) {
+                (Some(v), _) => v.as_i64().ok_or_else(|| {
+                    bad_input(format!(
+                        "{file}: field {name}: expected an integer, found {v}"
+                    ))
+                })?,
+                (None, Some(d)) => d,
+                (None, None) => bail_input!("{file}: field {name}: missing"),
+            };
+            if v <= 0 {
+                bail_input!("{file}: field {name}: must be positive, found {v}");
+            }
+            Ok(v)
+        };
+        let float = |name: &str, default: f64| -> Result<f64> {
+            let v = match obj.get(name) {
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    bad_input(format!(
+                        "{file}: field {name}: expected a number, found {v}"
+                    ))
+                })?,
+                None => default,
+            };
+            if !(v.is_finite() && v > 0.0) {
+                bail_input!("{file}: field {name}: must be a positive number, found {v}");
+            }
+            Ok(v)
+        };
+        let boolean = |name: &str, default: bool| -> Result<bool> {
+            match obj.get(name) {
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    bad_input(format!(
+                        "{file}: field {name}: expected true or false, found {v}"
+                    ))
+                }),
+                None => Ok(default),
+            }
+        };
+        let hidden_act = match obj.get("hidden_act") {
+            None => Activation::Gelu,
+            Some(v) => match v.as_str() {
+                Some("gelu") => Activation::Gelu,
+                Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => Activation::GeluTanh,
+                Some("relu") => Activation::Relu,
+                Some("silu" | "swish") => Activation::Silu,
+                _ => bail_input!("{file}: field hidden_act: unsupported activation {v}"),
+            },
+        };
+        let c = Dinov2Config {
+            hidden_size: int("hidden_size", None)?,
+            num_hidden_layers: int("num_hidden_layers", None)?,
+            num_attention_heads: int("num_attention_heads", None)?,
+            mlp_ratio: float("mlp_ratio", 4.0)?,
+            patch_size: int("patch_size", None)?,
+            image_size: int("image_size", None)?,
+            num_channels: int("num_channels", Some(3))?,
+            layer_norm_eps: float("layer_norm_eps", 1e-6)?,
+            hidden_act,
+            qkv_bias: boolean("qkv_bias", true)?,
+            use_swiglu_ffn: boolean("use_swiglu_ffn", false)?,
+        };
+        if c.hidden_size % c.num_attention_heads != 0 {
+            bail_input!(
+                "{file}: field num_attention_heads: {} does not divide hidden_size {}",
+                c.num_attention_heads,
+                c.hidden_size
+            );
+        }
+        if c.image_size % c.patch_size != 0 {
+            bail_input!(
+                "{file}: field image_size: {} is not a multiple of patch_size {}",
+                c.image_size,
+                c.patch_size
+            );
+        }
+        if c.num_channels != 3 {
+            bail_input!(
+                "{file}: field num_channels: expected 3 (RGB), found {}",
+                c.num_channels
+            );
+        }
+        if c.mlp_hidden() <= 0 {
+            bail_input!(
+                "{file}: field mlp_ratio: {} gives an empty MLP",
+                c.mlp_ratio
+            );
+        }
+        Ok(c)
+    }
+
+    /// Width of the feed-forward hidden layer, as transformers computes it: `int(D * mlp_ratio)`,
+    /// and for SwiGLU two thirds of that rounded up to a multiple of 8.
+    pub fn mlp_hidden(&self) -> i64 {
+        let h = (self.hidden_size as f64 * self.mlp_ratio) as i64;
+        if self.use_swiglu_ffn {
+            ((h * 2 / 3) + 7) / 8 * 8
+        } else {
+            h
+        }
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+}
+
+/// Takes tensors out of a loaded safetensors map, checking names and shapes,
+/// so a wrong file fails at load with the tensor named rather than mid-forward.
+struct Loader {
+    map: HashMap<String, Tensor>,
+    file: String,
+    device: Device,
+}
+
+impl Loader {
+    /// The tensor `name` with exactly `shape`, as f32 on the device (weights are kept in
+    /// f32 and cast per forward, as `sit.rs` does, so one load serves f32 and bf16).
+    fn get(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let Some(t) = self.map.remove(name) else {
+            bail_input!("{}: tensor {name}: missing", self.file);
+        };
+        if t.size() != shape {
+            bail_input!(
+                "{}: tensor {name}: expected shape {shape:?}, found {:?}",
+                self.file,
+                t.size()
+            );
+        }
+        if !matches!(
+            t.kind(),
+            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+        ) {
+            bail_input!(
+                "{}: tensor {name}: expected a floating-point dtype, found {:?}",
+                self.file,
+                t.kind()
+            );
+        }
+        Ok(t.to_kind(Kind::Float).to_device(self.device))
+    }
+
+    fn linear(&mut self, name: &str, d_in: i64, d_out: i64, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.get(&format!("{name}.weight"), &[d_out, d_in])?,
+            bias: if bias {
+                Some(self.get(&format!("{name}.bias"), &[d_out])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn layer_norm(&mut self, name: &str, dim: i64, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.get(&format!("{name}.weight"), &[dim])?,
+            bias: self.get(&format!("{name}.bias"), &[dim])?,
+            eps,
+        })
+    }
+}
+
+/// `nn.Linear`. weight: [out, in], bias: [out]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Computes in the dtype of `x`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        x.linear(
+            &self.weight.to_kind(k),
+            self.bias.as_ref().map(|b| b.to_kind(k)),
+        )
+    }
+}
+
+/// `nn.LayerNorm(D)` with the config's eps.
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let d = *x
+            .size()
+            .last()
+            .expect("LayerNorm input has a last dimension");
+        x.layer_norm(
+            [d],
+            Some(self.weight.to_kind(k)),
+            Some(self.bias.to_kind(k)),
+            self.eps,
+            true,
+        )
+    }
+}
+
+/// `embeddings`: patch projection, class token, position table (already at the run's grid).
+pub struct Embeddings {
+    /// [1, 1, D]
+    pub cls_token: Tensor,
+    /// The table resampled to `input_size / patch`, class row first. [1, 1 + T, D] f32
+    pub position_embeddings: Tensor,
+    /// `patch_embeddings.projection.weight` [D, 3, p, p]
+    pub projection_weight: Tensor,
+    /// `patch_embeddings.projection.bias` [D]
+    pub projection_bias: Tensor,
+    patch: i64,
+}
+
+impl Embeddings {
+    /// x: [N, 3, H, W] -> [N, 1 + T, D] in x's dtype
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let p = self.patch;
+        let n = x.size()[0];
+        let w = self.projection_weight.to_kind(k);
+        let patches = x
+            .conv2d(
+                &w,
+                Some(self.projection_bias.to_kind(k)),
+                [p, p],
+                [0, 0],
+                [1, 1],
+                1,
+            )
+            .flatten(2, -1)
+            .transpose(1, 2);
+        let cls = self.cls_token.to_kind(k).expand([n, 1, -1], false);
+        Tensor::cat(&[cls, patches], 1) + self.position_embeddings.to_kind(k)
+    }
+}
+
+/// `attention`: `attention.{query,key,value}` and `output.dense`.
+pub struct Attention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub output_dense: Linear,
+    heads: i64,
+}
+
+impl Attention {
+    /// x: [N, T, D] -> [N, T, D]
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (n, t, d) = x.size3().expect("attention input is [N, T, D]");
+        let split = |l: &Linear| {
+            l.forward(x)
+                .reshape([n, t, self.heads, d / self.heads])
+                .transpose(1, 2)
+        };
+        let (q, k, v) = (split(&self.query), split(&self.key), split(&self.value));
+        // Default scale 1/sqrt(head_dim), no dropout at inference: what the eager path computes.
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
+        self.output_dense
+            .forward(&o.transpose(1, 2).reshape([n, t, d]))
+    }
+}
+
+/// `mlp`: `fc1 -> act -> fc2`, or SwiGLU `weights_in -> silu(a) * b -> weights_out`.
+pub enum Mlp {
+    Plain {
+        fc1: Linear,
+        fc2: Linear,
+        act: Activation,
+    },
+    SwiGlu {
+        weights_in: Linear,
+        weights_out: Linear,
+    },
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Mlp::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(x))),
+            Mlp::SwiGlu {
+                weights_in,
+                weights_out,
+            } => {
+                let h = weights_in.forward(x).chunk(2, -1);
+                weights_out.forward(&(h[0].silu() * &h[1]))
+            }
+        }
+    }
+}
+
+/// `encoder.layer.{i}`: pre-norm block with per-channel layer scales.
+pub struct Layer {
+    pub norm1: LayerNorm,
+    pub attention: Attention,
+    /// `layer_scale1.lambda1` [D]
+    pub layer_scale1: Tensor,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+    /// `layer_scale2.lambda1` [D]
+    pub layer_scale2: Tensor,
+}
+
+impl Layer {
+    fn load(ld: &mut Loader, i: i64, c: &Dinov2Config) -> Result<Self> {
+        let name = format!("encoder.layer.{i}");
+        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+        let a = format!("{name}.attention");
+        let attention = Attention {
+            query: ld.linear(&format!("{a}.attention.query"), d, d, c.qkv_bias)?,
+            key: ld.linear(&format!("{a}.attention.key"), d, d, c.qkv_bias)?,
+            value: ld.linear(&format!("{a}.attention.value"), d, d, c.qkv_bias)?,
+            output_dense: ld.linear(&format!("{a}.output.dense"), d, d, true)?,
+            heads: c.num_attention_heads,
+        };
+        let h = c.mlp_hidden();
+        let mlp = if c.use_swiglu_ffn {
+            Mlp::SwiGlu {
+                weights_in: ld.linear(&format!("{name}.mlp.weights_in"), d, 2 * h, true)?,
+                weights_out: ld.linear(&format!("{name}.mlp.weights_out"), h, d, true)?,
+            }
+        } else {
+            Mlp::Plain {
+                fc1: ld.linear(&format!("{name}.mlp.fc1"), d, h, true)?,
+                fc2: ld.linear(&format!("{name}.mlp.fc2"), h, d, true)?,
+                act: c.hidden_act,
+            }
+        };
+        Ok(Layer {
+            norm1: ld.layer_norm(&format!("{name}.norm1"), d, eps)?,
+            attention,
+            layer_scale1: ld.get(&format!("{name}.layer_scale1.lambda1"), &[d])?,
+            norm2: ld.layer_norm(&format!("{name}.norm2"), d, eps)?,
+            mlp,
+            layer_scale2: ld.get(&format!("{name}.layer_scale2.lambda1"), &[d])?,
+        })
+    }
+
+    /// x: [N, T, D] -> [N, T, D]
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let k = x.kind();
+        let x = x + self.attention.forward(&self.norm1.forward(x)) * self.layer_scale1.to_kind(k);
+        &x + self.mlp.forward(&self.norm2.forward(&x)) * self.layer_scale2.to_kind(k)
+    }
+}
+
+/// Resamples the patch rows of a `[1, 1 + g0^2, D]` table to a `g x g` grid the way timm's
+/// `resample_abs_pos_embed` does (bicubic, antialiased, align_corners = false, in f32);
+/// the class row is kept as is. -> [1, 1 + g^2, D]
+pub fn resample_pos_embed(table: &Tensor, grid: i64) -> Tensor {
+    let (_, rows, d) = table.size3().expect("position table is [1, 1 + T, D]");
+    let old = ((rows - 1) as f64).sqrt().round() as i64;
+    if old == grid {
+        // timm returns the table untouched when the size already matches.
+        return table.shallow_clone();
+    }
+    let table = table.to_kind(Kind::Float);
+    let cls = table.narrow(1, 0, 1);
+    let patches = table
+        .narrow(1, 1, rows - 1)
+        .reshape([1, old, old, d])
+        .permute([0, 3, 1, 2]);
+    let resized = patches.internal_upsample_bicubic2d_aa([grid, grid], false, None, None);
+    let resized = resized.permute([0, 2, 3, 1]).reshape([1, grid * grid, d]);
+    Tensor::cat(&[cls, resized], 1)
+}
+
+/// DINOv2 (`Dinov2Model`): embeddings, `encoder.layer.*`, final `layernorm`.
+pub struct Dinov2 {
+    pub config: Dinov2Config,
+    pub embeddings: Embeddings,
+    pub layers: Vec<Layer>,
+    pub layernorm: LayerNorm,
+    input_size: i64,
+    device: Device,
+}
+
+impl Dinov2 {
+    /// Loads `dir/config.json` + `dir/model.safetensors` onto `device`; the position table is
+    /// resampled once here from the config's grid (`image_size / patch_size`, 37 for 518) to
+    /// `input_size / patch_size` (16 for 224), bicubic, antialiased, align_corners = false, as
+    /// timm's `resample_abs_pos_embed` does (class-token row kept as is).
+    pub fn load(dir: &Path, device: Device, input_size: i64) -> Result<Dinov2> {
+        let cfg_path = dir.join("config.json");
+        let cfg_file = cfg_path.display().to_string();
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
+        let config = Dinov2Config::parse(&text, &cfg_file)?;
+        let p = config.patch_size;
+        if input_size <= 0 || input_size % p != 0 {
+            bail_input!(
+                "{cfg_file}: input size {input_size} is not a positive multiple of patch_size {p}"
+            );
+        }
+        let st_path = dir.join("model.safetensors");
+        let map = weights::read_map(&st_path)?;
+        let mut ld = Loader {
+            map,
+            file: st_path.display().to_string(),
+            device,
+        };
+        let d = config.hidden_size;
+        let g0 = config.image_size / p;
+        let table = ld.get("embeddings.position_embeddings", &[1, 1 + g0 * g0, d])?;
+        let embeddings = Embeddings {
+            cls_token: ld.get("embeddings.cls_token", &[1, 1, d])?,
+            position_embeddings: resample_pos_embed(&table, input_size / p),
+            projection_weight: ld.get(
+                "embeddings.patch_embeddings.projection.weight",
+                &[d, config.num_channels, p, p],
+            )?,
+            projection_bias: ld.get("embeddings.patch_embeddings.projection.bias", &[d])?,
+            patch: p,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::load(&mut ld, i, &config))
+            .collect::<Result<_>>()?;
+        let layernorm = ld.layer_norm("layernorm", d, config.layer_norm_eps)?;
+        // Tensors left over (mask_token, pooler heads) are not used by the forward pass.
+        Ok(Dinov2 {
+            config,
+            embeddings,
+            layers,
+            layernorm,
+            input_size,
+            device,
+        })
+    }
+
+    pub fn hidden_size(&self) -> i64 {
+        self.config.hidden_size
+    }
+
+    /// Tokens out: 1 + (input_size / patch)^2.
+    pub fn num_tokens(&self) -> i64 {
+        let g = self.input_size / self.config.patch_size;
+        1 + g * g
+    }
+
+    /// The resolution the ViT runs at.
+    pub fn input_size(&self) -> i64 {
+        self.input_size
+    }
+
+    /// Pixels [N, 3, H, W] u8 -> [N, 1 + T, D] f32 (class token first, after the final
+    /// LayerNorm), as REG preprocesses: x / 255, ImageNet normalisation, bicubic resize to
+    /// `input_size` (align_corners = false, no antialias; `F.interpolate`'s defaults), all in f32;
+    /// the ViT then computes in `kind`. No grad.
+    pub fn features(&self, pixels: &Tensor, kind: Kind) -> Tensor {
+        tch::no_grad(|| {
+            let (_, c, h, w) = pixels.size4().expect("pixels are [N, 3, H, W]");
+            assert_eq!(c, 3, "pixels are [N, 3, H, W]");
+            let mean = Tensor::from_slice(&MEAN)
+                .to_kind(Kind::Float)
+                .to_device(self.device)
+                .reshape([1, 3, 1, 1]);
+            let std = Tensor::from_slice(&STD)
+                .to_kind(Kind::Float)
+                .to_device(self.device)
+                .reshape([1, 3, 1, 1]);
+            let x = pixels.to_device(self.device).to_kind(Kind::Float) / 255.0;
+            let x = (x - mean) / std;
+            let s = self.input_size;
+            // At the same size bicubic is the identity; skipping it saves a pass.
+            let x = if (h, w) == (s, s) {
+                x
+            } else {
+                x.upsample_bicubic2d([s, s], false, None, None)
+            };
+            self.forward_preprocessed(&x, kind)
+        })
+    }
+
+    /// The ViT on already-preprocessed input [N, 3, input_size, input_size] f32 -> [N, 1 + T, D] f32,
+    /// computing in `kind`. No grad.
+    pub fn forward_preprocessed(&self, x: &Tensor, kind: Kind) -> Tensor {
+        tch::no_grad(|| {
+            let s = self.input_size;
+            let size = x.size();
+            assert!(
+                size.len() == 4 && size[1] == 3 && size[2] == s && size[3] == s,
+                "input is [N, 3, {s}, {s}], found {size:?}"
+            );
+            let mut h = self
+                .embeddings
+                .forward(&x.to_device(self.device).to_kind(kind));
+            for layer in &self.layers {
+                h = layer.forward(&h);
+            }
+            self.layernorm.forward(&h).to_kind(Kind::Float)
+        })
+    }
+}
