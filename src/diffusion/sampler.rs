@@ -1,0 +1,189 @@
+//! Samplers for SiT + REG: the Euler-Maruyama SDE of the paper (latents and REG token
+//! sampled jointly, float64 state, diffusion 2t, deterministic last step) and the
+//! probability-flow ODE (Euler or Heun), with classifier-free guidance inside an
+//! interval and a separate scale for the token.
+
+use crate::config::PathType;
+use crate::diffusion::loss::step_seed;
+use crate::diffusion::path::{expand_like, Interpolant};
+use crate::model::sit::SiT;
+use tch::{Device, Kind, Tensor};
+
+/// Guidance settings. `cfg <= 1` means no guidance (no doubled batch).
+#[derive(Debug, Clone, Copy)]
+pub struct Guidance {
+    pub cfg: f64,
+    /// The REG token's scale; 0 takes the conditional drift alone.
+    pub cls_cfg: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Guidance {
+    pub fn none() -> Self {
+        Guidance { cfg: 1.0, cls_cfg: 0.0, low: 0.0, high: 1.0 }
+    }
+    fn active(&self, t: f64) -> bool {
+        self.cfg > 1.0 && t <= self.high && t >= self.low
+    }
+}
+
+/// Where the sampler's Gaussian draws come from (a test hands in recorded ones).
+pub trait NoiseSource {
+    /// A standard normal f64 tensor of `shape` (first dimension: the batch).
+    fn draw(&mut self, shape: &[i64]) -> Tensor;
+}
+
+/// Noise keyed by each image's global index: image `g` at draw `k` always gets the
+/// same numbers, whatever batch or rank it is generated in.
+pub struct PerImageNoise {
+    pub seed: u64,
+    pub indices: Vec<u64>,
+    draws: u64,
+}
+
+impl PerImageNoise {
+    pub fn new(seed: u64, indices: Vec<u64>) -> Self {
+        PerImageNoise { seed, indices, draws: 0 }
+    }
+}
+
+impl NoiseSource for PerImageNoise {
+    fn draw(&mut self, shape: &[i64]) -> Tensor {
+        let k = self.draws;
+        self.draws += 1;
+        let rows: Vec<Tensor> = self
+            .indices
+            .iter()
+            .map(|&g| {
+                tch::manual_seed(step_seed(self.seed, g, 1000 + k));
+                Tensor::randn(&shape[1..], (Kind::Double, Device::Cpu))
+            })
+            .collect();
+        Tensor::stack(&rows, 0)
+    }
+}
+
+/// Recorded draws, handed out in order.
+pub struct FixedNoise(pub std::collections::VecDeque<Tensor>);
+
+impl NoiseSource for FixedNoise {
+    fn draw(&mut self, shape: &[i64]) -> Tensor {
+        let t = self.0.pop_front().expect("ran out of recorded noise");
+        assert_eq!(t.size(), shape, "recorded noise has another shape");
+        t.to_kind(Kind::Double)
+    }
+}
+
+/// The model as the samplers call it: f64 state in, f64 velocities out, on the
+/// doubled (conditional, null-label) batch while guidance is active.
+struct Stepper<'a> {
+    model: &'a SiT,
+    kind: Kind,
+    y: Tensor,
+    y_null: Tensor,
+    g: Guidance,
+}
+
+impl Stepper<'_> {
+    /// Model velocities at (x, c, t), on the doubled batch when guidance is active.
+    /// Returns (x_in, c_in, v, v_cls, guided) with the inputs the score needs.
+    fn velocity(&self, x: &Tensor, c: &Tensor, t: f64) -> (Tensor, Tensor, Tensor, Tensor, bool) {
+        let guided = self.g.active(t);
+        let (xi, ci, yi) = if guided {
+            (Tensor::cat(&[x, x], 0), Tensor::cat(&[c, c], 0), Tensor::cat(&[&self.y, &self.y_null], 0))
+        } else {
+            (x.shallow_clone(), c.shallow_clone(), self.y.shallow_clone())
+        };
+        let dev = self.y.device();
+        let ti = Tensor::full([xi.size()[0]], t, (Kind::Double, dev));
+        let out = self.model.forward(&xi.to_kind(self.kind), &ti.to_kind(self.kind), &yi, &ci.to_kind(self.kind), self.kind);
+        (xi, ci, out.x.to_kind(Kind::Double), out.cls.to_kind(Kind::Double), guided)
+    }
+
+    /// Combines the conditional and unconditional halves: `u + w (c - u)`; a token
+    /// scale of 0 keeps the conditional half.
+    fn guide(&self, d: Tensor, w: f64, guided: bool) -> Tensor {
+        if !guided {
+            return d;
+        }
+        let h = d.chunk(2, 0);
+        if w > 0.0 {
+            &h[1] + (&h[0] - &h[1]) * w
+        } else {
+            h[0].shallow_clone()
+        }
+    }
+}
+
+/// `s = (alpha / d_alpha * v - x) / (sigma^2 - alpha / d_alpha * d_sigma * sigma)`.
+fn score(path: PathType, v: &Tensor, x: &Tensor, t: f64) -> Tensor {
+    let tt = Tensor::from(t).to_kind(Kind::Double).to_device(x.device());
+    let p = Interpolant::at(path, &tt);
+    let ratio = &p.alpha / &p.d_alpha;
+    let var = p.sigma.square() - &ratio * &p.d_sigma * &p.sigma;
+    (expand_like(&ratio.reshape([1]), v) * v - x) / expand_like(&var.reshape([1]), x)
+}
+
+/// Euler-Maruyama sampling. `z`: start latents [N, C, H, W]; `cls`: start REG token
+/// [N, Dz]; `y`: labels [N]; returns the final latents [N, C, H, W] f64.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_sde(model: &SiT, z: &Tensor, cls: &Tensor, y: &Tensor, steps: i64, g: Guidance, path: PathType, kind: Kind, noise: &mut dyn NoiseSource) -> Tensor {
+    let _ng = tch::no_grad_guard();
+    let dev = z.device();
+    let null = model.dims.num_classes;
+    let s = Stepper { model, kind, y: y.shallow_clone(), y_null: y.full_like(null), g };
+    // t: 1 -> 0.04 in `steps` points, then 0.
+    let mut ts: Vec<f64> = (0..steps).map(|i| 1.0 + (0.04 - 1.0) * i as f64 / (steps - 1).max(1) as f64).collect();
+    ts.push(0.0);
+    let mut x = z.to_kind(Kind::Double);
+    let mut c = cls.to_kind(Kind::Double);
+    let drift = |x: &Tensor, c: &Tensor, t: f64| {
+        let (xi, ci, v, vc, guided) = s.velocity(x, c, t);
+        let diffusion = 2.0 * t;
+        let d = &v - score(path, &v, &xi, t) * (0.5 * diffusion);
+        let dc = &vc - score(path, &vc, &ci, t) * (0.5 * diffusion);
+        (s.guide(d, g.cfg, guided), s.guide(dc, g.cls_cfg, guided))
+    };
+    for w in ts.windows(2).take(ts.len() - 2) {
+        let (t, dt) = (w[0], w[1] - w[0]);
+        let eps = noise.draw(&x.size()).to_device(dev);
+        let eps_c = noise.draw(&c.size()).to_device(dev);
+        let (d, dc) = drift(&x, &c, t);
+        let scale = (2.0 * t).sqrt() * dt.abs().sqrt();
+        x = &x + d * dt + eps * scale;
+        c = &c + dc * dt + eps_c * scale;
+    }
+    let (t, dt) = (ts[ts.len() - 2], ts[ts.len() - 1] - ts[ts.len() - 2]);
+    let (d, _) = drift(&x, &c, t);
+    x + d * dt
+}
+
+/// Probability-flow ODE on `linspace(1, 0, steps + 1)`: Euler, or Heun (a second
+/// evaluation at the end of each step except the last).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_ode(model: &SiT, z: &Tensor, cls: &Tensor, y: &Tensor, steps: i64, heun: bool, g: Guidance, path: PathType, kind: Kind) -> Tensor {
+    let _ng = tch::no_grad_guard();
+    let null = model.dims.num_classes;
+    let s = Stepper { model, kind, y: y.shallow_clone(), y_null: y.full_like(null), g };
+    let vel = |x: &Tensor, c: &Tensor, t: f64| {
+        let (_, _, v, vc, guided) = s.velocity(x, c, t);
+        (s.guide(v, g.cfg, guided), s.guide(vc, g.cls_cfg, guided))
+    };
+    let mut x = z.to_kind(Kind::Double);
+    let mut c = cls.to_kind(Kind::Double);
+    for i in 0..steps {
+        let (t, tn) = (1.0 - i as f64 / steps as f64, 1.0 - (i + 1) as f64 / steps as f64);
+        let dt = tn - t;
+        let (d, dc) = vel(&x, &c, t);
+        let (xe, ce) = (&x + &d * dt, &c + &dc * dt);
+        if heun && i + 1 < steps {
+            let (d2, dc2) = vel(&xe, &ce, tn);
+            x = &x + (d + d2) * (0.5 * dt);
+            c = &c + (dc + dc2) * (0.5 * dt);
+        } else {
+            (x, c) = (xe, ce);
+        }
+    }
+    x
+}

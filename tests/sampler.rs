@@ -1,0 +1,111 @@
+//! The samplers: the SDE reproduces the original REG sampler's output given its noise
+//! draws; the ODE's Heun and Euler agree as steps grow; guidance 1 is no guidance.
+
+use reg::config::{ModelConfig, PathType};
+use reg::diffusion::sampler::{sample_ode, sample_sde, FixedNoise, Guidance, PerImageNoise};
+use reg::model::{build_sit, weights, SiT};
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn golden() -> HashMap<String, Tensor> {
+    weights::read_map(Path::new("tests/data/reg_tiny.safetensors")).unwrap()
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+/// The golden tiny model, weights loaded by their REG names.
+fn model(g: &HashMap<String, Tensor>) -> SiT {
+    let m: ModelConfig = serde_yaml::from_str(
+        "{depth: 4, hidden_size: 64, num_heads: 4, patch_size: 2, input_size: 8, num_classes: 10, encoder_depth: 2, z_dim: 32, projector_dim: 64}",
+    )
+    .unwrap();
+    let (model, params) = build_sit(&m.dims("tiny").unwrap(), Device::Cpu, 0).unwrap();
+    let names: Vec<String> = params.named(&params.flat).into_iter().map(|(n, _)| n).collect();
+    let sub: HashMap<String, Tensor> = names.iter().map(|n| (n.clone(), g[n].shallow_clone())).collect();
+    params.load_into(&params.flat, &sub, "golden").unwrap();
+    model
+}
+
+#[test]
+fn sde_reproduces_the_reference_sampler() {
+    let g = golden();
+    let m = model(&g);
+    let mut draws = VecDeque::new();
+    for i in 0.. {
+        match g.get(&format!("sde.noise.{i:02}")) {
+            Some(t) => draws.push_back(t.shallow_clone()),
+            None => break,
+        }
+    }
+    assert_eq!(draws.len(), 10, "5 stochastic steps x (latents, token)");
+    let guide = Guidance { cfg: 2.3, cls_cfg: 2.3, low: 0.0, high: 0.85 };
+    let out = sample_sde(&m, &g["sde.z"], &g["sde.cls"], &g["sde.y"], 6, guide, PathType::Linear, Kind::Float, &mut FixedNoise(draws));
+    let r = rel(&out, &g["sde.out"]);
+    assert!(r <= 1e-4, "SDE output: relative error {r:e}");
+}
+
+fn start(seed: i64) -> (Tensor, Tensor, Tensor) {
+    tch::manual_seed(seed);
+    let z = Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let c = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+    (z, c, Tensor::from_slice(&[1i64, 4, 9]))
+}
+
+#[test]
+fn heun_and_euler_converge_to_the_same_endpoint() {
+    let g = golden();
+    let m = model(&g);
+    let (z, c, y) = start(3);
+    let guide = Guidance { cfg: 1.5, cls_cfg: 1.5, low: 0.0, high: 1.0 };
+    let heun = sample_ode(&m, &z, &c, &y, 32, true, guide, PathType::Linear, Kind::Float);
+    let euler = sample_ode(&m, &z, &c, &y, 512, false, guide, PathType::Linear, Kind::Float);
+    let coarse = sample_ode(&m, &z, &c, &y, 4, false, guide, PathType::Linear, Kind::Float);
+    let (fine, rough) = (rel(&heun, &euler), rel(&coarse, &euler));
+    eprintln!("Heun-32 vs Euler-512: {fine:e}; Euler-4 vs Euler-512: {rough:e}");
+    assert!(fine < 5e-4, "Heun-32 vs Euler-512: {fine:e}");
+    assert!(rough > 10.0 * fine, "a 4-step Euler is visibly worse ({rough:e}), so the check can fail");
+}
+
+#[test]
+fn guidance_scale_one_equals_no_guidance() {
+    let g = golden();
+    let m = model(&g);
+    let (z, c, y) = start(5);
+    let none = Guidance::none();
+    let one = Guidance { cfg: 1.0, cls_cfg: 1.0, low: 0.0, high: 1.0 };
+    let a = sample_ode(&m, &z, &c, &y, 8, true, none, PathType::Linear, Kind::Float);
+    let b = sample_ode(&m, &z, &c, &y, 8, true, one, PathType::Linear, Kind::Float);
+    assert!(a.equal(&b));
+    let mut n1 = PerImageNoise::new(9, vec![0, 1, 2]);
+    let mut n2 = PerImageNoise::new(9, vec![0, 1, 2]);
+    let a = sample_sde(&m, &z, &c, &y, 8, none, PathType::Linear, Kind::Float, &mut n1);
+    let b = sample_sde(&m, &z, &c, &y, 8, one, PathType::Linear, Kind::Float, &mut n2);
+    assert!(a.equal(&b));
+    // And a scale above 1 does change the result.
+    let w = Guidance { cfg: 2.0, cls_cfg: 2.0, low: 0.0, high: 1.0 };
+    let d = sample_ode(&m, &z, &c, &y, 8, true, w, PathType::Linear, Kind::Float);
+    assert!(rel(&d, &sample_ode(&m, &z, &c, &y, 8, true, none, PathType::Linear, Kind::Float)) > 1e-3);
+}
+
+#[test]
+fn per_image_noise_does_not_depend_on_the_batch() {
+    let mut all = PerImageNoise::new(4, vec![10, 11, 12, 13]);
+    let mut part = PerImageNoise::new(4, vec![12, 13]);
+    let a = all.draw_for_test(&[4, 2, 3]);
+    let b = part.draw_for_test(&[2, 2, 3]);
+    assert!(a.narrow(0, 2, 2).equal(&b));
+}
+
+trait DrawForTest {
+    fn draw_for_test(&mut self, shape: &[i64]) -> Tensor;
+}
+
+impl<T: reg::diffusion::sampler::NoiseSource> DrawForTest for T {
+    fn draw_for_test(&mut self, shape: &[i64]) -> Tensor {
+        self.draw(shape)
+    }
+}
