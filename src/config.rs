@@ -20,6 +20,31 @@ pub struct Config {
     pub data: DataConfig,
     #[serde(default)]
     pub dist: DistConfig,
+    #[serde(default)]
+    pub sample: SampleConfig,
+}
+
+/// Sample grids of the EMA model during training (fixed noise and labels).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    /// Steps between grids; 0 turns them off.
+    pub every: i64,
+    /// Images in the grid.
+    pub num: i64,
+    pub steps: i64,
+    /// `sde` or `ode` (Heun).
+    pub mode: String,
+    pub cfg: f64,
+    pub cls_cfg: f64,
+    /// SD-VAE folder to decode with; without one the grid shows latent channels.
+    pub vae: Option<String>,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        SampleConfig { every: 0, num: 16, steps: 32, mode: "sde".into(), cfg: 1.0, cls_cfg: 0.0, vae: None }
+    }
 }
 
 /// Data-parallel settings.
@@ -446,6 +471,10 @@ impl Config {
             (DataSource::Shards, None) => bail_input!("{file}: data.path: missing (data.source is shards)"),
             (DataSource::Synthetic, Some(_)) => bail_input!("{file}: data.path: given, but data.source is synthetic"),
             _ => {}
+        }
+        let sm = &self.sample;
+        if sm.every < 0 || sm.num <= 0 || sm.steps < 2 || sm.cfg < 0.0 || sm.cls_cfg < 0.0 || !["sde", "ode"].contains(&sm.mode.as_str()) {
+            bail_input!("{file}: sample: every >= 0, num > 0, steps >= 2, mode sde|ode, non-negative scales");
         }
         if !(self.dist.bucket_mb > 0.0) || !(self.dist.timeout_s > 0.0) {
             bail_input!("{file}: dist.bucket_mb / dist.timeout_s: must be positive");

@@ -17,8 +17,18 @@ enum Command {
     Train(cmd::train::Args),
     /// Time training steps on synthetic data and print one JSON line.
     Bench(cmd::bench::Args),
+    /// Prepare a dataset: images -> ADM crop -> VAE moments + DINOv2 features -> shards.
+    Prepare(cmd::prepare::Args),
+    /// Write the small built-in image set of the demo (one folder per class).
+    DemoImages(cmd::demo_images::Args),
+    /// Generate images (PNGs and an ADM-evaluator .npz) from trained weights.
+    Sample(cmd::sample::Args),
+    /// Measure how fast the data loader feeds one rank from a dataset folder.
+    BenchData(cmd::bench_data::Args),
     /// Write a checkpoint's weights (or EMA) as one safetensors file with REG names.
     Export(cmd::export::Args),
+    /// Write a state dict of a PyTorch checkpoint of the original REG code (`.pt`) as one safetensors file.
+    Import(cmd::import::Args),
 }
 
 fn main() {
@@ -27,6 +37,11 @@ fn main() {
         Command::Train(a) => cmd::train::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Export(a) => cmd::export::run(a),
+        Command::BenchData(a) => cmd::bench_data::run(a),
+        Command::Prepare(a) => cmd::prepare::run(a),
+        Command::Sample(a) => cmd::sample::run(a),
+        Command::DemoImages(a) => cmd::demo_images::run(a),
+        Command::Import(a) => cmd::import::run(a),
     };
     if let Err(e) = result {
         let input = reg::error::is_input_error(&e);

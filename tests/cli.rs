@@ -155,16 +155,22 @@ fn tensorboard_reads_our_event_files() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let cfg = write_config(d, "demo.yaml", &demo_config());
-    let out = train(d, &cfg, &["--set", "train.steps=12", "--set", "train.log_every=4"]);
+    let out = train(
+        d,
+        &cfg,
+        &["--set", "train.steps=12", "--set", "train.log_every=4", "--set", "sample.every=6", "--set", "sample.num=4", "--set", "sample.steps=2"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tb = d.join("runs/demo/tb");
     let py = repo().join(".venv/bin/python");
     let script = r#"
 import json, sys
 from tensorboard.backend.event_processing import event_accumulator as ea
-acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0})
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0, ea.IMAGES: 0})
 acc.Reload()
-print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+out = {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+out["images"] = {t: [[e.step, e.width, e.height] for e in acc.Images(t)] for t in acc.Tags()["images"]}
+print(json.dumps(out))
 "#;
     let out = Command::new(&py).arg("-c").arg(script).arg(&tb).output().expect("run .venv python (./launch/setup.sh installs it)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -183,6 +189,8 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Ta
         let steps: Vec<i64> = tags[tag].as_array().unwrap_or_else(|| panic!("tag {tag} missing")).iter().map(|p| p[0].as_i64().unwrap()).collect();
         assert_eq!(steps, vec![4, 8, 12], "{tag}");
     }
+    // The EMA sample grid (2 x 2 latent-channel images of 8 x 8) at steps 6 and 12.
+    assert_eq!(tags["images"]["samples/ema"], serde_json::json!([[6, 16, 16], [12, 16, 16]]));
     let lr = tags["train/lr"][0][1].as_f64().unwrap();
     assert!((lr - 1e-3).abs() < 1e-9);
     assert!(tags["loss/total"][0][1].as_f64().unwrap().is_finite());

@@ -61,9 +61,9 @@ fn heun_and_euler_converge_to_the_same_endpoint() {
     let m = model(&g);
     let (z, c, y) = start(3);
     let guide = Guidance { cfg: 1.5, cls_cfg: 1.5, low: 0.0, high: 1.0 };
-    let heun = sample_ode(&m, &z, &c, &y, 32, true, guide, PathType::Linear, Kind::Float);
-    let euler = sample_ode(&m, &z, &c, &y, 512, false, guide, PathType::Linear, Kind::Float);
-    let coarse = sample_ode(&m, &z, &c, &y, 4, false, guide, PathType::Linear, Kind::Float);
+    let heun = sample_ode(&m, &z, &c, &y, 32, true, guide, Kind::Float);
+    let euler = sample_ode(&m, &z, &c, &y, 512, false, guide, Kind::Float);
+    let coarse = sample_ode(&m, &z, &c, &y, 4, false, guide, Kind::Float);
     let (fine, rough) = (rel(&heun, &euler), rel(&coarse, &euler));
     eprintln!("Heun-32 vs Euler-512: {fine:e}; Euler-4 vs Euler-512: {rough:e}");
     assert!(fine < 5e-4, "Heun-32 vs Euler-512: {fine:e}");
@@ -77,8 +77,8 @@ fn guidance_scale_one_equals_no_guidance() {
     let (z, c, y) = start(5);
     let none = Guidance::none();
     let one = Guidance { cfg: 1.0, cls_cfg: 1.0, low: 0.0, high: 1.0 };
-    let a = sample_ode(&m, &z, &c, &y, 8, true, none, PathType::Linear, Kind::Float);
-    let b = sample_ode(&m, &z, &c, &y, 8, true, one, PathType::Linear, Kind::Float);
+    let a = sample_ode(&m, &z, &c, &y, 8, true, none, Kind::Float);
+    let b = sample_ode(&m, &z, &c, &y, 8, true, one, Kind::Float);
     assert!(a.equal(&b));
     let mut n1 = PerImageNoise::new(9, vec![0, 1, 2]);
     let mut n2 = PerImageNoise::new(9, vec![0, 1, 2]);
@@ -87,8 +87,8 @@ fn guidance_scale_one_equals_no_guidance() {
     assert!(a.equal(&b));
     // And a scale above 1 does change the result.
     let w = Guidance { cfg: 2.0, cls_cfg: 2.0, low: 0.0, high: 1.0 };
-    let d = sample_ode(&m, &z, &c, &y, 8, true, w, PathType::Linear, Kind::Float);
-    assert!(rel(&d, &sample_ode(&m, &z, &c, &y, 8, true, none, PathType::Linear, Kind::Float)) > 1e-3);
+    let d = sample_ode(&m, &z, &c, &y, 8, true, w, Kind::Float);
+    assert!(rel(&d, &sample_ode(&m, &z, &c, &y, 8, true, none, Kind::Float)) > 1e-3);
 }
 
 #[test]

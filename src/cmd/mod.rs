@@ -1,7 +1,12 @@
 //! One file per subcommand, wiring the library together; nothing imports this module.
 
 pub mod bench;
+pub mod bench_data;
+pub mod demo_images;
 pub mod export;
+pub mod import;
+pub mod prepare;
+pub mod sample;
 pub mod train;
 
 use anyhow::Result;

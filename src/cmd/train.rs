@@ -5,6 +5,9 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use reg::dist::{self, watchdog::Watchdog, LaunchInfo};
 use reg::train::checkpoint::{self, PendingSave};
+use reg::diffusion::generate::{grid, latents, to_images, Labels, SampleSpec};
+use reg::diffusion::sampler::Guidance;
+use reg::model::vae::Vae;
 use reg::train::{resolve_device, tboard::EventWriter, StepStats, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +78,30 @@ fn preemption_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// A grid of EMA samples with fixed noise and labels (the same images every time, so
+/// the grids of a run show its progress): PNG bytes, height, width.
+fn sample_grid(t: &Trainer, vae: Option<&Vae>) -> (Result<Vec<u8>>, i32, i32) {
+    let c = &t.cfg.sample;
+    let spec = SampleSpec {
+        ode: c.mode == "ode",
+        heun: true,
+        steps: c.steps,
+        guidance: Guidance { cfg: c.cfg, cls_cfg: c.cls_cfg, low: 0.0, high: 1.0 },
+        path: t.cfg.loss.path,
+        seed: t.cfg.train.seed,
+        labels: Labels::Balanced,
+        kind: t.kind,
+    };
+    let indices: Vec<u64> = (0..c.num as u64).collect();
+    let imgs = to_images(&latents(&t.model, &indices, &spec, t.device), vae, t.kind);
+    let cols = (c.num as f64).sqrt().ceil() as i64;
+    let g = grid(&imgs, cols);
+    let (h, w) = (g.height() as i32, g.width() as i32);
+    let mut png = Vec::new();
+    let r = g.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).map(|_| png).map_err(anyhow::Error::from);
+    (r, h, w)
+}
+
 /// Rank 0 picks (and checksums) the checkpoint; every rank learns which by broadcast.
 fn resume_from(run: &Path, spec: &str, t: &mut Trainer) -> Result<Option<PathBuf>> {
     let chosen = if t.rank() == 0 { checkpoint::choose(run, spec)? } else { None };
@@ -116,6 +143,10 @@ pub fn run(a: Args) -> Result<()> {
             _ => {}
         }
     }
+    let vae = match (&t.cfg.sample.vae, rank) {
+        (Some(v), 0) if t.cfg.sample.every > 0 => Some(Vae::load(Path::new(v), t.device)?),
+        _ => None,
+    };
     let watchdog = (world > 1).then(|| Watchdog::start(rank, std::time::Duration::from_secs_f64(t.cfg.dist.timeout_s)));
     if a.json {
         // Every rank reports what it holds: the optimiser state is only its shard.
@@ -212,6 +243,17 @@ pub fn run(a: Args) -> Result<()> {
             }
             window = Window::default();
             tick = Instant::now();
+        }
+        if t.cfg.sample.every > 0 && t.step % t.cfg.sample.every == 0 {
+            if let Some((png, h, w)) = t.with_ema_weights(|t| sample_grid(t, vae.as_ref()))? {
+                let png = png?;
+                std::fs::create_dir_all(run_dir.join("samples"))?;
+                std::fs::write(run_dir.join(format!("samples/step-{:07}.png", t.step)), &png)?;
+                if let Some(tb) = tb.as_mut() {
+                    tb.image_png(t.step, "samples/ema", png, h, w, 3)?;
+                    tb.flush()?;
+                }
+            }
         }
         // Step boundary: do all ranks agree to stop (a signal on any rank), and has
         // every rank finished writing the checkpoint in flight?

@@ -2,6 +2,7 @@
 
 pub mod loss;
 pub mod path;
+pub mod generate;
 pub mod sampler;
 
 pub use loss::{reg_loss, LossTerms, StepDraws};

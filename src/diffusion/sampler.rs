@@ -160,9 +160,10 @@ pub fn sample_sde(model: &SiT, z: &Tensor, cls: &Tensor, y: &Tensor, steps: i64,
 }
 
 /// Probability-flow ODE on `linspace(1, 0, steps + 1)`: Euler, or Heun (a second
-/// evaluation at the end of each step except the last).
+/// evaluation at the end of each step except the last). The velocity is the ODE's
+/// drift on any path, so the path does not enter.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_ode(model: &SiT, z: &Tensor, cls: &Tensor, y: &Tensor, steps: i64, heun: bool, g: Guidance, path: PathType, kind: Kind) -> Tensor {
+pub fn sample_ode(model: &SiT, z: &Tensor, cls: &Tensor, y: &Tensor, steps: i64, heun: bool, g: Guidance, kind: Kind) -> Tensor {
     let _ng = tch::no_grad_guard();
     let null = model.dims.num_classes;
     let s = Stepper { model, kind, y: y.shallow_clone(), y_null: y.full_like(null), g };

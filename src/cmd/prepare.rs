@@ -1,0 +1,133 @@
+//! `reg-ddp prepare`: an ImageNet-style tree (or REG/EDM2's preprocessed layout) to a
+//! dataset folder of shards, on the GPU when there is one, split over MPI ranks,
+//! resumable shard by shard.
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use reg::data::prepare::{finish, list_image_tree, list_reg, make_shard, shard_done, Encoders, Options};
+use reg::dist;
+use reg::model::{dinov2::Dinov2, vae::Vae};
+use reg::train::resolve_device;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// ImageNet-style tree: one folder per class (class index = sorted folder names).
+    #[arg(long, conflicts_with = "from_reg", required_unless_present = "from_reg")]
+    pub images: Option<PathBuf>,
+    /// REG/EDM2 preprocessed data (`vae-sd/`, `imagenet_256_vae/`): reuse its VAE moments.
+    #[arg(long = "from-reg")]
+    pub from_reg: Option<PathBuf>,
+    /// Output dataset folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// SD-VAE model folder (diffusers layout); needed with --images.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// DINOv2 model folder (transformers layout); needed unless --no-features.
+    #[arg(long)]
+    pub encoder: Option<PathBuf>,
+    /// Image side after the ADM center crop (256 or 512 for ImageNet).
+    #[arg(long, default_value_t = 256)]
+    pub resolution: u32,
+    #[arg(long, default_value_t = 4096)]
+    pub shard_size: usize,
+    /// Images per encoder batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Store latents in bf16 (half the size) instead of f32.
+    #[arg(long)]
+    pub latent_bf16: bool,
+    /// Also store the cropped images (for `model.encoder: online`).
+    #[arg(long)]
+    pub store_images: bool,
+    /// Do not compute encoder features (then --store-images is needed).
+    #[arg(long)]
+    pub no_features: bool,
+    /// Fail when more than this fraction of the images cannot be read.
+    #[arg(long, default_value_t = 0.001)]
+    pub max_bad_fraction: f64,
+    /// `auto`, `cpu`, `cuda` (each rank uses `cuda:{local rank}`).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+fn folder_name(p: &Path) -> String {
+    p.canonicalize().unwrap_or(p.to_path_buf()).file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+pub fn run(a: Args) -> Result<()> {
+    super::set_threads(a.threads);
+    if a.resolution % 32 != 0 {
+        reg::bail_input!("--resolution: {} is not a multiple of 32", a.resolution);
+    }
+    if a.no_features && !a.store_images {
+        reg::bail_input!("--no-features: a dataset needs features or --store-images");
+    }
+    let launch = dist::LaunchInfo::from_env();
+    let device = match resolve_device(&a.device)? {
+        tch::Device::Cuda(_) => tch::Device::Cuda(launch.local_rank as usize % tch::Cuda::device_count().max(1) as usize),
+        d => d,
+    };
+    let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    let ((classes, entries), from_reg) = match (&a.images, &a.from_reg) {
+        (Some(dir), _) => (list_image_tree(dir)?, false),
+        (None, Some(dir)) => (list_reg(dir)?, true),
+        _ => unreachable!("clap requires one"),
+    };
+    let vae = match (&a.vae, from_reg) {
+        (Some(v), _) => Some(Vae::load(v, device)?),
+        (None, false) => reg::bail_input!("--vae: needed to encode images (a diffusers AutoencoderKL folder)"),
+        (None, true) => None,
+    };
+    let encoder = match (&a.encoder, a.no_features) {
+        (_, true) => None,
+        (Some(e), false) => Some((folder_name(e), Dinov2::load(e, device, a.resolution as i64 * 224 / 256)?)),
+        (None, false) => reg::bail_input!("--encoder: needed for features (a transformers Dinov2Model folder), or --no-features"),
+    };
+    let latent_shape = {
+        let c = vae.as_ref().map(|v| v.latent_channels()).unwrap_or(4);
+        let s = a.resolution as i64 / 8;
+        vec![2 * c, s, s]
+    };
+    let vae_name = a.vae.as_deref().map(folder_name).unwrap_or_else(|| "from-reg:vae-sd".into());
+    let models = Encoders { vae, encoder, device, kind };
+    let opts = Options { resolution: a.resolution, latent_bf16: a.latent_bf16, store_features: !a.no_features, store_images: a.store_images, batch: a.batch.max(1) };
+    std::fs::create_dir_all(&a.out)?;
+    let comm = dist::init(tch::Device::Cpu)?;
+    let (rank, world) = (comm.rank(), comm.world());
+    let shards = entries.len().div_ceil(a.shard_size.max(1));
+    let mine: Vec<usize> = (0..shards).filter(|i| *i as i64 % world == rank).collect();
+    let todo: Vec<usize> = mine.iter().copied().filter(|&i| shard_done(&a.out, i).is_none()).collect();
+    let images: usize = todo.iter().map(|&i| entries[i * a.shard_size..((i + 1) * a.shard_size).min(entries.len())].len()).sum();
+    if rank == 0 {
+        eprintln!(
+            "reg-ddp prepare: {} images in {} classes -> {} shards in {} ({} already done); {world} ranks on {device:?}",
+            entries.len(),
+            classes.len(),
+            shards,
+            a.out.display(),
+            mine.len() - todo.len()
+        );
+    }
+    let bar = if rank == 0 { ProgressBar::new(images as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  [{elapsed_precise} < {eta_precise}]").expect("static template"));
+    for i in todo {
+        let part = &entries[i * a.shard_size..((i + 1) * a.shard_size).min(entries.len())];
+        make_shard(&a.out, i, part, &models, &opts, &|n| bar.inc(n as u64))?;
+    }
+    bar.finish();
+    comm.barrier()?;
+    if rank == 0 {
+        let index = finish(&a.out, shards, entries.len(), classes, &models, &opts, latent_shape, &vae_name, a.max_bad_fraction)?;
+        eprintln!(
+            "reg-ddp prepare: wrote {} ({} records, {} unreadable images)",
+            a.out.join("index.json").display(),
+            index.records(),
+            index.bad_images
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Preparation of a dataset folder: images -> ADM center crop -> SD-VAE moments and
+//! DINOv2 tokens -> shards. Work is split by shard, so ranks write disjoint shards and
+//! a rerun skips the shards already finished (verified by checksum).
+
+use super::crop::center_crop_adm;
+use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo};
+use crate::bail_input;
+use crate::error::bad_input;
+use crate::model::{dinov2::Dinov2, vae::Vae};
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// One input record.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The image (a JPEG/PNG of any size, or an already-cropped PNG for `--from-reg`).
+    pub image: PathBuf,
+    /// Precomputed VAE moments (`img-mean-std-*.npy`), for `--from-reg`.
+    pub moments: Option<PathBuf>,
+    pub label: i64,
+}
+
+const IMAGE_EXT: [&str; 5] = ["jpg", "jpeg", "png", "JPEG", "PNG"];
+
+/// An ImageNet-style tree: one folder per class (class index = sorted folder names).
+pub fn list_image_tree(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
+    let rd = std::fs::read_dir(root).map_err(|e| bad_input(format!("{}: cannot list: {e}", root.display())))?;
+    let mut classes: Vec<String> =
+        rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    classes.sort();
+    if classes.is_empty() {
+        bail_input!("{}: no class folders", root.display());
+    }
+    let mut entries = Vec::new();
+    for (label, c) in classes.iter().enumerate() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(root.join(c))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().map(|x| IMAGE_EXT.contains(&x.to_string_lossy().as_ref())).unwrap_or(false))
+            .collect();
+        files.sort();
+        entries.extend(files.into_iter().map(|image| Entry { image, moments: None, label: label as i64 }));
+    }
+    Ok((classes, entries))
+}
+
+#[derive(Deserialize)]
+struct RegLabels {
+    labels: Vec<(String, i64)>,
+}
+
+/// The layout REG/EDM2 publish: `vae-sd/dataset.json` (labels by moments file),
+/// `vae-sd/NNNNN/img-mean-std-NNNNNNNN.npy`, `imagenet_256_vae/NNNNN/img-NNNNNNNN.png`.
+pub fn list_reg(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
+    let lpath = root.join("vae-sd/dataset.json");
+    let text = std::fs::read_to_string(&lpath).map_err(|e| bad_input(format!("{}: cannot read: {e}", lpath.display())))?;
+    let labels: RegLabels =
+        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: labels: {e}", lpath.display())))?;
+    let mut rows = labels.labels;
+    rows.sort();
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut k = 0;
+    for (npy, label) in rows {
+        let png = npy.replace("img-mean-std-", "img-").replace(".npy", ".png");
+        entries.push(Entry { image: root.join("imagenet_256_vae").join(png), moments: Some(root.join("vae-sd").join(&npy)), label });
+        k = k.max(label + 1);
+    }
+    Ok(((0..k).map(|c| format!("{c:04}")).collect(), entries))
+}
+
+/// A little-endian f32 `.npy` file (the moments REG stores per image).
+pub fn read_npy_f32(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
+    let bad = |why: &str| bad_input(format!("{}: not a float32 .npy file ({why})", path.display()));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("magic"));
+    }
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ => return Err(bad("header")),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| bad("header"))?).map_err(|_| bad("header"))?;
+    if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
+        return Err(bad("dtype must be <f4, C order"));
+    }
+    let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("shape"))?;
+    let shape: Vec<i64> = shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().map_err(|_| bad("shape"))).collect::<Result<_>>()?;
+    let data = &bytes[start + hlen..];
+    if data.len() != shape.iter().product::<i64>() as usize * 4 {
+        return Err(bad("truncated"));
+    }
+    Ok(Tensor::f_from_data_size(data, &shape, Kind::Float)?)
+}
+
+/// The models preparation runs, on one device.
+pub struct Encoders {
+    pub vae: Option<Vae>,
+    pub encoder: Option<(String, Dinov2)>,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// What a finished shard leaves beside itself (`shard-NNNNN.json`): its index entry
+/// and the images that could not be read. Its presence marks the shard as done.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardDone {
+    pub shard: ShardInfo,
+    pub bad: Vec<(String, String)>,
+}
+
+pub struct Options {
+    pub resolution: u32,
+    pub latent_bf16: bool,
+    pub store_features: bool,
+    pub store_images: bool,
+    pub batch: usize,
+}
+
+/// Decodes and crops one image: [3, R, R] u8, or why it failed.
+fn load_image(path: &Path, resolution: u32, crop: bool) -> std::result::Result<Tensor, String> {
+    let img = image::open(path).map_err(|e| e.to_string())?.to_rgb8();
+    let img = if crop {
+        center_crop_adm(&img, resolution)
+    } else if img.width() == resolution && img.height() == resolution {
+        img
+    } else {
+        return Err(format!("{}x{} image, expected {resolution}x{resolution}", img.width(), img.height()));
+    };
+    let t = Tensor::from_slice(img.as_raw()).view([resolution as i64, resolution as i64, 3]);
+    Ok(t.permute([2, 0, 1]).contiguous())
+}
+
+fn sidecar(out: &Path, i: usize) -> PathBuf {
+    out.join(format!("shard-{i:05}.json"))
+}
+
+/// A shard counts as done when its sidecar exists and the shard file matches the
+/// checksum recorded there.
+pub fn shard_done(out: &Path, i: usize) -> Option<ShardDone> {
+    let done: ShardDone = serde_json::from_str(&std::fs::read_to_string(sidecar(out, i)).ok()?).ok()?;
+    let bytes = std::fs::read(out.join(shard_name(i))).ok()?;
+    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    (sha == done.shard.sha256).then_some(done)
+}
+
+/// Encodes `entries` into shard `i`; unreadable images are skipped and reported.
+pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Options, on_batch: &dyn Fn(usize)) -> Result<ShardDone> {
+    let (mut lat, mut feat, mut imgs, mut labels, mut bad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for chunk in entries.chunks(o.batch) {
+        let crop = chunk.iter().all(|e| e.moments.is_none());
+        let loaded: Vec<_> = chunk.par_iter().map(|e| load_image(&e.image, o.resolution, crop)).collect();
+        let mut ok = Vec::new();
+        for (e, r) in chunk.iter().zip(loaded) {
+            match r {
+                Ok(t) => ok.push((e, t)),
+                Err(why) => bad.push((e.image.display().to_string(), why)),
+            }
+        }
+        if ok.is_empty() {
+            continue;
+        }
+        let pixels = Tensor::stack(&ok.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>(), 0);
+        let on_dev = pixels.to_device(m.device);
+        let moments = if let Some(vae) = &m.vae {
+            vae.encode_moments(&on_dev, m.kind).to_device(Device::Cpu)
+        } else {
+            let ms: Vec<Tensor> = ok.iter().map(|(e, _)| read_npy_f32(e.moments.as_ref().expect("from-reg entry"))).collect::<Result<_>>()?;
+            Tensor::stack(&ms, 0)
+        };
+        lat.push(if o.latent_bf16 { moments.to_kind(Kind::BFloat16) } else { moments });
+        if o.store_features {
+            let (_, enc) = m.encoder.as_ref().context("features need an encoder")?;
+            feat.push(enc.features(&on_dev, m.kind).to_device(Device::Cpu).to_kind(Kind::BFloat16));
+        }
+        if o.store_images {
+            imgs.push(pixels);
+        }
+        labels.extend(ok.iter().map(|(e, _)| e.label));
+        on_batch(chunk.len());
+    }
+    if labels.is_empty() {
+        bail_input!("shard {i}: none of its {} images could be read (first: {})", entries.len(), bad.first().map(|b| b.0.as_str()).unwrap_or("?"));
+    }
+    let mut tensors = vec![("latents".to_string(), Tensor::cat(&lat, 0)), ("labels".to_string(), Tensor::from_slice(&labels))];
+    if o.store_features {
+        tensors.push(("features".into(), Tensor::cat(&feat, 0)));
+    }
+    if o.store_images {
+        tensors.push(("images".into(), Tensor::cat(&imgs, 0)));
+    }
+    let shard = super::shards::write_shard(out, i, &tensors)?;
+    let done = ShardDone { shard, bad };
+    crate::model::weights::write_atomic(&sidecar(out, i), serde_json::to_string(&done)?.as_bytes())?;
+    Ok(done)
+}
+
+/// Writes `index.json` from the shards' sidecars and the bad-image report; fails when
+/// more than `max_bad_fraction` of the images could not be read.
+#[allow(clippy::too_many_arguments)]
+pub fn finish(out: &Path, shards: usize, total: usize, classes: Vec<String>, m: &Encoders, o: &Options, latent_shape: Vec<i64>, vae_name: &str, max_bad_fraction: f64) -> Result<Index> {
+    let mut infos = Vec::new();
+    let mut bad = Vec::new();
+    for i in 0..shards {
+        let done = shard_done(out, i).ok_or_else(|| anyhow::anyhow!("{}: shard {i} is missing or corrupt", out.display()))?;
+        infos.push(done.shard);
+        bad.extend(done.bad);
+    }
+    let report = out.join("bad_images.txt");
+    let lines: String = bad.iter().map(|(p, why)| format!("{p}\t{why}\n")).collect();
+    std::fs::write(&report, lines).with_context(|| format!("{}: cannot write", report.display()))?;
+    let encoder = m.encoder.as_ref().map(|(name, e)| EncoderInfo { name: name.clone(), tokens: e.num_tokens(), z_dim: e.hidden_size() });
+    let index = Index {
+        format_version: super::shards::FORMAT_VERSION,
+        resolution: o.resolution as i64,
+        latent_shape,
+        latent_dtype: if o.latent_bf16 { "bf16" } else { "f32" }.into(),
+        vae: vae_name.into(),
+        encoder,
+        features: o.store_features,
+        images: o.store_images,
+        class_names: classes,
+        shards: infos,
+        bad_images: bad.len() as i64,
+        bad_images_report: Some("bad_images.txt".into()),
+    };
+    let fraction = bad.len() as f64 / total.max(1) as f64;
+    if fraction > max_bad_fraction {
+        bail_input!(
+            "{}: {} of {total} images could not be read ({:.3}%, more than the allowed {:.3}%); see {}",
+            out.display(),
+            bad.len(),
+            100.0 * fraction,
+            100.0 * max_bad_fraction,
+            report.display()
+        );
+    }
+    write_index(out, &index)?;
+    Ok(index)
+}

@@ -1,0 +1,110 @@
+//! Generating images for evaluation: the global image index decides the label and
+//! the noise, so the same seed gives the same images whatever the batch or rank.
+
+use crate::config::PathType;
+use crate::diffusion::sampler::{sample_ode, sample_sde, Guidance, NoiseSource, PerImageNoise};
+use crate::model::sit::SiT;
+use crate::model::vae::Vae;
+use tch::{Device, Kind, Tensor};
+
+/// How labels are assigned to image indices.
+#[derive(Debug, Clone)]
+pub enum Labels {
+    /// Uniform random classes, keyed by (seed, index).
+    Random,
+    /// `index % num_classes`: every class equally often.
+    Balanced,
+    /// `list[index % len]`.
+    List(Vec<i64>),
+}
+
+impl Labels {
+    pub fn parse(s: &str, num_classes: i64) -> Result<Labels, String> {
+        match s {
+            "random" => Ok(Labels::Random),
+            "balanced" => Ok(Labels::Balanced),
+            list => {
+                let v: Vec<i64> = list
+                    .split(',')
+                    .map(|x| x.trim().parse::<i64>().map_err(|_| format!("{x:?} is not a class index")))
+                    .collect::<Result<_, _>>()?;
+                if let Some(bad) = v.iter().find(|&&y| !(0..num_classes).contains(&y)) {
+                    return Err(format!("class {bad} is outside [0, {num_classes})"));
+                }
+                Ok(Labels::List(v))
+            }
+        }
+    }
+
+    pub fn of(&self, seed: u64, index: u64, num_classes: i64) -> i64 {
+        match self {
+            Labels::Random => (crate::diffusion::loss::step_seed(seed, index, 7) as u64 % num_classes as u64) as i64,
+            Labels::Balanced => (index % num_classes as u64) as i64,
+            Labels::List(v) => v[(index % v.len() as u64) as usize],
+        }
+    }
+}
+
+/// Sampler settings.
+#[derive(Debug, Clone)]
+pub struct SampleSpec {
+    pub ode: bool,
+    pub heun: bool,
+    pub steps: i64,
+    pub guidance: Guidance,
+    pub path: PathType,
+    pub seed: u64,
+    pub labels: Labels,
+    pub kind: Kind,
+}
+
+/// Final latents (scaled, as the model sees them) of the images `indices`. [B, C, H, W] f32
+pub fn latents(model: &SiT, indices: &[u64], spec: &SampleSpec, device: Device) -> Tensor {
+    let d = &model.dims;
+    let mut noise = PerImageNoise::new(spec.seed, indices.to_vec());
+    let b = indices.len() as i64;
+    // The first two draws of every image: its starting latents and REG token.
+    let z = noise.draw(&[b, d.in_channels, d.input_size, d.input_size]).to_device(device);
+    let cls = noise.draw(&[b, d.z_dim]).to_device(device);
+    let y: Vec<i64> = indices.iter().map(|&g| spec.labels.of(spec.seed, g, d.num_classes)).collect();
+    let y = Tensor::from_slice(&y).to_device(device);
+    let x = if spec.ode {
+        sample_ode(model, &z, &cls, &y, spec.steps, spec.heun, spec.guidance, spec.kind)
+    } else {
+        sample_sde(model, &z, &cls, &y, spec.steps, spec.guidance, spec.path, spec.kind, &mut noise)
+    };
+    x.to_kind(Kind::Float)
+}
+
+/// Images as `[B, H, W, 3]` u8: decoded by the VAE, or without one (synthetic data)
+/// the first three latent channels mapped to colours, for a look at training.
+pub fn to_images(latents: &Tensor, vae: Option<&Vae>, kind: Kind) -> Tensor {
+    let px = match vae {
+        Some(v) => v.decode(latents, kind),
+        None => {
+            let x = latents.narrow(1, 0, 3.min(latents.size()[1]));
+            let lo = x.amin([1, 2, 3], true);
+            let hi = x.amax([1, 2, 3], true);
+            ((x - &lo) / (hi - lo + 1e-6) * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8)
+        }
+    };
+    px.permute([0, 2, 3, 1]).contiguous().to_device(Device::Cpu)
+}
+
+/// Tiles `[B, H, W, 3]` images into a `rows x cols` grid image.
+pub fn grid(images: &Tensor, cols: i64) -> image::RgbImage {
+    let (b, h, w) = (images.size()[0], images.size()[1], images.size()[2]);
+    let rows = (b + cols - 1) / cols;
+    let mut out = image::RgbImage::new((cols * w) as u32, (rows * h) as u32);
+    let data: Vec<u8> = Vec::<u8>::try_from(images.flatten(0, -1)).expect("u8 images");
+    for i in 0..b {
+        let (r, c) = (i / cols, i % cols);
+        for y in 0..h {
+            for x in 0..w {
+                let o = (((i * h + y) * w + x) * 3) as usize;
+                out.put_pixel((c * w + x) as u32, (r * h + y) as u32, image::Rgb([data[o], data[o + 1], data[o + 2]]));
+            }
+        }
+    }
+    out
+}
