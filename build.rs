@@ -8,8 +8,7 @@ fn main() {
     // torch-sys exports the libtorch folder to direct dependents only; that is why
     // torch-sys is a direct dependency of this crate.
     let lib = PathBuf::from(
-        std::env::var("DEP_TCH_LIBTORCH_LIB")
-            .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB (is LIBTORCH_USE_PYTORCH=1 set?)"),
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB (is LIBTORCH_USE_PYTORCH=1 set?)"),
     );
     let include = lib.join("..").join("include");
     cc::Build::new()

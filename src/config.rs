@@ -179,9 +179,7 @@ impl ModelConfig {
             (depth, hidden, heads, enc, patch) = (Some(d), Some(h), Some(n), Some(e), Some(p));
         }
         let pick = |explicit: Option<i64>, preset: Option<i64>, field: &str| -> Result<i64> {
-            explicit
-                .or(preset)
-                .ok_or_else(|| bad_input(format!("{file}: model.{field}: missing (give model.arch or model.{field})")))
+            explicit.or(preset).ok_or_else(|| bad_input(format!("{file}: model.{field}: missing (give model.arch or model.{field})")))
         };
         let dims = SitDims {
             depth: pick(self.depth, depth, "depth")?,
@@ -197,7 +195,7 @@ impl ModelConfig {
             qk_norm: self.qk_norm,
             mlp_ratio: self.mlp_ratio,
         };
-        let positive = [
+        let sizes = [
             ("depth", dims.depth),
             ("hidden_size", dims.hidden_size),
             ("num_heads", dims.num_heads),
@@ -209,37 +207,25 @@ impl ModelConfig {
             ("z_dim", dims.z_dim),
             ("projector_dim", dims.projector_dim),
         ];
-        for (field, v) in positive {
+        for (field, v) in sizes {
             if v <= 0 {
                 bail_input!("{file}: model.{field}: must be positive, got {v}");
             }
         }
         if dims.input_size % dims.patch_size != 0 {
-            bail_input!(
-                "{file}: model.patch_size: {} does not divide the latent size {}",
-                dims.patch_size,
-                dims.input_size
-            );
+            bail_input!("{file}: model.patch_size: {} does not divide the latent size {}", dims.patch_size, dims.input_size);
         }
         if dims.hidden_size % dims.num_heads != 0 {
-            bail_input!(
-                "{file}: model.num_heads: {} does not divide hidden_size {}",
-                dims.num_heads,
-                dims.hidden_size
-            );
+            bail_input!("{file}: model.num_heads: {} does not divide hidden_size {}", dims.num_heads, dims.hidden_size);
         }
         // The 2-D sin-cos table splits the width in four (rows/cols x sin/cos).
         if dims.hidden_size % 4 != 0 {
             bail_input!("{file}: model.hidden_size: {} is not a multiple of 4", dims.hidden_size);
         }
         if dims.encoder_depth > dims.depth {
-            bail_input!(
-                "{file}: model.encoder_depth: {} is greater than depth {}",
-                dims.encoder_depth,
-                dims.depth
-            );
+            bail_input!("{file}: model.encoder_depth: {} is greater than depth {}", dims.encoder_depth, dims.depth);
         }
-        if !(self.mlp_ratio > 0.0) {
+        if !positive(self.mlp_ratio) {
             bail_input!("{file}: model.mlp_ratio: must be positive");
         }
         if !(0.0..1.0).contains(&self.class_dropout_prob) {
@@ -280,13 +266,7 @@ pub struct LossConfig {
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig {
-            path: PathType::Linear,
-            weighting: Weighting::Uniform,
-            proj_coeff: 0.5,
-            cls_coeff: 0.03,
-            latent_scale: 0.18215,
-        }
+        LossConfig { path: PathType::Linear, weighting: Weighting::Uniform, proj_coeff: 0.5, cls_coeff: 0.03, latent_scale: 0.18215 }
     }
 }
 
@@ -305,15 +285,7 @@ pub struct OptimConfig {
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        OptimConfig {
-            lr: 1e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            ema_decay: 0.9999,
-        }
+        OptimConfig { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0, ema_decay: 0.9999 }
     }
 }
 
@@ -423,8 +395,7 @@ impl Config {
 
     /// As `load`, from text; `file` names the source in errors.
     pub fn from_yaml(text: &str, file: &str, sets: &[String]) -> Result<Config> {
-        let mut doc: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| bad_input(format!("{file}: malformed YAML: {e}")))?;
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| bad_input(format!("{file}: malformed YAML: {e}")))?;
         for set in sets {
             apply_set(&mut doc, set).map_err(|e| bad_input(format!("--set {set}: {e}")))?;
         }
@@ -458,7 +429,7 @@ impl Config {
             bail_input!("{file}: train.name: must be a non-empty folder name");
         }
         let o = &self.optim;
-        if !(o.lr > 0.0) || !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || !(o.eps > 0.0) {
+        if !positive(o.lr) || !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || !positive(o.eps) {
             bail_input!("{file}: optim: lr and eps must be positive, betas in [0, 1)");
         }
         if !(0.0..=1.0).contains(&o.ema_decay) {
@@ -476,10 +447,10 @@ impl Config {
         if sm.every < 0 || sm.num <= 0 || sm.steps < 2 || sm.cfg < 0.0 || sm.cls_cfg < 0.0 || !["sde", "ode"].contains(&sm.mode.as_str()) {
             bail_input!("{file}: sample: every >= 0, num > 0, steps >= 2, mode sde|ode, non-negative scales");
         }
-        if !(self.dist.bucket_mb > 0.0) || !(self.dist.timeout_s > 0.0) {
+        if !positive(self.dist.bucket_mb) || !positive(self.dist.timeout_s) {
             bail_input!("{file}: dist.bucket_mb / dist.timeout_s: must be positive");
         }
-        if !(self.loss.latent_scale > 0.0) {
+        if !positive(self.loss.latent_scale) {
             bail_input!("{file}: loss.latent_scale: must be positive");
         }
         Ok(())
@@ -488,13 +459,15 @@ impl Config {
     /// The global batch split over `world` ranks; an input error when it does not divide.
     pub fn local_batch(&self, world: i64, file: &str) -> Result<i64> {
         if self.train.global_batch % world != 0 {
-            bail_input!(
-                "{file}: train.global_batch: {} is not divisible by the world size {world}",
-                self.train.global_batch
-            );
+            bail_input!("{file}: train.global_batch: {} is not divisible by the world size {world}", self.train.global_batch);
         }
         Ok(self.train.global_batch / world)
     }
+}
+
+/// `x > 0`, false for NaN (which a plain `x <= 0` check would let through).
+fn positive(x: f64) -> bool {
+    x > 0.0
 }
 
 /// serde_yaml appends " at line L column C" which points into the re-serialised

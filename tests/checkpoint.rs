@@ -67,7 +67,8 @@ fn a_kill_while_writing_leaves_the_previous_checkpoint_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let out = d.display().to_string();
-    let args = train_args(&out, "crash", &["--set", "train.steps=1000000", "--set", "train.checkpoint_every=5", "--set", "train.log_every=1000"]);
+    let args =
+        train_args(&out, "crash", &["--set", "train.steps=1000000", "--set", "train.checkpoint_every=5", "--set", "train.log_every=1000"]);
     let mut child = mpirun(1, &args.iter().map(String::as_str).collect::<Vec<_>>())
         .env("REG_DDP_TEST_SLOW_WRITE_MS", "1500")
         .stdout(Stdio::null())
@@ -117,7 +118,8 @@ fn sigusr1_on_one_rank_checkpoints_all_and_resumes_exactly() {
     let common = ["--set", "train.log_every=1", "--set", "train.checkpoint_every=100000", "--set", "train.steps=400"];
     let straight = run(2, d, "straight", &common);
     let args = train_args(&out, "pre", &common);
-    let child = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child =
+        mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // Rank 1's pid comes on its start line; signal it once it has trained a few steps.
     let pid = {
         let start = Instant::now();
@@ -126,7 +128,9 @@ fn sigusr1_on_one_rank_checkpoints_all_and_resumes_exactly() {
             let pids: Vec<i32> = String::from_utf8_lossy(&found.stdout).lines().filter_map(|l| l.parse().ok()).collect();
             let ranks: Vec<i32> = pids
                 .into_iter()
-                .filter(|p| std::fs::read_to_string(format!("/proc/{p}/environ")).map(|e| e.contains("OMPI_COMM_WORLD_RANK=1")).unwrap_or(false))
+                .filter(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/environ")).map(|e| e.contains("OMPI_COMM_WORLD_RANK=1")).unwrap_or(false)
+                })
                 .collect();
             if let Some(p) = ranks.first() {
                 break *p;
@@ -160,7 +164,16 @@ fn a_non_finite_loss_on_one_rank_skips_the_update_everywhere() {
     let args = train_args(
         &out,
         "nan",
-        &["--set", "train.steps=4", "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=10", "--set", "train.log_every=1"],
+        &[
+            "--set",
+            "train.steps=4",
+            "--set",
+            "train.checkpoint_every=1",
+            "--set",
+            "train.keep_checkpoints=10",
+            "--set",
+            "train.log_every=1",
+        ],
     );
     // Step index 2 (the third step) on rank 1 only.
     let o = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).env("REG_DDP_TEST_NAN_AT", "2:1").output().unwrap();
@@ -182,6 +195,6 @@ fn a_non_finite_loss_on_one_rank_skips_the_update_everywhere() {
     let next = reg::model::weights::read_map(&d.join("nan/step-0000004/rank-00000-of-00002.safetensors")).unwrap();
     let a = reg::model::weights::read_map(&after.join("rank-00000-of-00002.safetensors")).unwrap();
     assert!(!a["weights"].equal(&next["weights"]));
-    let last = json_lines(&o.stdout).into_iter().filter(|j| j.get("loss").is_some()).last().unwrap();
+    let last = json_lines(&o.stdout).into_iter().rfind(|j| j.get("loss").is_some()).unwrap();
     assert_eq!(last["skipped"], 1);
 }

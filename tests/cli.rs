@@ -66,13 +66,7 @@ fn bad_config_exits_2_naming_file_and_field() {
     // A launcher that says 3 ranks: 16 does not split.
     let cfg = write_config(d, "batch.yaml", &demo_config());
     let out_dir = format!("train.output_dir={}", d.join("runs").display());
-    let out = bin()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .args(["--set", &out_dir])
-        .env("OMPI_COMM_WORLD_SIZE", "3")
-        .output()
-        .unwrap();
+    let out = bin().args(["train", "--config"]).arg(&cfg).args(["--set", &out_dir]).env("OMPI_COMM_WORLD_SIZE", "3").output().unwrap();
     assert_bad_input(&out, &["batch.yaml", "train.global_batch", "world size 3"]);
 
     let out = bin().args(["train", "--config", "/nonexistent/x.yaml"]).output().unwrap();
@@ -102,7 +96,8 @@ fn bad_weights_exit_2_naming_file_and_tensor() {
     assert_bad_input(&train(d, &cfg, &["--init", truncated.to_str().unwrap()]), &["truncated.safetensors"]);
 
     // Weights of another shape: a wider model's checkpoint.
-    let wide = write_config(d, "wide.yaml", &demo_config().replace("hidden_size: 64", "hidden_size: 96").replace("name: demo", "name: wide"));
+    let wide =
+        write_config(d, "wide.yaml", &demo_config().replace("hidden_size: 64", "hidden_size: 96").replace("name: demo", "name: wide"));
     assert!(train(d, &wide, &["--set", "train.steps=1"]).status.success());
     let wrong_shape = d.join("wide.safetensors");
     let ckpt = d.join("runs/wide/step-0000001");
@@ -158,7 +153,18 @@ fn tensorboard_reads_our_event_files() {
     let out = train(
         d,
         &cfg,
-        &["--set", "train.steps=12", "--set", "train.log_every=4", "--set", "sample.every=6", "--set", "sample.num=4", "--set", "sample.steps=2"],
+        &[
+            "--set",
+            "train.steps=12",
+            "--set",
+            "train.log_every=4",
+            "--set",
+            "sample.every=6",
+            "--set",
+            "sample.num=4",
+            "--set",
+            "sample.steps=2",
+        ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tb = d.join("runs/demo/tb");
@@ -186,7 +192,8 @@ print(json.dumps(out))
         "perf/images_per_s",
         "perf/step_ms",
     ] {
-        let steps: Vec<i64> = tags[tag].as_array().unwrap_or_else(|| panic!("tag {tag} missing")).iter().map(|p| p[0].as_i64().unwrap()).collect();
+        let steps: Vec<i64> =
+            tags[tag].as_array().unwrap_or_else(|| panic!("tag {tag} missing")).iter().map(|p| p[0].as_i64().unwrap()).collect();
         assert_eq!(steps, vec![4, 8, 12], "{tag}");
     }
     // The EMA sample grid (2 x 2 latent-channel images of 8 x 8) at steps 6 and 12.

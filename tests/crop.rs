@@ -7,15 +7,11 @@ use image::RgbImage;
 use reg::data::crop::{center_crop_adm, resize, Filter};
 
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/crop")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/crop").join(name)
 }
 
 fn load(name: &str) -> RgbImage {
-    image::open(data(name))
-        .unwrap_or_else(|e| panic!("open {name}: {e}"))
-        .to_rgb8()
+    image::open(data(name)).unwrap_or_else(|e| panic!("open {name}: {e}")).to_rgb8()
 }
 
 /// Max absolute per-channel difference and number of pixels that differ at all.
@@ -24,22 +20,14 @@ fn compare(what: &str, got: &RgbImage, want: &RgbImage) -> (u8, usize) {
     let mut max = 0u8;
     let mut differing = 0usize;
     for (g, w) in got.pixels().zip(want.pixels()) {
-        let d =
-            g.0.iter()
-                .zip(&w.0)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap();
+        let d = g.0.iter().zip(&w.0).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
         max = max.max(d);
         differing += usize::from(d > 0);
     }
     let n = got.width() as usize * got.height() as usize;
     println!("{what}: max diff {max}, {differing}/{n} pixels off by 1");
     // Pillow's rounding is reproduced, so anything above one grey level is a bug.
-    assert!(
-        max <= 1,
-        "{what}: max diff {max} > 1 ({differing} pixels differ)"
-    );
+    assert!(max <= 1, "{what}: max diff {max} > 1 ({differing} pixels differ)");
     (max, differing)
 }
 
@@ -86,10 +74,7 @@ fn resize_matches_pillow() {
 /// above half the short side so that no BOX halving happens.
 #[test]
 fn windowed_crop_equals_full_resize_then_crop() {
-    for (name, sizes) in [
-        ("tall_300x700", [256, 200, 151]),
-        ("smooth_517x389", [256, 200, 195]),
-    ] {
+    for (name, sizes) in [("tall_300x700", [256, 200, 151]), ("smooth_517x389", [256, 200, 195])] {
         let img = load(&format!("{name}.png"));
         let (w, h) = img.dimensions();
         for size in sizes {

@@ -19,7 +19,7 @@ fn make_dataset(dir: &Path, records: &[i64]) -> Index {
     for (i, &n) in records.iter().enumerate() {
         let ids = Tensor::arange_start(next, next + n, (Kind::Float, Device::Cpu));
         let latents = Tensor::randn([n, 8, 8, 8], (Kind::Float, Device::Cpu));
-        let _ = latents.narrow(1, 0, 1).narrow(2, 0, 1).narrow(3, 0, 1).view([n]).copy_(&ids);
+        latents.narrow(1, 0, 1).narrow(2, 0, 1).narrow(3, 0, 1).view([n]).copy_(&ids);
         let labels = Tensor::arange_start(next, next + n, (Kind::Int64, Device::Cpu)).remainder(10);
         let features = Tensor::randn([n, 17, 32], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
         shards.push(write_shard(dir, i, &[("latents".into(), latents), ("labels".into(), labels), ("features".into(), features)]).unwrap());
@@ -171,10 +171,7 @@ fn training_reads_shards_and_bad_datasets_exit_2() {
     std::fs::create_dir_all(&d).unwrap();
     let mut ix = make_dataset(&d, &[20, 20]);
     let t = reg::model::weights::read(&d.join("shard-00001.safetensors")).unwrap();
-    let t: Vec<(String, Tensor)> = t
-        .into_iter()
-        .map(|(n, mut v)| if n == "labels" { (n, v.fill_(12)) } else { (n, v) })
-        .collect();
+    let t: Vec<(String, Tensor)> = t.into_iter().map(|(n, mut v)| if n == "labels" { (n, v.fill_(12)) } else { (n, v) }).collect();
     ix.shards[1] = write_shard(&d, 1, &t).unwrap();
     write_index(&d, &ix).unwrap();
     assert_bad(&train_on(&d, &out, &["--set", "train.steps=10"]), &["shard-00001.safetensors", "labels", "12"]);

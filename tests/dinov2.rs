@@ -56,12 +56,7 @@ fn check_f32(device: Device, tol: f64) {
     assert_eq!(model.hidden_size(), 32);
     assert_eq!(model.num_tokens(), 17);
     let want = &g["out.features"];
-    assert_rel(
-        "position table",
-        &model.embeddings.position_embeddings,
-        &g["pos_embed_resampled"],
-        1e-5,
-    );
+    assert_rel("position table", &model.embeddings.position_embeddings, &g["pos_embed_resampled"], 1e-5);
     let out = model.forward_preprocessed(&g["in.preprocessed"], Kind::Float);
     assert_eq!(out.kind(), Kind::Float);
     assert_rel("forward_preprocessed", &out, want, tol);
@@ -80,10 +75,7 @@ fn bf16_is_finite_and_close() {
     let model = Dinov2::load(&data().join("dinov2_tiny"), Device::Cpu, INPUT_SIZE).unwrap();
     let out = model.features(&g["in.pixels"], Kind::BFloat16);
     assert_eq!(out.kind(), Kind::Float);
-    assert!(
-        out.isfinite().all().int64_value(&[]) == 1,
-        "bf16 features are not finite"
-    );
+    assert!(out.isfinite().all().int64_value(&[]) == 1, "bf16 features are not finite");
     assert_rel("features bf16", &out, &g["out.features"], 5e-2);
 }
 
@@ -100,10 +92,7 @@ fn swiglu_matches_transformers() {
     std::fs::write(dir.path().join("config.json"), config).unwrap();
     let tensors: Vec<(String, Tensor)> = g
         .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("swiglu.")
-                .map(|n| (n.to_string(), v.shallow_clone()))
-        })
+        .filter_map(|(k, v)| k.strip_prefix("swiglu.").map(|n| (n.to_string(), v.shallow_clone())))
         .filter(|(n, _)| n != "out.features")
         .collect();
     weights::write(&dir.path().join("model.safetensors"), &tensors, None).unwrap();
@@ -128,22 +117,17 @@ type Edit = fn(&mut serde_json::Value);
 #[test]
 fn broken_config_is_an_input_error() {
     let cases: [(&str, Edit); 4] = [
-        ("num_attention_heads", |j| {
-            j["num_attention_heads"] = "two".into()
-        }),
+        ("num_attention_heads", |j| j["num_attention_heads"] = "two".into()),
         ("hidden_size", |j| {
             j.as_object_mut().unwrap().remove("hidden_size");
         }),
-        ("num_attention_heads", |j| {
-            j["num_attention_heads"] = 5.into()
-        }),
+        ("num_attention_heads", |j| j["num_attention_heads"] = 5.into()),
         ("hidden_act", |j| j["hidden_act"] = "tanh".into()),
     ];
     for (field, edit) in cases {
         let dir = copy_model();
         let cfg = dir.path().join("config.json");
-        let mut j: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
         edit(&mut j);
         std::fs::write(&cfg, serde_json::to_string(&j).unwrap()).unwrap();
         let e = load_err(dir.path());
@@ -156,37 +140,25 @@ fn broken_config_is_an_input_error() {
     let dir = copy_model();
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     let e = load_err(dir.path());
-    assert!(
-        is_input_error(&e) && e.to_string().contains("config.json"),
-        "{e}"
-    );
+    assert!(is_input_error(&e) && e.to_string().contains("config.json"), "{e}");
 
     // A grid the patch does not divide.
-    let e = Dinov2::load(&data().join("dinov2_tiny"), Device::Cpu, 50)
-        .err()
-        .expect("input size 50 should fail");
+    let e = Dinov2::load(&data().join("dinov2_tiny"), Device::Cpu, 50).err().expect("input size 50 should fail");
     assert!(is_input_error(&e), "{e}");
 }
 
 #[test]
 fn missing_or_misshaped_tensor_is_an_input_error() {
     let src = weights::read(&data().join("dinov2_tiny/model.safetensors")).unwrap();
-    let cases: [(&str, bool); 3] = [
-        ("encoder.layer.1.mlp.fc2.weight", false),
-        ("embeddings.position_embeddings", true),
-        ("layernorm.bias", false),
-    ];
+    let cases: [(&str, bool); 3] =
+        [("encoder.layer.1.mlp.fc2.weight", false), ("embeddings.position_embeddings", true), ("layernorm.bias", false)];
     for (name, reshape) in cases {
         let dir = copy_model();
         let tensors: Vec<(String, Tensor)> = src
             .iter()
             .filter(|(n, _)| reshape || n != name)
             .map(|(n, t)| {
-                let t = if n == name {
-                    t.narrow(1, 0, 17)
-                } else {
-                    t.shallow_clone()
-                };
+                let t = if n == name { t.narrow(1, 0, 17) } else { t.shallow_clone() };
                 (n.clone(), t)
             })
             .collect();
@@ -195,10 +167,7 @@ fn missing_or_misshaped_tensor_is_an_input_error() {
         let e = load_err(dir.path());
         let msg = e.to_string();
         assert!(is_input_error(&e), "{msg}");
-        assert!(
-            msg.contains("model.safetensors") && msg.contains(name),
-            "{msg}"
-        );
+        assert!(msg.contains("model.safetensors") && msg.contains(name), "{msg}");
         if reshape {
             assert!(msg.contains("shape"), "{msg}");
         }
@@ -207,8 +176,5 @@ fn missing_or_misshaped_tensor_is_an_input_error() {
     let dir = copy_model();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     let e = load_err(dir.path());
-    assert!(
-        is_input_error(&e) && e.to_string().contains("model.safetensors"),
-        "{e}"
-    );
+    assert!(is_input_error(&e) && e.to_string().contains("model.safetensors"), "{e}");
 }

@@ -48,11 +48,8 @@ fn one_two_and_four_ranks_train_the_same_model() {
 /// Starts a long 2-rank run with a short watchdog; returns the child and rank 1's pid.
 fn start_two_ranks(out: &str, name: &str) -> (std::process::Child, i32, std::sync::mpsc::Receiver<String>) {
     let args = train_args(out, name, &["--set", "train.steps=1000000", "--set", "train.log_every=1000", "--set", "dist.timeout_s=5"]);
-    let mut child = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let mut pid = None;
     for line in stdout.lines() {

@@ -117,7 +117,8 @@ fn bad_input_exits_2() {
     let w = tmp.path().join("w.safetensors");
     ok(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&w).output().unwrap());
     let wide = tmp.path().join("wide.yaml");
-    std::fs::write(&wide, std::fs::read_to_string(repo().join("configs/demo.yaml")).unwrap().replace("hidden_size: 64", "hidden_size: 96")).unwrap();
+    std::fs::write(&wide, std::fs::read_to_string(repo().join("configs/demo.yaml")).unwrap().replace("hidden_size: 64", "hidden_size: 96"))
+        .unwrap();
     let o = bin()
         .args(["sample", "--weights"])
         .arg(&w)

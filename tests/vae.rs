@@ -18,10 +18,7 @@ fn model_dir() -> PathBuf {
 }
 
 fn golden() -> HashMap<String, Tensor> {
-    weights::read_map(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vae_tiny_golden.safetensors"),
-    )
-    .unwrap()
+    weights::read_map(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vae_tiny_golden.safetensors")).unwrap()
 }
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -40,31 +37,18 @@ fn edited_copy(
     edit_weights: impl FnOnce(&mut Vec<(String, Tensor)>),
 ) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model_dir().join("config.json")).unwrap())
-            .unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model_dir().join("config.json")).unwrap()).unwrap();
     edit_config(&mut cfg);
-    std::fs::write(
-        dir.path().join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     let mut w = weights::read(&model_dir().join("diffusion_pytorch_model.safetensors")).unwrap();
     edit_weights(&mut w);
-    weights::write(
-        &dir.path().join("diffusion_pytorch_model.safetensors"),
-        &w,
-        None,
-    )
-    .unwrap();
+    weights::write(&dir.path().join("diffusion_pytorch_model.safetensors"), &w, None).unwrap();
     dir
 }
 
 /// The error of loading `dir`, which must be an input error.
 fn load_error(dir: &Path) -> String {
-    let e = Vae::load(dir, Device::Cpu)
-        .err()
-        .expect("loading must fail");
+    let e = Vae::load(dir, Device::Cpu).err().expect("loading must fail");
     eprintln!("{e:#}");
     assert!(is_input_error(&e), "not an input error: {e:#}");
     format!("{e:#}")
@@ -108,10 +92,7 @@ fn decode_scales_and_quantises() {
     assert_eq!(px.size(), g["out.decoded"].size());
     let want = ((&g["out.decoded"] + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
     let want = want.round();
-    let diff = (px.to_kind(Kind::Float) - &want)
-        .abs()
-        .max()
-        .double_value(&[]);
+    let diff = (px.to_kind(Kind::Float) - &want).abs().max().double_value(&[]);
     assert!(diff <= 1.0, "decoded pixels differ by {diff} grey levels");
     // The golden output leaves [-1, 1] on both sides, so the clamp was exercised.
     let (lo, hi) = (px.min().int64_value(&[]), px.max().int64_value(&[]));
@@ -124,19 +105,13 @@ fn bf16_is_finite_and_close() {
     let vae = load();
     let m = vae.encode_moments(&g["in.pixels"], Kind::BFloat16);
     assert_eq!(m.kind(), Kind::Float);
-    assert!(
-        m.isfinite().all().int64_value(&[]) == 1,
-        "bf16 moments not finite"
-    );
+    assert!(m.isfinite().all().int64_value(&[]) == 1, "bf16 moments not finite");
     let r = rel(&m, &g["out.moments"]);
     eprintln!("bf16 moments rel {r:e}");
     assert!(r < TOL_BF16, "bf16 moments rel {r:e}");
     let d = vae.decode_raw(&g["in.latents"], Kind::BFloat16);
     assert_eq!(d.kind(), Kind::Float);
-    assert!(
-        d.isfinite().all().int64_value(&[]) == 1,
-        "bf16 decode not finite"
-    );
+    assert!(d.isfinite().all().int64_value(&[]) == 1, "bf16 decode not finite");
     let r = rel(&d, &g["out.decoded"]);
     eprintln!("bf16 decoded rel {r:e}");
     assert!(r < TOL_BF16, "bf16 decoded rel {r:e}");
@@ -150,30 +125,17 @@ fn legacy_attention_names_load_the_same() {
         |_| {},
         |w| {
             for (name, _) in w.iter_mut() {
-                for (new, old) in [
-                    (".to_q.", ".query."),
-                    (".to_k.", ".key."),
-                    (".to_v.", ".value."),
-                    (".to_out.0.", ".proj_attn."),
-                ] {
+                for (new, old) in [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")] {
                     *name = name.replace(new, old);
                 }
             }
-            assert!(w
-                .iter()
-                .any(|(n, _)| n == "encoder.mid_block.attentions.0.proj_attn.weight"));
+            assert!(w.iter().any(|(n, _)| n == "encoder.mid_block.attentions.0.proj_attn.weight"));
         },
     );
     let vae = Vae::load(dir.path(), Device::Cpu).unwrap();
-    let r = rel(
-        &vae.decode_raw(&g["in.latents"], Kind::Float),
-        &g["out.decoded"],
-    );
+    let r = rel(&vae.decode_raw(&g["in.latents"], Kind::Float), &g["out.decoded"]);
     assert!(r < TOL_F32, "decoded rel {r:e}");
-    let r = rel(
-        &vae.encode_moments(&g["in.pixels"], Kind::Float),
-        &g["out.moments"],
-    );
+    let r = rel(&vae.encode_moments(&g["in.pixels"], Kind::Float), &g["out.moments"]);
     assert!(r < TOL_F32, "moments rel {r:e}");
 }
 
@@ -181,45 +143,23 @@ fn legacy_attention_names_load_the_same() {
 fn model_safetensors_is_accepted() {
     let dir = edited_copy(|_| {}, |_| {});
     let p = dir.path();
-    std::fs::rename(
-        p.join("diffusion_pytorch_model.safetensors"),
-        p.join("model.safetensors"),
-    )
-    .unwrap();
+    std::fs::rename(p.join("diffusion_pytorch_model.safetensors"), p.join("model.safetensors")).unwrap();
     Vae::load(p, Device::Cpu).unwrap();
 }
 
 #[test]
 fn broken_config_field_is_an_input_error() {
-    let dir = edited_copy(
-        |c| c["norm_num_groups"] = serde_json::json!("eight"),
-        |_| {},
-    );
+    let dir = edited_copy(|c| c["norm_num_groups"] = serde_json::json!("eight"), |_| {});
     let msg = load_error(dir.path());
-    assert!(
-        msg.contains("config.json") && msg.contains("norm_num_groups"),
-        "{msg}"
-    );
+    assert!(msg.contains("config.json") && msg.contains("norm_num_groups"), "{msg}");
 
-    let dir = edited_copy(
-        |c| c["block_out_channels"] = serde_json::json!([8, 16, -1, 16]),
-        |_| {},
-    );
+    let dir = edited_copy(|c| c["block_out_channels"] = serde_json::json!([8, 16, -1, 16]), |_| {});
     let msg = load_error(dir.path());
-    assert!(
-        msg.contains("config.json") && msg.contains("block_out_channels"),
-        "{msg}"
-    );
+    assert!(msg.contains("config.json") && msg.contains("block_out_channels"), "{msg}");
 
-    let dir = edited_copy(
-        |c| c["up_block_types"] = serde_json::json!(["UpDecoderBlock2D"]),
-        |_| {},
-    );
+    let dir = edited_copy(|c| c["up_block_types"] = serde_json::json!(["UpDecoderBlock2D"]), |_| {});
     let msg = load_error(dir.path());
-    assert!(
-        msg.contains("config.json") && msg.contains("up_block_types"),
-        "{msg}"
-    );
+    assert!(msg.contains("config.json") && msg.contains("up_block_types"), "{msg}");
 
     let dir = edited_copy(|_| {}, |_| {});
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
@@ -232,10 +172,7 @@ fn missing_tensor_is_an_input_error() {
     let gone = "decoder.mid_block.attentions.0.to_q.weight";
     let dir = edited_copy(|_| {}, |w| w.retain(|(n, _)| n != gone));
     let msg = load_error(dir.path());
-    assert!(
-        msg.contains("diffusion_pytorch_model.safetensors") && msg.contains(gone),
-        "{msg}"
-    );
+    assert!(msg.contains("diffusion_pytorch_model.safetensors") && msg.contains(gone), "{msg}");
 }
 
 #[test]
@@ -249,26 +186,15 @@ fn misshaped_tensor_is_an_input_error() {
         },
     );
     let msg = load_error(dir.path());
-    assert!(
-        msg.contains("diffusion_pytorch_model.safetensors")
-            && msg.contains(bad)
-            && msg.contains("shape"),
-        "{msg}"
-    );
+    assert!(msg.contains("diffusion_pytorch_model.safetensors") && msg.contains(bad) && msg.contains("shape"), "{msg}");
 }
 
 #[test]
 fn config_that_disagrees_with_the_weights_is_an_input_error() {
     // Fewer layers than stored: the extra resnets must not be silently ignored.
-    let dir = edited_copy(
-        |c| c["mid_block_add_attention"] = serde_json::json!(false),
-        |_| {},
-    );
+    let dir = edited_copy(|c| c["mid_block_add_attention"] = serde_json::json!(false), |_| {});
     let msg = load_error(dir.path());
-    assert!(
-        msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("attentions.0"),
-        "{msg}"
-    );
+    assert!(msg.contains("diffusion_pytorch_model.safetensors") && msg.contains("attentions.0"), "{msg}");
 }
 
 #[test]

@@ -30,8 +30,9 @@ fn hash(mut z: u64) -> u64 {
 pub fn render(c: u32, k: u32, seed: u64) -> image::RgbImage {
     let r = |i: u64| hash(seed ^ ((c as u64) << 32) ^ ((k as u64) << 8) ^ i);
     let (w, h) = (80 + (r(1) % 60) as u32, 72 + (r(2) % 60) as u32);
-    let hue = c as f32 / 10.0;
-    let col = [(hue * 6.28).sin() * 0.5 + 0.5, (hue * 6.28 + 2.1).sin() * 0.5 + 0.5, (hue * 6.28 + 4.2).sin() * 0.5 + 0.5];
+    // A hue per class: three phase-shifted sines around the colour wheel.
+    let a = std::f32::consts::TAU * c as f32 / 10.0;
+    let col = [0.0f32, 2.1, 4.2].map(|phase| (a + phase).sin() * 0.5 + 0.5);
     let bg = [(r(3) % 80) as f32 / 255.0, (r(4) % 80) as f32 / 255.0, (r(5) % 80) as f32 / 255.0];
     let (cx, cy) = (w as f32 * (0.35 + (r(6) % 30) as f32 / 100.0), h as f32 * (0.35 + (r(7) % 30) as f32 / 100.0));
     let size = w.min(h) as f32 * (0.2 + (r(8) % 15) as f32 / 100.0);

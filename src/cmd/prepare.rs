@@ -60,7 +60,7 @@ fn folder_name(p: &Path) -> String {
 
 pub fn run(a: Args) -> Result<()> {
     super::set_threads(a.threads);
-    if a.resolution % 32 != 0 {
+    if !a.resolution.is_multiple_of(32) {
         reg::bail_input!("--resolution: {} is not a multiple of 32", a.resolution);
     }
     if a.no_features && !a.store_images {
@@ -94,7 +94,13 @@ pub fn run(a: Args) -> Result<()> {
     };
     let vae_name = a.vae.as_deref().map(folder_name).unwrap_or_else(|| "from-reg:vae-sd".into());
     let models = Encoders { vae, encoder, device, kind };
-    let opts = Options { resolution: a.resolution, latent_bf16: a.latent_bf16, store_features: !a.no_features, store_images: a.store_images, batch: a.batch.max(1) };
+    let opts = Options {
+        resolution: a.resolution,
+        latent_bf16: a.latent_bf16,
+        store_features: !a.no_features,
+        store_images: a.store_images,
+        batch: a.batch.max(1),
+    };
     std::fs::create_dir_all(&a.out)?;
     let comm = dist::init(tch::Device::Cpu)?;
     let (rank, world) = (comm.rank(), comm.world());
@@ -113,7 +119,10 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let bar = if rank == 0 { ProgressBar::new(images as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  [{elapsed_precise} < {eta_precise}]").expect("static template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  [{elapsed_precise} < {eta_precise}]")
+            .expect("static template"),
+    );
     for i in todo {
         let part = &entries[i * a.shard_size..((i + 1) * a.shard_size).min(entries.len())];
         make_shard(&a.out, i, part, &models, &opts, &|n| bar.inc(n as u64))?;

@@ -103,7 +103,12 @@ pub fn run(a: Args) -> Result<()> {
     if a.cfg < 0.0 || a.cls_cfg < 0.0 {
         bail_input!("--cfg / --cls-cfg: guidance scales must not be negative");
     }
-    let iv: Vec<f64> = a.interval.split(',').map(|x| x.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| reg::error::bad_input(format!("--interval: {:?} is not low,high", a.interval)))?;
+    let iv: Vec<f64> = a
+        .interval
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| reg::error::bad_input(format!("--interval: {:?} is not low,high", a.interval)))?;
     if iv.len() != 2 || !(0.0..=1.0).contains(&iv[0]) || !(0.0..=1.0).contains(&iv[1]) || iv[0] >= iv[1] {
         bail_input!("--interval: {:?} must be low,high with 0 <= low < high <= 1", a.interval);
     }
@@ -117,8 +122,11 @@ pub fn run(a: Args) -> Result<()> {
         (Some(dir), _) => {
             let m = checkpoint::verify(dir)?;
             let flat = checkpoint::read_full(dir, &m, if a.ema { "ema" } else { "weights" })?;
-            let named: std::collections::HashMap<String, tch::Tensor> =
-                m.layout.iter().map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.shape.iter().product()).view(e.shape.as_slice()))).collect();
+            let named: std::collections::HashMap<String, tch::Tensor> = m
+                .layout
+                .iter()
+                .map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.shape.iter().product()).view(e.shape.as_slice())))
+                .collect();
             (m.config, (named, dir.display().to_string()))
         }
         (None, Some(w)) => {
@@ -158,12 +166,24 @@ pub fn run(a: Args) -> Result<()> {
     let comm = dist::init(tch::Device::Cpu)?;
     let (rank, world) = (comm.rank(), comm.world());
     // Image g belongs to rank g % world; finished PNGs are kept (resume).
-    let todo: Vec<u64> = (0..a.num as u64).filter(|g| (*g % world as u64) as i64 == rank).filter(|g| !a.out.join(png_name(*g)).exists()).collect();
+    let todo: Vec<u64> =
+        (0..a.num as u64).filter(|g| (*g % world as u64) as i64 == rank).filter(|g| !a.out.join(png_name(*g)).exists()).collect();
     if rank == 0 {
-        eprintln!("reg-ddp sample: {} images ({} to do on rank 0), {world} ranks on {device:?}, {} {} steps, cfg {} / token {}", a.num, todo.len(), a.mode, a.steps, a.cfg, a.cls_cfg);
+        eprintln!(
+            "reg-ddp sample: {} images ({} to do on rank 0), {world} ranks on {device:?}, {} {} steps, cfg {} / token {}",
+            a.num,
+            todo.len(),
+            a.mode,
+            a.steps,
+            a.cfg,
+            a.cls_cfg
+        );
     }
     let bar = if rank == 0 { ProgressBar::new(todo.len() as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  [{elapsed_precise} < {eta_precise}]").expect("static template"));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} images  {per_sec}  [{elapsed_precise} < {eta_precise}]")
+            .expect("static template"),
+    );
     let started = std::time::Instant::now();
     for chunk in todo.chunks(a.batch.max(1)) {
         let x = latents(&model, chunk, &spec, device);

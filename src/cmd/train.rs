@@ -3,11 +3,11 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use reg::dist::{self, watchdog::Watchdog, LaunchInfo};
-use reg::train::checkpoint::{self, PendingSave};
 use reg::diffusion::generate::{grid, latents, to_images, Labels, SampleSpec};
 use reg::diffusion::sampler::Guidance;
+use reg::dist::{self, watchdog::Watchdog, LaunchInfo};
 use reg::model::vae::Vae;
+use reg::train::checkpoint::{self, PendingSave};
 use reg::train::{resolve_device, tboard::EventWriter, StepStats, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -181,8 +181,7 @@ pub fn run(a: Args) -> Result<()> {
     let (steps, log_every, ckpt_every) = (t.cfg.train.steps, t.cfg.train.log_every, t.cfg.train.checkpoint_every);
     let bar = if a.json || rank != 0 { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .expect("static template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]").expect("static template"),
     );
     bar.set_position(t.step as u64);
     let mut window = Window::default();
@@ -282,11 +281,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     // A resumed run that had nothing left to do already has this checkpoint.
     let done = t.agree(&[checkpoint::step_dir(&run_dir, t.step).join("manifest.json").exists() as i64 as f64])?[0] > 0.0;
-    let dir = if done {
-        checkpoint::step_dir(&run_dir, t.step)
-    } else {
-        checkpoint::finish(checkpoint::start(&run_dir, &t)?, &t)?
-    };
+    let dir = if done { checkpoint::step_dir(&run_dir, t.step) } else { checkpoint::finish(checkpoint::start(&run_dir, &t)?, &t)? };
     bar.finish();
     if rank == 0 {
         // Launch scripts read this to decide whether to requeue.

@@ -1,14 +1,14 @@
 //! Pillow-compatible BOX/BICUBIC resampling and the ADM (guided-diffusion) center crop.
 //
-// The ImageNet latents of the reference pipeline were made with guided-diffusion's
-// `center_crop_arr`, which resizes with Pillow. Other resamplers (the `image` crate's
-// included) differ by several grey levels, enough to shift FID, so this module
-// re-implements the algorithm of Pillow's `libImaging/Resample.c` (8-bit path, as of
-// Pillow 13.0): two separable passes, each rounding to u8 in between; per output
-// index a window of taps whose support widens with the downscale factor
-// (antialiasing); taps normalised to sum 1 in f64, then turned into 22-bit fixed
-// point and accumulated in i32. The f64 expressions keep Pillow's operation order so
-// that the fixed-point taps come out bit-identical.
+// ImageNet is prepared with guided-diffusion's `center_crop_arr`, which resizes with
+// Pillow; other resamplers (the `image` crate's included) land a few grey levels
+// away. So this module re-implements the algorithm of Pillow's
+// `libImaging/Resample.c` (8-bit path, Pillow 13.0): two separable passes, each
+// rounding to u8 in between; per output index a window of taps whose support widens
+// with the downscale factor (antialiasing); taps normalised to sum 1 in f64, then
+// turned into 22-bit fixed point and accumulated in i32. The f64 expressions keep
+// Pillow's operation order so that the fixed-point taps come out bit-identical, and
+// the results match Pillow exactly (tests/crop.rs).
 
 use std::ops::Range;
 
@@ -113,11 +113,7 @@ impl Coeffs {
                 }
                 // Round half away from zero, as Pillow's `normalize_coeffs_8bpc`.
                 let f = *wx * f64::from(1u32 << PRECISION_BITS);
-                *kx = if f < 0.0 {
-                    (f - 0.5) as i32
-                } else {
-                    (f + 0.5) as i32
-                };
+                *kx = if f < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 };
             }
             let mut start = xmin as usize;
             if fixed && len < ksize {
@@ -129,12 +125,7 @@ impl Coeffs {
             }
             bounds.push((start, if fixed { ksize } else { len }));
         }
-        Coeffs {
-            ksize,
-            bounds,
-            taps,
-            fixed,
-        }
+        Coeffs { ksize, bounds, taps, fixed }
     }
 
     fn get(&self, i: usize) -> (usize, &[i32]) {
@@ -309,19 +300,11 @@ mod avx2 {
 
     /// `P` tap pairs per output pixel; 0: read it from `c.ksize` at run time.
     #[inline(always)]
-    fn horizontal_pairs<const P: usize>(
-        src: &View,
-        rows: Range<usize>,
-        c: &Coeffs,
-        out: &mut [u8],
-    ) {
+    fn horizontal_pairs<const P: usize>(src: &View, rows: Range<usize>, c: &Coeffs, out: &mut [u8]) {
         let pairs = if P == 0 { c.ksize.div_ceil(2) } else { P };
         let out_w = c.bounds.len();
         let mut taps = vec![0i32; out_w * pairs * 8];
-        for (t, k) in taps
-            .chunks_exact_mut(pairs * 8)
-            .zip(c.taps.chunks_exact(c.ksize))
-        {
+        for (t, k) in taps.chunks_exact_mut(pairs * 8).zip(c.taps.chunks_exact(c.ksize)) {
             for (d, &w) in t.chunks_exact_mut(4).zip(k) {
                 d.fill(w);
             }
@@ -375,19 +358,9 @@ fn copy(src: &View, cols: Range<usize>, rows: Range<usize>) -> Vec<u8> {
 
 /// The window `xr` x `yr` of Pillow's `resize((out_w, out_h), filter)` of `img`,
 /// computing only the source rows and columns that the window needs.
-fn resample_window(
-    img: &RgbImage,
-    out_w: u32,
-    out_h: u32,
-    filter: Filter,
-    xr: Range<u32>,
-    yr: Range<u32>,
-) -> RgbImage {
+fn resample_window(img: &RgbImage, out_w: u32, out_h: u32, filter: Filter, xr: Range<u32>, yr: Range<u32>) -> RgbImage {
     let (w, h) = img.dimensions();
-    let (xr, yr) = (
-        xr.start as usize..xr.end as usize,
-        yr.start as usize..yr.end as usize,
-    );
+    let (xr, yr) = (xr.start as usize..xr.end as usize, yr.start as usize..yr.end as usize);
     let (ww, wh) = (xr.len(), yr.len());
     // Pillow skips a pass whose size is unchanged (a pass at scale 1 would be the
     // identity anyway, but the copy is cheaper).
@@ -396,30 +369,17 @@ fn resample_window(
     // Pillow 13 runs the vertical pass first when the height shrinks by more than
     // twice as many pixels as the width (Pillow <= 12 always went horizontal first).
     // The order changes the u8 rounding in between, so it is mirrored here.
-    let (dh, dw) = (
-        i64::from(h) - i64::from(out_h),
-        i64::from(w) - i64::from(out_w),
-    );
+    let (dh, dw) = (i64::from(h) - i64::from(out_h), i64::from(w) - i64::from(out_w));
     let horizontal_first = !(dh > 0 && dh > dw * 2);
 
-    let src = View {
-        data: img.as_raw(),
-        stride: w as usize,
-        col0: 0,
-        row0: 0,
-    };
+    let src = View { data: img.as_raw(), stride: w as usize, col0: 0, row0: 0 };
     let data = if horizontal_first {
         let rows = vc.as_ref().map_or(yr.clone(), Coeffs::source_span);
         let tmp = match &hc {
             Some(c) => horizontal(&src, rows.clone(), c),
             None => copy(&src, xr.clone(), rows.clone()),
         };
-        let mid = View {
-            data: &tmp,
-            stride: ww,
-            col0: xr.start,
-            row0: rows.start,
-        };
+        let mid = View { data: &tmp, stride: ww, col0: xr.start, row0: rows.start };
         match &vc {
             Some(c) => vertical(&mid, xr, c),
             None => tmp,
@@ -430,12 +390,7 @@ fn resample_window(
             Some(c) => vertical(&src, cols.clone(), c),
             None => copy(&src, cols.clone(), yr.clone()),
         };
-        let mid = View {
-            data: &tmp,
-            stride: cols.len(),
-            col0: cols.start,
-            row0: yr.start,
-        };
+        let mid = View { data: &tmp, stride: cols.len(), col0: cols.start, row0: yr.start };
         match &hc {
             Some(c) => horizontal(&mid, yr, c),
             None => tmp,
@@ -449,10 +404,7 @@ fn resample_window(
 /// Matches `PIL.Image.resize((w, h), resample=filter)` (no `reducing_gap`) exactly
 /// for 8-bit RGB.
 pub fn resize(img: &RgbImage, w: u32, h: u32, filter: Filter) -> RgbImage {
-    assert!(
-        w > 0 && h > 0,
-        "resize: target size must be positive, got {w}x{h}"
-    );
+    assert!(w > 0 && h > 0, "resize: target size must be positive, got {w}x{h}");
     resample_window(img, w, h, filter, 0..w, 0..h)
 }
 
@@ -464,15 +416,12 @@ pub fn resize(img: &RgbImage, w: u32, h: u32, filter: Filter) -> RgbImage {
 /// as resizing the whole image. Panics if `size` is 0 or the image is empty.
 pub fn center_crop_adm(img: &RgbImage, size: u32) -> RgbImage {
     assert!(size > 0, "center_crop_adm: size must be positive");
-    assert!(
-        img.width() > 0 && img.height() > 0,
-        "center_crop_adm: empty image"
-    );
+    assert!(img.width() > 0 && img.height() > 0, "center_crop_adm: empty image");
     let mut halved: Option<RgbImage> = None;
     loop {
         let cur = halved.as_ref().unwrap_or(img);
         let (w, h) = cur.dimensions();
-        if w.min(h) < 2 * size {
+        if u64::from(w.min(h)) < 2 * u64::from(size) {
             break;
         }
         halved = Some(resize(cur, w / 2, h / 2, Filter::Box));
@@ -519,12 +468,7 @@ mod tests {
     fn simd_and_scalar_passes_agree() {
         let (w, h) = (203, 61);
         let data = noise(w, h);
-        let src = View {
-            data: &data,
-            stride: w,
-            col0: 0,
-            row0: 0,
-        };
+        let src = View { data: &data, stride: w, col0: 0, row0: 0 };
         for filter in [Filter::Box, Filter::Bicubic] {
             for out in [1, 2, 7, 50, 101, 102, 150, 203, 300, 517] {
                 let hc = Coeffs::new(w as u32, out, filter, 0..out as usize, true);

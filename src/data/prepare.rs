@@ -58,8 +58,7 @@ struct RegLabels {
 pub fn list_reg(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
     let lpath = root.join("vae-sd/dataset.json");
     let text = std::fs::read_to_string(&lpath).map_err(|e| bad_input(format!("{}: cannot read: {e}", lpath.display())))?;
-    let labels: RegLabels =
-        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: labels: {e}", lpath.display())))?;
+    let labels: RegLabels = serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: labels: {e}", lpath.display())))?;
     let mut rows = labels.labels;
     rows.sort();
     let mut entries = Vec::with_capacity(rows.len());
@@ -89,7 +88,8 @@ pub fn read_npy_f32(path: &Path) -> Result<Tensor> {
         return Err(bad("dtype must be <f4, C order"));
     }
     let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("shape"))?;
-    let shape: Vec<i64> = shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().map_err(|_| bad("shape"))).collect::<Result<_>>()?;
+    let shape: Vec<i64> =
+        shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().map_err(|_| bad("shape"))).collect::<Result<_>>()?;
     let data = &bytes[start + hlen..];
     if data.len() != shape.iter().product::<i64>() as usize * 4 {
         return Err(bad("truncated"));
@@ -169,7 +169,8 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
         let moments = if let Some(vae) = &m.vae {
             vae.encode_moments(&on_dev, m.kind).to_device(Device::Cpu)
         } else {
-            let ms: Vec<Tensor> = ok.iter().map(|(e, _)| read_npy_f32(e.moments.as_ref().expect("from-reg entry"))).collect::<Result<_>>()?;
+            let ms: Vec<Tensor> =
+                ok.iter().map(|(e, _)| read_npy_f32(e.moments.as_ref().expect("from-reg entry"))).collect::<Result<_>>()?;
             Tensor::stack(&ms, 0)
         };
         lat.push(if o.latent_bf16 { moments.to_kind(Kind::BFloat16) } else { moments });
@@ -184,7 +185,11 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
         on_batch(chunk.len());
     }
     if labels.is_empty() {
-        bail_input!("shard {i}: none of its {} images could be read (first: {})", entries.len(), bad.first().map(|b| b.0.as_str()).unwrap_or("?"));
+        bail_input!(
+            "shard {i}: none of its {} images could be read (first: {})",
+            entries.len(),
+            bad.first().map(|b| b.0.as_str()).unwrap_or("?")
+        );
     }
     let mut tensors = vec![("latents".to_string(), Tensor::cat(&lat, 0)), ("labels".to_string(), Tensor::from_slice(&labels))];
     if o.store_features {
@@ -202,7 +207,17 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
 /// Writes `index.json` from the shards' sidecars and the bad-image report; fails when
 /// more than `max_bad_fraction` of the images could not be read.
 #[allow(clippy::too_many_arguments)]
-pub fn finish(out: &Path, shards: usize, total: usize, classes: Vec<String>, m: &Encoders, o: &Options, latent_shape: Vec<i64>, vae_name: &str, max_bad_fraction: f64) -> Result<Index> {
+pub fn finish(
+    out: &Path,
+    shards: usize,
+    total: usize,
+    classes: Vec<String>,
+    m: &Encoders,
+    o: &Options,
+    latent_shape: Vec<i64>,
+    vae_name: &str,
+    max_bad_fraction: f64,
+) -> Result<Index> {
     let mut infos = Vec::new();
     let mut bad = Vec::new();
     for i in 0..shards {

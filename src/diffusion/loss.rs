@@ -32,15 +32,7 @@ pub fn step_seed(seed: u64, step: u64, stream: u64) -> i64 {
 
 impl StepDraws {
     /// Draws on the CPU (identical on every machine and device), in a fixed order.
-    pub fn generate(
-        seed: u64,
-        step: u64,
-        global_batch: i64,
-        latent: [i64; 3],
-        z_dim: i64,
-        cfg: &LossConfig,
-        class_dropout: f64,
-    ) -> Self {
+    pub fn generate(seed: u64, step: u64, global_batch: i64, latent: [i64; 3], z_dim: i64, cfg: &LossConfig, class_dropout: f64) -> Self {
         tch::manual_seed(step_seed(seed, step, 0));
         let b = global_batch;
         let opts = (Kind::Float, Device::Cpu);

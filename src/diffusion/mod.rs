@@ -1,8 +1,8 @@
 //! Interpolant paths, the REG training loss, and (later) the samplers.
 
+pub mod generate;
 pub mod loss;
 pub mod path;
-pub mod generate;
 pub mod sampler;
 
 pub use loss::{reg_loss, LossTerms, StepDraws};

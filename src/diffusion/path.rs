@@ -16,20 +16,12 @@ impl Interpolant {
     /// Linear: `alpha = 1 - t, sigma = t`; cosine: `alpha = cos(pi t / 2), sigma = sin(pi t / 2)`.
     pub fn at(path: PathType, t: &Tensor) -> Self {
         match path {
-            PathType::Linear => Interpolant {
-                alpha: 1.0 - t,
-                sigma: t.shallow_clone(),
-                d_alpha: t.ones_like() * -1.0,
-                d_sigma: t.ones_like(),
-            },
+            PathType::Linear => {
+                Interpolant { alpha: 1.0 - t, sigma: t.shallow_clone(), d_alpha: t.ones_like() * -1.0, d_sigma: t.ones_like() }
+            }
             PathType::Cosine => {
                 let a = t * (PI / 2.0);
-                Interpolant {
-                    alpha: a.cos(),
-                    sigma: a.sin(),
-                    d_alpha: a.sin() * (-PI / 2.0),
-                    d_sigma: a.cos() * (PI / 2.0),
-                }
+                Interpolant { alpha: a.cos(), sigma: a.sin(), d_alpha: a.sin() * (-PI / 2.0), d_sigma: a.cos() * (PI / 2.0) }
             }
         }
     }

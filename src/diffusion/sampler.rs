@@ -128,7 +128,17 @@ fn score(path: PathType, v: &Tensor, x: &Tensor, t: f64) -> Tensor {
 /// Euler-Maruyama sampling. `z`: start latents [N, C, H, W]; `cls`: start REG token
 /// [N, Dz]; `y`: labels [N]; returns the final latents [N, C, H, W] f64.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_sde(model: &SiT, z: &Tensor, cls: &Tensor, y: &Tensor, steps: i64, g: Guidance, path: PathType, kind: Kind, noise: &mut dyn NoiseSource) -> Tensor {
+pub fn sample_sde(
+    model: &SiT,
+    z: &Tensor,
+    cls: &Tensor,
+    y: &Tensor,
+    steps: i64,
+    g: Guidance,
+    path: PathType,
+    kind: Kind,
+    noise: &mut dyn NoiseSource,
+) -> Tensor {
     let _ng = tch::no_grad_guard();
     let dev = z.device();
     let null = model.dims.num_classes;

@@ -33,19 +33,38 @@ macro_rules! typed {
     ($t:expr, |$s:ident: $ty:ident| $body:expr) => {{
         let n = $t.numel();
         match $t.kind() {
-            Kind::Float => { type $ty = f32; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
-            Kind::Double => { type $ty = f64; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
-            Kind::Int64 => { type $ty = i64; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
-            Kind::Uint8 => { type $ty = u8; let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) }; $body }
+            Kind::Float => {
+                type $ty = f32;
+                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                $body
+            }
+            Kind::Double => {
+                type $ty = f64;
+                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                $body
+            }
+            Kind::Int64 => {
+                type $ty = i64;
+                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                $body
+            }
+            Kind::Uint8 => {
+                type $ty = u8;
+                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                $body
+            }
             k => bail!("MPI: unsupported dtype {k:?}"),
         }
     }};
 }
 
-/// A typed view of a second tensor of the same kind as the first.
-fn view<T>(t: &Tensor) -> &mut [T] {
-    // SAFETY: the caller checked kind, contiguity and device; the tensor outlives the call.
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+/// A typed view of a tensor's memory (MPI writes into it).
+///
+/// # Safety
+/// `t` is a contiguous CPU tensor of element type `T` that outlives the slice, and
+/// nothing else reads or writes it meanwhile.
+unsafe fn view<'a, T>(t: &Tensor) -> &'a mut [T] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel())
 }
 
 impl Comm for MpiComm {
@@ -59,7 +78,8 @@ impl Comm for MpiComm {
         check_cpu(t, "all-reduce")?;
         let send = t.copy();
         typed!(send, |s: T| {
-            let r: &mut [T] = view(t);
+            // SAFETY: checked CPU + contiguous above; the kind matches `send`'s (a copy of `t`).
+            let r: &mut [T] = unsafe { view(t) };
             self.world_comm.all_reduce_into(&s[..], r, SystemOperation::sum());
         });
         Ok(())
@@ -71,7 +91,8 @@ impl Comm for MpiComm {
             bail!("MPI reduce-scatter: input must be world x output of the same dtype");
         }
         typed!(input, |s: T| {
-            let r: &mut [T] = view(output);
+            // SAFETY: checked CPU + contiguous + same kind above.
+            let r: &mut [T] = unsafe { view(output) };
             self.world_comm.reduce_scatter_block_into(&s[..], r, SystemOperation::sum());
         });
         Ok(())
@@ -85,7 +106,8 @@ impl Comm for MpiComm {
         // The input may alias a slice of the output (the weights' own shard): send a copy.
         let send = input.copy();
         typed!(send, |s: T| {
-            let r: &mut [T] = view(output);
+            // SAFETY: checked CPU + contiguous + same kind above.
+            let r: &mut [T] = unsafe { view(output) };
             self.world_comm.all_gather_into(&s[..], r);
         });
         Ok(())

@@ -57,8 +57,7 @@ impl Dinov2Config {
     /// Parses a `config.json`. Sizes are required; the rest defaults as in `Dinov2Config`.
     /// `layerscale_value` is only an initial value and the weights carry `lambda1`, so it is not read.
     pub fn parse(text: &str, file: &str) -> Result<Self> {
-        let j: Value = serde_json::from_str(text)
-            .map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
+        let j: Value = serde_json::from_str(text).map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
         let Some(obj) = j.as_object() else {
             bail_input!("{file}: expected a JSON object");
         };
@@ -70,11 +69,7 @@ impl Dinov2Config {
         }
         let int = |name: &str, default: Option<i64>| -> Result<i64> {
             let v = match (obj.get(name), default) {
-                (Some(v), _) => v.as_i64().ok_or_else(|| {
-                    bad_input(format!(
-                        "{file}: field {name}: expected an integer, found {v}"
-                    ))
-                })?,
+                (Some(v), _) => v.as_i64().ok_or_else(|| bad_input(format!("{file}: field {name}: expected an integer, found {v}")))?,
                 (None, Some(d)) => d,
                 (None, None) => bail_input!("{file}: field {name}: missing"),
             };
@@ -85,11 +80,7 @@ impl Dinov2Config {
         };
         let float = |name: &str, default: f64| -> Result<f64> {
             let v = match obj.get(name) {
-                Some(v) => v.as_f64().ok_or_else(|| {
-                    bad_input(format!(
-                        "{file}: field {name}: expected a number, found {v}"
-                    ))
-                })?,
+                Some(v) => v.as_f64().ok_or_else(|| bad_input(format!("{file}: field {name}: expected a number, found {v}")))?,
                 None => default,
             };
             if !(v.is_finite() && v > 0.0) {
@@ -99,11 +90,7 @@ impl Dinov2Config {
         };
         let boolean = |name: &str, default: bool| -> Result<bool> {
             match obj.get(name) {
-                Some(v) => v.as_bool().ok_or_else(|| {
-                    bad_input(format!(
-                        "{file}: field {name}: expected true or false, found {v}"
-                    ))
-                }),
+                Some(v) => v.as_bool().ok_or_else(|| bad_input(format!("{file}: field {name}: expected true or false, found {v}"))),
                 None => Ok(default),
             }
         };
@@ -131,30 +118,16 @@ impl Dinov2Config {
             use_swiglu_ffn: boolean("use_swiglu_ffn", false)?,
         };
         if c.hidden_size % c.num_attention_heads != 0 {
-            bail_input!(
-                "{file}: field num_attention_heads: {} does not divide hidden_size {}",
-                c.num_attention_heads,
-                c.hidden_size
-            );
+            bail_input!("{file}: field num_attention_heads: {} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size);
         }
         if c.image_size % c.patch_size != 0 {
-            bail_input!(
-                "{file}: field image_size: {} is not a multiple of patch_size {}",
-                c.image_size,
-                c.patch_size
-            );
+            bail_input!("{file}: field image_size: {} is not a multiple of patch_size {}", c.image_size, c.patch_size);
         }
         if c.num_channels != 3 {
-            bail_input!(
-                "{file}: field num_channels: expected 3 (RGB), found {}",
-                c.num_channels
-            );
+            bail_input!("{file}: field num_channels: expected 3 (RGB), found {}", c.num_channels);
         }
         if c.mlp_hidden() <= 0 {
-            bail_input!(
-                "{file}: field mlp_ratio: {} gives an empty MLP",
-                c.mlp_ratio
-            );
+            bail_input!("{file}: field mlp_ratio: {} gives an empty MLP", c.mlp_ratio);
         }
         Ok(c)
     }
@@ -191,21 +164,10 @@ impl Loader {
             bail_input!("{}: tensor {name}: missing", self.file);
         };
         if t.size() != shape {
-            bail_input!(
-                "{}: tensor {name}: expected shape {shape:?}, found {:?}",
-                self.file,
-                t.size()
-            );
+            bail_input!("{}: tensor {name}: expected shape {shape:?}, found {:?}", self.file, t.size());
         }
-        if !matches!(
-            t.kind(),
-            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
-        ) {
-            bail_input!(
-                "{}: tensor {name}: expected a floating-point dtype, found {:?}",
-                self.file,
-                t.kind()
-            );
+        if !matches!(t.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            bail_input!("{}: tensor {name}: expected a floating-point dtype, found {:?}", self.file, t.kind());
         }
         Ok(t.to_kind(Kind::Float).to_device(self.device))
     }
@@ -213,20 +175,12 @@ impl Loader {
     fn linear(&mut self, name: &str, d_in: i64, d_out: i64, bias: bool) -> Result<Linear> {
         Ok(Linear {
             weight: self.get(&format!("{name}.weight"), &[d_out, d_in])?,
-            bias: if bias {
-                Some(self.get(&format!("{name}.bias"), &[d_out])?)
-            } else {
-                None
-            },
+            bias: if bias { Some(self.get(&format!("{name}.bias"), &[d_out])?) } else { None },
         })
     }
 
     fn layer_norm(&mut self, name: &str, dim: i64, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: self.get(&format!("{name}.weight"), &[dim])?,
-            bias: self.get(&format!("{name}.bias"), &[dim])?,
-            eps,
-        })
+        Ok(LayerNorm { weight: self.get(&format!("{name}.weight"), &[dim])?, bias: self.get(&format!("{name}.bias"), &[dim])?, eps })
     }
 }
 
@@ -240,10 +194,7 @@ impl Linear {
     /// Computes in the dtype of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
-        x.linear(
-            &self.weight.to_kind(k),
-            self.bias.as_ref().map(|b| b.to_kind(k)),
-        )
+        x.linear(&self.weight.to_kind(k), self.bias.as_ref().map(|b| b.to_kind(k)))
     }
 }
 
@@ -257,17 +208,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
-        let d = *x
-            .size()
-            .last()
-            .expect("LayerNorm input has a last dimension");
-        x.layer_norm(
-            [d],
-            Some(self.weight.to_kind(k)),
-            Some(self.bias.to_kind(k)),
-            self.eps,
-            true,
-        )
+        let d = *x.size().last().expect("LayerNorm input has a last dimension");
+        x.layer_norm([d], Some(self.weight.to_kind(k)), Some(self.bias.to_kind(k)), self.eps, true)
     }
 }
 
@@ -291,17 +233,7 @@ impl Embeddings {
         let p = self.patch;
         let n = x.size()[0];
         let w = self.projection_weight.to_kind(k);
-        let patches = x
-            .conv2d(
-                &w,
-                Some(self.projection_bias.to_kind(k)),
-                [p, p],
-                [0, 0],
-                [1, 1],
-                1,
-            )
-            .flatten(2, -1)
-            .transpose(1, 2);
+        let patches = x.conv2d(&w, Some(self.projection_bias.to_kind(k)), [p, p], [0, 0], [1, 1], 1).flatten(2, -1).transpose(1, 2);
         let cls = self.cls_token.to_kind(k).expand([n, 1, -1], false);
         Tensor::cat(&[cls, patches], 1) + self.position_embeddings.to_kind(k)
     }
@@ -320,49 +252,25 @@ impl Attention {
     /// x: [N, T, D] -> [N, T, D]
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (n, t, d) = x.size3().expect("attention input is [N, T, D]");
-        let split = |l: &Linear| {
-            l.forward(x)
-                .reshape([n, t, self.heads, d / self.heads])
-                .transpose(1, 2)
-        };
+        let split = |l: &Linear| l.forward(x).reshape([n, t, self.heads, d / self.heads]).transpose(1, 2);
         let (q, k, v) = (split(&self.query), split(&self.key), split(&self.value));
         // Default scale 1/sqrt(head_dim), no dropout at inference: what the eager path computes.
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
-        self.output_dense
-            .forward(&o.transpose(1, 2).reshape([n, t, d]))
+        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        self.output_dense.forward(&o.transpose(1, 2).reshape([n, t, d]))
     }
 }
 
 /// `mlp`: `fc1 -> act -> fc2`, or SwiGLU `weights_in -> silu(a) * b -> weights_out`.
 pub enum Mlp {
-    Plain {
-        fc1: Linear,
-        fc2: Linear,
-        act: Activation,
-    },
-    SwiGlu {
-        weights_in: Linear,
-        weights_out: Linear,
-    },
+    Plain { fc1: Linear, fc2: Linear, act: Activation },
+    SwiGlu { weights_in: Linear, weights_out: Linear },
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Mlp::Plain { fc1, fc2, act } => fc2.forward(&act.apply(&fc1.forward(x))),
-            Mlp::SwiGlu {
-                weights_in,
-                weights_out,
-            } => {
+            Mlp::SwiGlu { weights_in, weights_out } => {
                 let h = weights_in.forward(x).chunk(2, -1);
                 weights_out.forward(&(h[0].silu() * &h[1]))
             }
@@ -437,10 +345,7 @@ pub fn resample_pos_embed(table: &Tensor, grid: i64) -> Tensor {
     }
     let table = table.to_kind(Kind::Float);
     let cls = table.narrow(1, 0, 1);
-    let patches = table
-        .narrow(1, 1, rows - 1)
-        .reshape([1, old, old, d])
-        .permute([0, 3, 1, 2]);
+    let patches = table.narrow(1, 1, rows - 1).reshape([1, old, old, d]).permute([0, 3, 1, 2]);
     let resized = patches.internal_upsample_bicubic2d_aa([grid, grid], false, None, None);
     let resized = resized.permute([0, 2, 3, 1]).reshape([1, grid * grid, d]);
     Tensor::cat(&[cls, resized], 1)
@@ -464,48 +369,29 @@ impl Dinov2 {
     pub fn load(dir: &Path, device: Device, input_size: i64) -> Result<Dinov2> {
         let cfg_path = dir.join("config.json");
         let cfg_file = cfg_path.display().to_string();
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
         let config = Dinov2Config::parse(&text, &cfg_file)?;
         let p = config.patch_size;
         if input_size <= 0 || input_size % p != 0 {
-            bail_input!(
-                "{cfg_file}: input size {input_size} is not a positive multiple of patch_size {p}"
-            );
+            bail_input!("{cfg_file}: input size {input_size} is not a positive multiple of patch_size {p}");
         }
         let st_path = dir.join("model.safetensors");
         let map = weights::read_map(&st_path)?;
-        let mut ld = Loader {
-            map,
-            file: st_path.display().to_string(),
-            device,
-        };
+        let mut ld = Loader { map, file: st_path.display().to_string(), device };
         let d = config.hidden_size;
         let g0 = config.image_size / p;
         let table = ld.get("embeddings.position_embeddings", &[1, 1 + g0 * g0, d])?;
         let embeddings = Embeddings {
             cls_token: ld.get("embeddings.cls_token", &[1, 1, d])?,
             position_embeddings: resample_pos_embed(&table, input_size / p),
-            projection_weight: ld.get(
-                "embeddings.patch_embeddings.projection.weight",
-                &[d, config.num_channels, p, p],
-            )?,
+            projection_weight: ld.get("embeddings.patch_embeddings.projection.weight", &[d, config.num_channels, p, p])?,
             projection_bias: ld.get("embeddings.patch_embeddings.projection.bias", &[d])?,
             patch: p,
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::load(&mut ld, i, &config))
-            .collect::<Result<_>>()?;
+        let layers = (0..config.num_hidden_layers).map(|i| Layer::load(&mut ld, i, &config)).collect::<Result<_>>()?;
         let layernorm = ld.layer_norm("layernorm", d, config.layer_norm_eps)?;
         // Tensors left over (mask_token, pooler heads) are not used by the forward pass.
-        Ok(Dinov2 {
-            config,
-            embeddings,
-            layers,
-            layernorm,
-            input_size,
-            device,
-        })
+        Ok(Dinov2 { config, embeddings, layers, layernorm, input_size, device })
     }
 
     pub fn hidden_size(&self) -> i64 {
@@ -531,23 +417,13 @@ impl Dinov2 {
         tch::no_grad(|| {
             let (_, c, h, w) = pixels.size4().expect("pixels are [N, 3, H, W]");
             assert_eq!(c, 3, "pixels are [N, 3, H, W]");
-            let mean = Tensor::from_slice(&MEAN)
-                .to_kind(Kind::Float)
-                .to_device(self.device)
-                .reshape([1, 3, 1, 1]);
-            let std = Tensor::from_slice(&STD)
-                .to_kind(Kind::Float)
-                .to_device(self.device)
-                .reshape([1, 3, 1, 1]);
+            let mean = Tensor::from_slice(&MEAN).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
+            let std = Tensor::from_slice(&STD).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
             let x = pixels.to_device(self.device).to_kind(Kind::Float) / 255.0;
             let x = (x - mean) / std;
             let s = self.input_size;
             // At the same size bicubic is the identity; skipping it saves a pass.
-            let x = if (h, w) == (s, s) {
-                x
-            } else {
-                x.upsample_bicubic2d([s, s], false, None, None)
-            };
+            let x = if (h, w) == (s, s) { x } else { x.upsample_bicubic2d([s, s], false, None, None) };
             self.forward_preprocessed(&x, kind)
         })
     }
@@ -558,13 +434,8 @@ impl Dinov2 {
         tch::no_grad(|| {
             let s = self.input_size;
             let size = x.size();
-            assert!(
-                size.len() == 4 && size[1] == 3 && size[2] == s && size[3] == s,
-                "input is [N, 3, {s}, {s}], found {size:?}"
-            );
-            let mut h = self
-                .embeddings
-                .forward(&x.to_device(self.device).to_kind(kind));
+            assert!(size.len() == 4 && size[1] == 3 && size[2] == s && size[3] == s, "input is [N, 3, {s}, {s}], found {size:?}");
+            let mut h = self.embeddings.forward(&x.to_device(self.device).to_kind(kind));
             for layer in &self.layers {
                 h = layer.forward(&h);
             }

@@ -13,8 +13,13 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
     /// Xavier-uniform with the given fans (a conv counts as a Linear over its patch).
-    XavierUniform { fan_in: i64, fan_out: i64 },
-    Normal { std: f64 },
+    XavierUniform {
+        fan_in: i64,
+        fan_out: i64,
+    },
+    Normal {
+        std: f64,
+    },
     Zeros,
     Ones,
 }
@@ -147,11 +152,8 @@ impl Params {
     /// Every tensor under its checkpoint name, sliced out of `flat` (the live
     /// weights, or any other buffer with the same layout such as the EMA).
     pub fn named(&self, flat: &Tensor) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = self
-            .entries
-            .iter()
-            .map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.numel).view(e.shape.as_slice())))
-            .collect();
+        let mut out: Vec<(String, Tensor)> =
+            self.entries.iter().map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.numel).view(e.shape.as_slice()))).collect();
         out.extend(self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
         out
     }
@@ -160,12 +162,8 @@ impl Params {
     /// parameter must be present with its shape, and nothing else may be there;
     /// `source` names the origin in errors.
     pub fn load_into(&self, flat: &Tensor, tensors: &HashMap<String, Tensor>, source: &str) -> Result<()> {
-        let known: std::collections::HashSet<&str> = self
-            .entries
-            .iter()
-            .map(|e| e.name.as_str())
-            .chain(self.buffers.iter().map(|(n, _)| n.as_str()))
-            .collect();
+        let known: std::collections::HashSet<&str> =
+            self.entries.iter().map(|e| e.name.as_str()).chain(self.buffers.iter().map(|(n, _)| n.as_str())).collect();
         let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !known.contains(k.as_str())).collect();
         unexpected.sort();
         if let Some(k) = unexpected.first() {

@@ -93,9 +93,7 @@ impl PatchEmbed {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
         let p = self.patch;
-        x.conv2d(&self.weight.to_kind(k), Some(self.bias.to_kind(k)), [p, p], [0, 0], [1, 1], 1)
-            .flatten(2, -1)
-            .transpose(1, 2)
+        x.conv2d(&self.weight.to_kind(k), Some(self.bias.to_kind(k)), [p, p], [0, 0], [1, 1], 1).flatten(2, -1).transpose(1, 2)
     }
 }
 

@@ -45,10 +45,7 @@ impl Fields<'_> {
             None => Ok(default),
             Some(v) => match v.as_i64() {
                 Some(n) if n > 0 => Ok(n),
-                _ => bail_input!(
-                    "{}: field {name}: expected a positive integer, got {v}",
-                    self.file
-                ),
+                _ => bail_input!("{}: field {name}: expected a positive integer, got {v}", self.file),
             },
         }
     }
@@ -58,10 +55,7 @@ impl Fields<'_> {
             None => Ok(default),
             Some(v) => match v.as_f64() {
                 Some(x) if x > 0.0 && x.is_finite() => Ok(x),
-                _ => bail_input!(
-                    "{}: field {name}: expected a positive number, got {v}",
-                    self.file
-                ),
+                _ => bail_input!("{}: field {name}: expected a positive number, got {v}", self.file),
             },
         }
     }
@@ -69,12 +63,7 @@ impl Fields<'_> {
     fn bool(&self, name: &str, default: bool) -> Result<bool> {
         match self.get(name) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| {
-                bad_input(format!(
-                    "{}: field {name}: expected true or false, got {v}",
-                    self.file
-                ))
-            }),
+            Some(v) => v.as_bool().ok_or_else(|| bad_input(format!("{}: field {name}: expected true or false, got {v}", self.file))),
         }
     }
 
@@ -83,14 +72,8 @@ impl Fields<'_> {
             return Ok(default.to_vec());
         };
         let items = v.as_array().filter(|a| !a.is_empty());
-        let ints: Option<Vec<i64>> =
-            items.and_then(|a| a.iter().map(|x| x.as_i64().filter(|&n| n > 0)).collect());
-        ints.ok_or_else(|| {
-            bad_input(format!(
-                "{}: field {name}: expected a non-empty list of positive integers, got {v}",
-                self.file
-            ))
-        })
+        let ints: Option<Vec<i64>> = items.and_then(|a| a.iter().map(|x| x.as_i64().filter(|&n| n > 0)).collect());
+        ints.ok_or_else(|| bad_input(format!("{}: field {name}: expected a non-empty list of positive integers, got {v}", self.file)))
     }
 
     /// A list of strings each equal to `only` (the one block type this VAE is built from).
@@ -100,30 +83,15 @@ impl Fields<'_> {
             if len == 1 {
                 return Ok(());
             }
-            bail_input!(
-                "{}: field {name}: missing, but block_out_channels has {len} entries",
-                self.file
-            );
+            bail_input!("{}: field {name}: missing, but block_out_channels has {len} entries", self.file);
         };
-        let Some(items) = v.as_array() else {
-            bail_input!(
-                "{}: field {name}: expected a list of block type names, got {v}",
-                self.file
-            )
-        };
+        let Some(items) = v.as_array() else { bail_input!("{}: field {name}: expected a list of block type names, got {v}", self.file) };
         if items.len() != len {
-            bail_input!(
-                "{}: field {name}: {} entries, but block_out_channels has {len}",
-                self.file,
-                items.len()
-            );
+            bail_input!("{}: field {name}: {} entries, but block_out_channels has {len}", self.file, items.len());
         }
         for item in items {
             if item.as_str() != Some(only) {
-                bail_input!(
-                    "{}: field {name}: block type {item} is not supported (only \"{only}\")",
-                    self.file
-                );
+                bail_input!("{}: field {name}: block type {item} is not supported (only \"{only}\")", self.file);
             }
         }
         Ok(())
@@ -133,17 +101,12 @@ impl Fields<'_> {
 impl VaeConfig {
     /// Parses and checks `config.json`; `file` is its path as shown in errors.
     fn parse(text: &str, file: &str) -> Result<VaeConfig> {
-        let root: Value = serde_json::from_str(text)
-            .map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
-        let Some(obj) = root.as_object() else {
-            bail_input!("{file}: expected a JSON object at the top level")
-        };
+        let root: Value = serde_json::from_str(text).map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
+        let Some(obj) = root.as_object() else { bail_input!("{file}: expected a JSON object at the top level") };
         let f = Fields { file, obj };
         if let Some(v) = f.get("_class_name") {
             if v.as_str() != Some("AutoencoderKL") {
-                bail_input!(
-                    "{file}: field _class_name: {v} is not supported (only \"AutoencoderKL\")"
-                );
+                bail_input!("{file}: field _class_name: {v} is not supported (only \"AutoencoderKL\")");
             }
         }
         if let Some(v) = f.get("act_fn") {
@@ -160,37 +123,26 @@ impl VaeConfig {
         }
         let block_out_channels = f.positive_ints("block_out_channels", &[64])?;
         let norm_num_groups = f.positive_int("norm_num_groups", 32)?;
-        if let Some(&c) = block_out_channels
-            .iter()
-            .find(|&&c| c % norm_num_groups != 0)
-        {
+        if let Some(&c) = block_out_channels.iter().find(|&&c| c % norm_num_groups != 0) {
             bail_input!("{file}: field norm_num_groups: {norm_num_groups} does not divide block_out_channels entry {c}");
         }
-        f.block_types(
-            "down_block_types",
-            "DownEncoderBlock2D",
-            block_out_channels.len(),
-        )?;
-        f.block_types(
-            "up_block_types",
-            "UpDecoderBlock2D",
-            block_out_channels.len(),
-        )?;
+        f.block_types("down_block_types", "DownEncoderBlock2D", block_out_channels.len())?;
+        f.block_types("up_block_types", "UpDecoderBlock2D", block_out_channels.len())?;
         // diffusers' AutoencoderKL always gives its mid-block attention one head over all
         // channels; a config asking for another head size describes some other model.
         let last = *block_out_channels.last().expect("checked non-empty");
         if let Some(v) = f.get("attention_head_dim") {
             if v.as_i64() != Some(last) {
-                bail_input!("{file}: field attention_head_dim: {v} is not supported (the mid-block attention has one head of {last} channels)");
+                bail_input!(
+                    "{file}: field attention_head_dim: {v} is not supported (the mid-block attention has one head of {last} channels)"
+                );
             }
         }
         if let Some(v) = f.get("sample_size") {
             // Informational only (the nets are fully convolutional), but a malformed one
             // means the file is not what it claims to be.
             let ok = v.as_i64().is_some_and(|n| n > 0)
-                || v.as_array().is_some_and(|a| {
-                    !a.is_empty() && a.iter().all(|x| x.as_i64().is_some_and(|n| n > 0))
-                });
+                || v.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|x| x.as_i64().is_some_and(|n| n > 0)));
             if !ok {
                 bail_input!("{file}: field sample_size: expected a positive integer, got {v}");
             }
@@ -213,12 +165,7 @@ impl VaeConfig {
 /// Older diffusers checkpoints (sd-vae-ft-ema among them) name the mid-block attention
 /// `query/key/value/proj_attn`; current diffusers renames them on load, and so do we.
 fn rename_legacy(name: &str) -> String {
-    const OLD_NEW: [(&str, &str); 4] = [
-        (".query.", ".to_q."),
-        (".key.", ".to_k."),
-        (".value.", ".to_v."),
-        (".proj_attn.", ".to_out.0."),
-    ];
+    const OLD_NEW: [(&str, &str); 4] = [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")];
     if name.contains(".mid_block.attentions.") {
         for (old, new) in OLD_NEW {
             if name.contains(old) {
@@ -243,35 +190,21 @@ impl Loader {
         for (name, t) in weights::read(path)? {
             let new = rename_legacy(&name);
             if tensors.insert(new.clone(), t).is_some() {
-                bail_input!(
-                    "{file}: tensor {new} is stored twice (under its old and its new name)"
-                );
+                bail_input!("{file}: tensor {new} is stored twice (under its old and its new name)");
             }
         }
-        Ok(Loader {
-            file,
-            tensors,
-            device,
-        })
+        Ok(Loader { file, tensors, device })
     }
 
     /// The tensor `name` as f32 on the device; it must have exactly `shape`.
     fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let file = &self.file;
-        let Some(t) = self.tensors.remove(name) else {
-            bail_input!("{file}: tensor {name} is missing")
-        };
+        let Some(t) = self.tensors.remove(name) else { bail_input!("{file}: tensor {name} is missing") };
         if !t.is_floating_point() {
-            bail_input!(
-                "{file}: tensor {name}: dtype {:?}, expected a floating-point type",
-                t.kind()
-            );
+            bail_input!("{file}: tensor {name}: dtype {:?}, expected a floating-point type", t.kind());
         }
         if t.size() != shape {
-            bail_input!(
-                "{file}: tensor {name}: shape {:?}, expected {shape:?}",
-                t.size()
-            );
+            bail_input!("{file}: tensor {name}: shape {:?}, expected {shape:?}", t.size());
         }
         Ok(t.to_kind(Kind::Float).to_device(self.device))
     }
@@ -298,15 +231,7 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    fn load(
-        w: &mut Loader,
-        name: &str,
-        c_in: i64,
-        c_out: i64,
-        k: i64,
-        stride: i64,
-        padding: i64,
-    ) -> Result<Self> {
+    fn load(w: &mut Loader, name: &str, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> Result<Self> {
         Ok(Conv2d {
             weight: w.take(&format!("{name}.weight"), &[c_out, c_in, k, k])?,
             bias: w.take(&format!("{name}.bias"), &[c_out])?,
@@ -324,14 +249,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
         let (s, p) = (self.stride, self.padding);
-        x.conv2d(
-            &self.weight.to_kind(k),
-            Some(self.bias.to_kind(k)),
-            [s, s],
-            [p, p],
-            [1, 1],
-            1,
-        )
+        x.conv2d(&self.weight.to_kind(k), Some(self.bias.to_kind(k)), [s, s], [p, p], [1, 1], 1)
     }
 }
 
@@ -345,17 +263,11 @@ impl Linear {
     fn load(w: &mut Loader, name: &str, c_in: i64, c_out: i64) -> Result<Self> {
         let wname = format!("{name}.weight");
         // The original LDM layout stores these as 1x1 convolutions; the numbers are the same.
-        if w.tensors
-            .get(&wname)
-            .is_some_and(|t| t.size() == [c_out, c_in, 1, 1])
-        {
+        if w.tensors.get(&wname).is_some_and(|t| t.size() == [c_out, c_in, 1, 1]) {
             let t = w.tensors.remove(&wname).expect("just seen");
             w.tensors.insert(wname.clone(), t.reshape([c_out, c_in]));
         }
-        Ok(Linear {
-            weight: w.take(&wname, &[c_out, c_in])?,
-            bias: w.take(&format!("{name}.bias"), &[c_out])?,
-        })
+        Ok(Linear { weight: w.take(&wname, &[c_out, c_in])?, bias: w.take(&format!("{name}.bias"), &[c_out])? })
     }
 
     /// x: [..., C_in] -> [..., C_out]
@@ -384,13 +296,7 @@ impl GroupNorm {
     /// x: [N, C, ...]
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
-        x.group_norm(
-            self.groups,
-            Some(self.weight.to_kind(k)),
-            Some(self.bias.to_kind(k)),
-            EPS,
-            true,
-        )
+        x.group_norm(self.groups, Some(self.weight.to_kind(k)), Some(self.bias.to_kind(k)), EPS, true)
     }
 }
 
@@ -412,15 +318,7 @@ impl ResnetBlock2D {
             norm2: GroupNorm::load(w, &format!("{name}.norm2"), c_out, groups)?,
             conv2: Conv2d::load3(w, &format!("{name}.conv2"), c_out, c_out)?,
             conv_shortcut: if c_in != c_out {
-                Some(Conv2d::load(
-                    w,
-                    &format!("{name}.conv_shortcut"),
-                    c_in,
-                    c_out,
-                    1,
-                    1,
-                    0,
-                )?)
+                Some(Conv2d::load(w, &format!("{name}.conv_shortcut"), c_in, c_out, 1, 1, 0)?)
             } else {
                 None
             },
@@ -463,26 +361,9 @@ impl Attention {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (n, c, h, w) = x.size4().expect("attention input is [N, C, H, W]");
         // [N, C, H, W] -> [N, 1 head, H*W, C]
-        let t = self
-            .group_norm
-            .forward(x)
-            .reshape([n, c, h * w])
-            .transpose(1, 2);
-        let (q, k, v) = (
-            self.to_q.forward(&t).unsqueeze(1),
-            self.to_k.forward(&t).unsqueeze(1),
-            self.to_v.forward(&t).unsqueeze(1),
-        );
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        );
+        let t = self.group_norm.forward(x).reshape([n, c, h * w]).transpose(1, 2);
+        let (q, k, v) = (self.to_q.forward(&t).unsqueeze(1), self.to_k.forward(&t).unsqueeze(1), self.to_v.forward(&t).unsqueeze(1));
+        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
         let o = self.to_out_0.forward(&o.squeeze_dim(1));
         o.transpose(1, 2).reshape([n, c, h, w]) + x
     }
@@ -498,16 +379,10 @@ impl MidBlock {
     fn load(w: &mut Loader, name: &str, c: i64, cfg: &VaeConfig) -> Result<Self> {
         let g = cfg.norm_num_groups;
         let r0 = ResnetBlock2D::load(w, &format!("{name}.resnets.0"), c, c, g)?;
-        let attentions_0 = if cfg.mid_block_add_attention {
-            Some(Attention::load(w, &format!("{name}.attentions.0"), c, g)?)
-        } else {
-            None
-        };
+        let attentions_0 =
+            if cfg.mid_block_add_attention { Some(Attention::load(w, &format!("{name}.attentions.0"), c, g)?) } else { None };
         let r1 = ResnetBlock2D::load(w, &format!("{name}.resnets.1"), c, c, g)?;
-        Ok(MidBlock {
-            resnets: vec![r0, r1],
-            attentions_0,
-        })
+        Ok(MidBlock { resnets: vec![r0, r1], attentions_0 })
     }
 
     /// x: [N, C, H, W] -> [N, C, H, W]
@@ -542,8 +417,7 @@ impl Upsample2D {
     /// x: [N, C, H, W] -> [N, C, 2H, 2W]
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (_, _, h, w) = x.size4().expect("upsample input is [N, C, H, W]");
-        self.conv
-            .forward(&x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0))
+        self.conv.forward(&x.upsample_nearest2d([2 * h, 2 * w], 2.0, 2.0))
     }
 }
 
@@ -556,10 +430,7 @@ pub struct DownEncoderBlock2D {
 impl DownEncoderBlock2D {
     /// x: [N, C_in, H, W] -> [N, C_out, H/2, W/2] (H, W when there is no downsampler)
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = self
-            .resnets
-            .iter()
-            .fold(x.shallow_clone(), |h, r| r.forward(&h));
+        let mut h = self.resnets.iter().fold(x.shallow_clone(), |h, r| r.forward(&h));
         if let Some(d) = &self.downsamplers_0 {
             h = d.forward(&h);
         }
@@ -576,10 +447,7 @@ pub struct UpDecoderBlock2D {
 impl UpDecoderBlock2D {
     /// x: [N, C_in, H, W] -> [N, C_out, 2H, 2W] (H, W when there is no upsampler)
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = self
-            .resnets
-            .iter()
-            .fold(x.shallow_clone(), |h, r| r.forward(&h));
+        let mut h = self.resnets.iter().fold(x.shallow_clone(), |h, r| r.forward(&h));
         if let Some(u) = &self.upsamplers_0 {
             h = u.forward(&h);
         }
@@ -607,13 +475,7 @@ impl Encoder {
             let mut resnets = Vec::new();
             for j in 0..cfg.layers_per_block {
                 let c_in = if j == 0 { c_prev } else { c };
-                resnets.push(ResnetBlock2D::load(
-                    w,
-                    &format!("{name}.resnets.{j}"),
-                    c_in,
-                    c,
-                    g,
-                )?);
+                resnets.push(ResnetBlock2D::load(w, &format!("{name}.resnets.{j}"), c_in, c, g)?);
             }
             let downsamplers_0 = if i + 1 < ch.len() {
                 let conv = Conv2d::load(w, &format!("{name}.downsamplers.0.conv"), c, c, 3, 2, 0)?;
@@ -621,10 +483,7 @@ impl Encoder {
             } else {
                 None
             };
-            down_blocks.push(DownEncoderBlock2D {
-                resnets,
-                downsamplers_0,
-            });
+            down_blocks.push(DownEncoderBlock2D { resnets, downsamplers_0 });
             c_prev = c;
         }
         let last = c_prev;
@@ -639,13 +498,9 @@ impl Encoder {
 
     /// x: [N, C_in, H, W] in [-1, 1] -> [N, 2 * latent, H/f, W/f]
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self
-            .down_blocks
-            .iter()
-            .fold(self.conv_in.forward(x), |h, b| b.forward(&h));
+        let h = self.down_blocks.iter().fold(self.conv_in.forward(x), |h, b| b.forward(&h));
         let h = self.mid_block.forward(&h);
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
     }
 }
 
@@ -671,25 +526,14 @@ impl Decoder {
             let mut resnets = Vec::new();
             for j in 0..=cfg.layers_per_block {
                 let c_in = if j == 0 { c_prev } else { c };
-                resnets.push(ResnetBlock2D::load(
-                    w,
-                    &format!("{name}.resnets.{j}"),
-                    c_in,
-                    c,
-                    g,
-                )?);
+                resnets.push(ResnetBlock2D::load(w, &format!("{name}.resnets.{j}"), c_in, c, g)?);
             }
             let upsamplers_0 = if i + 1 < rev.len() {
-                Some(Upsample2D {
-                    conv: Conv2d::load3(w, &format!("{name}.upsamplers.0.conv"), c, c)?,
-                })
+                Some(Upsample2D { conv: Conv2d::load3(w, &format!("{name}.upsamplers.0.conv"), c, c)? })
             } else {
                 None
             };
-            up_blocks.push(UpDecoderBlock2D {
-                resnets,
-                upsamplers_0,
-            });
+            up_blocks.push(UpDecoderBlock2D { resnets, upsamplers_0 });
             c_prev = c;
         }
         Ok(Decoder {
@@ -705,8 +549,7 @@ impl Decoder {
     pub fn forward(&self, z: &Tensor) -> Tensor {
         let h = self.mid_block.forward(&self.conv_in.forward(z));
         let h = self.up_blocks.iter().fold(h, |h, b| b.forward(&h));
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
     }
 }
 
@@ -727,29 +570,21 @@ impl Vae {
     pub fn load(dir: &Path, device: Device) -> Result<Vae> {
         let cfg_path = dir.join("config.json");
         let cfg_file = cfg_path.display().to_string();
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
         let cfg = VaeConfig::parse(&text, &cfg_file)?;
         let weights_path = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
             .iter()
             .map(|f| dir.join(f))
             .find(|p| p.is_file())
             .ok_or_else(|| {
-                bad_input(format!(
-                    "{}: not found (nor model.safetensors beside it)",
-                    dir.join("diffusion_pytorch_model.safetensors").display()
-                ))
-            })?;
+            bad_input(format!("{}: not found (nor model.safetensors beside it)", dir.join("diffusion_pytorch_model.safetensors").display()))
+        })?;
         let mut w = Loader::new(&weights_path, device)?;
         let two_c = 2 * cfg.latent_channels;
         let vae = Vae {
             encoder: Encoder::load(&mut w, &cfg)?,
             decoder: Decoder::load(&mut w, &cfg)?,
-            quant_conv: if cfg.use_quant_conv {
-                Some(Conv2d::load(&mut w, "quant_conv", two_c, two_c, 1, 1, 0)?)
-            } else {
-                None
-            },
+            quant_conv: if cfg.use_quant_conv { Some(Conv2d::load(&mut w, "quant_conv", two_c, two_c, 1, 1, 0)?) } else { None },
             post_quant_conv: if cfg.use_post_quant_conv {
                 let c = cfg.latent_channels;
                 Some(Conv2d::load(&mut w, "post_quant_conv", c, c, 1, 1, 0)?)
@@ -797,9 +632,7 @@ impl Vae {
     pub fn decode(&self, latents: &Tensor, kind: Kind) -> Tensor {
         tch::no_grad(|| {
             let raw = self.decode_raw(&(latents.to_kind(Kind::Float) / self.scaling_factor), kind);
-            (((raw + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0)
-                .round()
-                .to_kind(Kind::Uint8)
+            (((raw + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8)
         })
     }
 
@@ -810,10 +643,7 @@ impl Vae {
             if let Some(p) = &self.post_quant_conv {
                 z = p.forward(&z);
             }
-            self.decoder
-                .forward(&z)
-                .to_kind(Kind::Float)
-                .to_device(latents_unscaled.device())
+            self.decoder.forward(&z).to_kind(Kind::Float).to_device(latents_unscaled.device())
         })
     }
 }
@@ -824,31 +654,16 @@ mod tests {
 
     #[test]
     fn legacy_attention_names_are_renamed() {
-        assert_eq!(
-            rename_legacy("encoder.mid_block.attentions.0.query.weight"),
-            "encoder.mid_block.attentions.0.to_q.weight"
-        );
-        assert_eq!(
-            rename_legacy("decoder.mid_block.attentions.0.proj_attn.bias"),
-            "decoder.mid_block.attentions.0.to_out.0.bias"
-        );
-        assert_eq!(
-            rename_legacy("encoder.mid_block.attentions.0.group_norm.weight"),
-            "encoder.mid_block.attentions.0.group_norm.weight"
-        );
-        assert_eq!(
-            rename_legacy("encoder.down_blocks.0.resnets.0.conv1.weight"),
-            "encoder.down_blocks.0.resnets.0.conv1.weight"
-        );
+        assert_eq!(rename_legacy("encoder.mid_block.attentions.0.query.weight"), "encoder.mid_block.attentions.0.to_q.weight");
+        assert_eq!(rename_legacy("decoder.mid_block.attentions.0.proj_attn.bias"), "decoder.mid_block.attentions.0.to_out.0.bias");
+        assert_eq!(rename_legacy("encoder.mid_block.attentions.0.group_norm.weight"), "encoder.mid_block.attentions.0.group_norm.weight");
+        assert_eq!(rename_legacy("encoder.down_blocks.0.resnets.0.conv1.weight"), "encoder.down_blocks.0.resnets.0.conv1.weight");
     }
 
     #[test]
     fn config_defaults_follow_diffusers() {
         let c = VaeConfig::parse("{}", "config.json").unwrap();
-        assert_eq!(
-            (c.in_channels, c.latent_channels, c.norm_num_groups),
-            (3, 4, 32)
-        );
+        assert_eq!((c.in_channels, c.latent_channels, c.norm_num_groups), (3, 4, 32));
         assert_eq!(c.block_out_channels, vec![64]);
         assert!(c.use_quant_conv && c.use_post_quant_conv && c.mid_block_add_attention);
     }

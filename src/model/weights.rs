@@ -46,8 +46,7 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let f = std::fs::File::open(path).map_err(|e| bad_input(format!("{file}: cannot open: {e}")))?;
     // SAFETY: the map is read-only and dropped before returning; tensors are copied out.
     let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad_input(format!("{file}: cannot map: {e}")))?;
-    let st = SafeTensors::deserialize(&map)
-        .map_err(|e| bad_input(format!("{file}: not a valid safetensors file: {e:?}")))?;
+    let st = SafeTensors::deserialize(&map).map_err(|e| bad_input(format!("{file}: not a valid safetensors file: {e:?}")))?;
     let mut order: Vec<(usize, String)> = Vec::new();
     for (name, view) in st.tensors() {
         let offset = view.data().as_ptr() as usize - map.as_ptr() as usize;
@@ -61,8 +60,8 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
             bail_input!("{file}: tensor {name}: unsupported dtype {:?}", view.dtype());
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .with_context(|| format!("{file}: tensor {name}: cannot build tensor"))?;
+        let t =
+            Tensor::f_from_data_size(view.data(), &shape, kind).with_context(|| format!("{file}: tensor {name}: cannot build tensor"))?;
         out.push((name, t));
     }
     Ok(out)
@@ -99,10 +98,8 @@ pub fn serialize(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, 
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         owned.push((name.clone(), dtype, shape, tensor_bytes(t)?));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        owned.iter().map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?))).collect::<Result<_>>()?;
     Ok(safetensors::serialize(views, &metadata)?)
 }
 

@@ -49,13 +49,8 @@ impl AdamW {
         let _g = tch::no_grad_guard();
         self.step += 1;
         let _ = self.step_t.fill_(self.step as f64);
-        let args = crate::shim::AdamWArgs {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            weight_decay: self.weight_decay,
-            eps: self.eps,
-        };
+        let args =
+            crate::shim::AdamWArgs { lr: self.lr, beta1: self.beta1, beta2: self.beta2, weight_decay: self.weight_decay, eps: self.eps };
         crate::shim::fused_adamw(param, grad, &self.exp_avg, &self.exp_avg_sq, &self.step_t, &args, found_inf)
     }
 

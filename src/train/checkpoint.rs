@@ -136,12 +136,7 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
         world,
         total: t.params.numel(),
         padded: t.params.padded_len(),
-        layout: t
-            .params
-            .entries
-            .iter()
-            .map(|e| LayoutEntry { name: e.name.clone(), shape: e.shape.clone(), offset: e.offset })
-            .collect(),
+        layout: t.params.entries.iter().map(|e| LayoutEntry { name: e.name.clone(), shape: e.shape.clone(), offset: e.offset }).collect(),
         shards: Vec::new(),
         config: t.cfg.clone(),
     };
@@ -188,7 +183,7 @@ pub fn complete_steps(run: &Path) -> Vec<(i64, PathBuf)> {
             e.path().join("manifest.json").is_file().then(|| (step, e.path()))
         })
         .collect();
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     v
 }
 
@@ -215,8 +210,7 @@ fn prune(run: &Path, keep: i64) -> Result<()> {
 pub fn verify(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
-    let m: Manifest =
-        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not a reg-ddp manifest: {e}", path.display())))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not a reg-ddp manifest: {e}", path.display())))?;
     if m.format_version != FORMAT_VERSION {
         bail_input!("{}: format_version {} (this build reads {FORMAT_VERSION})", path.display(), m.format_version);
     }
@@ -278,12 +272,8 @@ fn read_range(dir: &Path, m: &Manifest, name: &str, lo: i64, dst: &Tensor) -> Re
 /// Loads a checkpoint into a trainer of any world size: this rank reads its slices,
 /// the weights are then all-gathered. Collective.
 pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
-    let here: Vec<LayoutEntry> = t
-        .params
-        .entries
-        .iter()
-        .map(|e| LayoutEntry { name: e.name.clone(), shape: e.shape.clone(), offset: e.offset })
-        .collect();
+    let here: Vec<LayoutEntry> =
+        t.params.entries.iter().map(|e| LayoutEntry { name: e.name.clone(), shape: e.shape.clone(), offset: e.offset }).collect();
     if here != m.layout {
         let diff = here.iter().zip(&m.layout).find(|(a, b)| a != b).map(|(a, _)| a.name.clone());
         bail_input!(

@@ -7,12 +7,12 @@ pub mod tboard;
 
 use crate::config::{Config, DataSource, Precision, SitDims};
 use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, BatchSource};
-use std::sync::Arc;
 use crate::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs, StepDraws};
 use crate::dist::Comm;
 use crate::model::{build_sit_padded, Params, SiT};
 use crate::optim::{clip_factor, sq_sum, AdamW, Ema};
 use anyhow::Result;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// Picks the device named in the config (`auto`: the first GPU when there is one).
@@ -230,11 +230,9 @@ impl Trainer {
         }
         self.step += 1;
 
-        let metrics = Tensor::stack(
-            &[terms.total.detach(), terms.denoise.mean(Kind::Float), terms.proj.detach(), terms.cls.mean(Kind::Float)],
-            0,
-        )
-        .to_kind(Kind::Float);
+        let metrics =
+            Tensor::stack(&[terms.total.detach(), terms.denoise.mean(Kind::Float), terms.proj.detach(), terms.cls.mean(Kind::Float)], 0)
+                .to_kind(Kind::Float);
         self.comm.all_reduce_sum(&metrics)?;
         let m: Vec<f64> = Vec::<f64>::try_from((metrics / self.world() as f64).to_kind(Kind::Double).to_device(Device::Cpu))?;
         let skipped = skip.double_value(&[]) != 0.0;

@@ -90,10 +90,8 @@ impl EventWriter {
 
     /// Several scalars of one step in one event.
     pub fn scalars(&mut self, step: i64, values: &[(&str, f64)]) -> Result<()> {
-        let value = values
-            .iter()
-            .map(|(tag, v)| SummaryValue { tag: tag.to_string(), simple_value: Some(*v as f32), image: None })
-            .collect();
+        let value =
+            values.iter().map(|(tag, v)| SummaryValue { tag: tag.to_string(), simple_value: Some(*v as f32), image: None }).collect();
         self.write(&Event { wall_time: now(), step, file_version: None, summary: Some(Summary { value }) })
     }
 

@@ -25,7 +25,8 @@ pub fn mpirun(np: usize, args: &[&str]) -> Command {
 
 pub fn train_args<'a>(out: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<String> {
     let config = repo().join("configs/demo.yaml");
-    let mut v: Vec<String> = vec!["train".into(), "--config".into(), config.display().to_string(), "--json".into(), "--threads".into(), "1".into()];
+    let mut v: Vec<String> =
+        vec!["train".into(), "--config".into(), config.display().to_string(), "--json".into(), "--threads".into(), "1".into()];
     for s in [format!("train.output_dir={out}"), format!("train.name={name}")] {
         v.push("--set".into());
         v.push(s);
@@ -55,7 +56,6 @@ pub fn export(ckpt: &Path, ema: bool) -> HashMap<String, Tensor> {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     weights::read_map(&out).unwrap()
 }
-
 
 /// Losses of the logged steps, in order.
 pub fn losses(stdout: &[u8]) -> Vec<f64> {
