@@ -99,6 +99,18 @@ pub struct ModelConfig {
     pub mlp_ratio: f64,
     #[serde(default = "d_class_dropout")]
     pub class_dropout_prob: f64,
+    /// Where the REPA/REG targets come from: `precomputed` shard features, or `online`:
+    /// DINOv2 (`data.encoder_path`) run on the shard's images inside the step.
+    #[serde(default)]
+    pub encoder: EncoderMode,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderMode {
+    #[default]
+    Precomputed,
+    Online,
 }
 
 fn d_input_size() -> i64 {
@@ -370,11 +382,13 @@ pub struct DataConfig {
     pub prefetch: usize,
     /// Check each shard's SHA-256 the first time it is read.
     pub verify_checksums: bool,
+    /// DINOv2 model folder (transformers layout) for `model.encoder: online`.
+    pub encoder_path: Option<String>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { source: None, path: None, prefetch: 4, verify_checksums: true }
+        DataConfig { source: None, path: None, prefetch: 4, verify_checksums: true, encoder_path: None }
     }
 }
 
@@ -442,6 +456,14 @@ impl Config {
             (DataSource::Shards, None) => bail_input!("{file}: data.path: missing (data.source is shards)"),
             (DataSource::Synthetic, Some(_)) => bail_input!("{file}: data.path: given, but data.source is synthetic"),
             _ => {}
+        }
+        if self.model.encoder == EncoderMode::Online {
+            if self.data.encoder_path.is_none() {
+                bail_input!("{file}: data.encoder_path: missing (model.encoder is online)");
+            }
+            if self.data.resolved_source() != DataSource::Shards {
+                bail_input!("{file}: model.encoder: online needs a dataset with images (data.path)");
+            }
         }
         let sm = &self.sample;
         if sm.every < 0 || sm.num <= 0 || sm.steps < 2 || sm.cfg < 0.0 || sm.cls_cfg < 0.0 || !["sde", "ode"].contains(&sm.mode.as_str()) {

@@ -173,3 +173,51 @@ fn reg_preprocessed_layout_is_imported_with_its_moments() {
     let y = i64::from_le_bytes(ds.record_bytes(s, "labels", row).unwrap().try_into().unwrap());
     assert_eq!(y, 2);
 }
+
+fn train_json(data: &Path, out: &Path, extra: &[&str]) -> Vec<f64> {
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(repo().join("configs/demo.yaml"))
+        .args(["--set", "data.source=shards", "--set", &format!("data.path={}", data.display())])
+        .args(["--set", &format!("train.output_dir={}", out.display()), "--set", "train.steps=4", "--set", "train.log_every=1"])
+        .args(["--threads", "1", "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::losses(&o.stdout)
+}
+
+#[test]
+fn online_encoding_trains_like_precomputed_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (images, both) = (tmp.path().join("images"), tmp.path().join("both"));
+    demo_images(&images, 4);
+    let mut args = prepare_args(&images, &both);
+    args.push("--store-images".into());
+    run(&args);
+    let ix = index(&both);
+    assert_eq!((ix["features"].as_bool(), ix["images"].as_bool()), (Some(true), Some(true)));
+    let pre = train_json(&both, &tmp.path().join("pre"), &[]);
+    let encoder = format!("data.encoder_path={}", repo().join("tests/data/dinov2_tiny").display());
+    let online = train_json(&both, &tmp.path().join("online"), &["--set", "model.encoder=online", "--set", &encoder]);
+    assert_eq!(pre.len(), 4);
+    // The stored features are the same encoder's output, rounded to bf16.
+    for (a, b) in pre.iter().zip(&online) {
+        assert!(((a - b) / a).abs() < 1e-2, "precomputed {a} vs online {b}");
+    }
+    // Images only: online works, precomputed is refused naming the field.
+    let only = tmp.path().join("only");
+    let mut args = prepare_args(&images, &only);
+    args.extend(["--store-images".into(), "--no-features".into()]);
+    run(&args);
+    assert_eq!(train_json(&only, &tmp.path().join("o2"), &["--set", "model.encoder=online", "--set", &encoder]).len(), 4);
+    let o = bin()
+        .args(["train", "--config"])
+        .arg(repo().join("configs/demo.yaml"))
+        .args(["--set", "data.source=shards", "--set", &format!("data.path={}", only.display())])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("features: false"));
+}

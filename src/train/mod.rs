@@ -5,10 +5,11 @@
 pub mod checkpoint;
 pub mod tboard;
 
-use crate::config::{Config, DataSource, Precision, SitDims};
+use crate::config::{Config, DataSource, EncoderMode, Precision, SitDims};
 use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, BatchSource};
 use crate::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs, StepDraws};
 use crate::dist::Comm;
+use crate::model::dinov2::Dinov2;
 use crate::model::{build_sit_padded, Params, SiT};
 use crate::optim::{clip_factor, sq_sum, AdamW, Ema};
 use anyhow::Result;
@@ -40,7 +41,7 @@ pub fn resolve_kind(p: Precision, device: Device) -> Kind {
 
 /// A dataset must hold what the model expects: latent shape, encoder tokens and
 /// width, class count. Input errors name `index.json` and the field.
-pub fn check_dataset(ds: &Dataset, d: &SitDims) -> Result<()> {
+pub fn check_dataset(ds: &Dataset, d: &SitDims, online: Option<&Dinov2>) -> Result<()> {
     let file = ds.dir.join("index.json");
     let file = file.display();
     let ix = &ds.index;
@@ -48,15 +49,17 @@ pub fn check_dataset(ds: &Dataset, d: &SitDims) -> Result<()> {
     if ix.latent_shape != want {
         crate::bail_input!("{file}: latent_shape: {:?}, the model expects {want:?}", ix.latent_shape);
     }
-    if let Some(e) = ix.encoder.as_ref().filter(|_| ix.features) {
-        if e.tokens != d.num_patches() + 1 {
-            crate::bail_input!("{file}: encoder.tokens: {}, the model has {} tokens (patches + REG token)", e.tokens, d.num_patches() + 1);
-        }
-        if e.z_dim != d.z_dim {
-            crate::bail_input!("{file}: encoder.z_dim: {}, model.z_dim is {}", e.z_dim, d.z_dim);
-        }
-    } else {
-        crate::bail_input!("{file}: features: false; training from images needs model.encoder: online (not built yet)");
+    let (tokens, z_dim, what) = match (online, ix.encoder.as_ref().filter(|_| ix.features)) {
+        (Some(enc), _) if ix.images => (enc.num_tokens(), enc.hidden_size(), "data.encoder_path"),
+        (Some(_), _) => crate::bail_input!("{file}: images: false; model.encoder: online needs `prepare --store-images`"),
+        (None, Some(e)) => (e.tokens, e.z_dim, "encoder"),
+        (None, None) => crate::bail_input!("{file}: features: false; this dataset needs model.encoder: online"),
+    };
+    if tokens != d.num_patches() + 1 {
+        crate::bail_input!("{file}: {what}: {tokens} encoder tokens, the model has {} (patches + REG token)", d.num_patches() + 1);
+    }
+    if z_dim != d.z_dim {
+        crate::bail_input!("{file}: {what}: encoder z_dim {z_dim}, model.z_dim is {}", d.z_dim);
     }
     if ix.num_classes() != d.num_classes {
         crate::bail_input!("{file}: class_names: {} classes, model.num_classes is {}", ix.num_classes(), d.num_classes);
@@ -91,6 +94,8 @@ pub struct Trainer {
     pub ema: Ema,
     pub comm: Box<dyn Comm>,
     source: Box<dyn BatchSource>,
+    /// DINOv2 for `model.encoder: online`.
+    online: Option<Dinov2>,
     /// Steps completed.
     pub step: i64,
     /// Non-finite steps skipped so far, and how many in a row just now.
@@ -117,6 +122,13 @@ impl Trainer {
         let dims = cfg.model.dims(file)?;
         let kind = resolve_kind(cfg.train.precision, device);
         let rows = cfg.local_batch(world, file)?;
+        // The encoder sees the image at the resolution that gives one token per patch.
+        let online = match (cfg.model.encoder, &cfg.data.encoder_path) {
+            (EncoderMode::Online, Some(p)) => {
+                Some(Dinov2::load(std::path::Path::new(p), device, (dims.input_size / dims.patch_size) * 14)?)
+            }
+            _ => None,
+        };
         let (model, params) = build_sit_padded(&dims, device, cfg.train.seed, world)?;
         let shard_len = params.padded_len() / world;
         let shard_lo = rank * shard_len;
@@ -130,7 +142,7 @@ impl Trainer {
             DataSource::Shards => {
                 let path = std::path::Path::new(cfg.data.path.as_deref().expect("validated"));
                 let ds = Dataset::open(path, cfg.data.verify_checksums)?;
-                check_dataset(&ds, &dims)?;
+                check_dataset(&ds, &dims, online.as_ref())?;
                 Box::new(ShardLoader::new(Arc::new(ds), cfg.train.seed, cfg.train.global_batch, cfg.data.prefetch, device)?)
             }
             DataSource::Synthetic => Box::new(Synthetic::new(
@@ -153,6 +165,7 @@ impl Trainer {
             ema,
             comm,
             source,
+            online,
             step: 0,
             skipped: 0,
             consecutive_skips: 0,
@@ -199,7 +212,10 @@ impl Trainer {
         .rows(self.row_lo, self.rows, self.device);
         let batch = self.source.batch(step, self.row_lo, self.rows)?;
         let moments = batch.moments.to_device(self.device);
-        let feat = batch.feat.to_device(self.device).to_kind(Kind::Float);
+        let feat = match (&self.online, &batch.images) {
+            (Some(enc), Some(images)) => enc.features(&images.to_device(self.device), self.kind),
+            _ => batch.feat.to_device(self.device).to_kind(Kind::Float),
+        };
         let x0 = sample_posterior(&moments, &draws.eps, self.cfg.loss.latent_scale);
         let y = drop_labels(&batch.y.to_device(self.device), &draws.drop, d.num_classes);
 
