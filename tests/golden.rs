@@ -30,6 +30,7 @@ fn tiny_dims() -> SitDims {
         qk_norm: j["qk_norm"].as_bool().unwrap(),
         mlp_ratio: 4.0,
         class_dropout_prob: 0.1,
+        encoder: Default::default(),
     };
     m.dims("reg_tiny.json").unwrap()
 }

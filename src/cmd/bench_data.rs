@@ -26,13 +26,61 @@ pub struct Args {
     /// Skip the SHA-256 check on first read (measures reading alone).
     #[arg(long)]
     pub no_verify: bool,
+    /// Read latents and labels only.
+    #[arg(long)]
+    pub latents_only: bool,
+    /// First write a random dataset of this many records to --data, with ImageNet
+    /// 256 px shapes (latents [8, 32, 32] f32, DINOv2-B features [257, 768] bf16).
+    #[arg(long)]
+    pub make: Option<i64>,
+}
+
+/// A random dataset with the real record sizes, in shards of 4096.
+fn make_dataset(dir: &std::path::Path, records: i64) -> Result<()> {
+    use reg::data::shards::{write_index, write_shard, EncoderInfo, Index};
+    use tch::{Device, Kind, Tensor};
+    std::fs::create_dir_all(dir)?;
+    let mut shards = Vec::new();
+    let mut i = 0;
+    while i * 4096 < records {
+        let n = (records - i * 4096).min(4096);
+        let opts = (Kind::Float, Device::Cpu);
+        let tensors = vec![
+            ("latents".to_string(), Tensor::randn([n, 8, 32, 32], opts)),
+            ("labels".to_string(), Tensor::randint(1000, [n], (Kind::Int64, Device::Cpu))),
+            ("features".to_string(), Tensor::randn([n, 257, 768], opts).to_kind(Kind::BFloat16)),
+        ];
+        shards.push(write_shard(dir, i as usize, &tensors)?);
+        i += 1;
+    }
+    let index = Index {
+        format_version: reg::data::shards::FORMAT_VERSION,
+        resolution: 256,
+        latent_shape: vec![8, 32, 32],
+        latent_dtype: "f32".into(),
+        vae: "random".into(),
+        encoder: Some(EncoderInfo { name: "random".into(), tokens: 257, z_dim: 768 }),
+        features: true,
+        images: false,
+        class_names: (0..1000).map(|c| format!("{c:04}")).collect(),
+        shards,
+        bad_images: 0,
+        bad_images_report: None,
+    };
+    write_index(dir, &index)
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(n) = a.make {
+        make_dataset(&a.data, n)?;
+    }
     let ds = Arc::new(Dataset::open(&a.data, !a.no_verify)?);
     let (features, images) = (ds.index.features, ds.index.images);
     let rows = a.batch / a.world.max(1);
     let mut loader = ShardLoader::new(ds.clone(), 0, a.batch, a.prefetch, tch::Device::Cpu)?;
+    if a.latents_only {
+        loader = loader.latents_only();
+    }
     // First batch outside the timing: thread start, first-touch checksums.
     loader.batch(0, 0, rows)?;
     let start = Instant::now();
@@ -44,7 +92,7 @@ pub fn run(a: Args) -> Result<()> {
     let line = serde_json::json!({
         "data": a.data.display().to_string(),
         "records": ds.len(),
-        "features": features,
+        "features": features && !a.latents_only,
         "images": images,
         "rows_per_rank": rows,
         "samples_per_s_per_rank": (rows * a.steps as i64) as f64 / secs,

@@ -48,8 +48,9 @@ pub fn position(step: i64, records: i64, global_batch: i64) -> (i64, i64) {
     (step / per_epoch, (step % per_epoch) * global_batch)
 }
 
-/// Assembles rows `[lo, lo + n)` of the global batch of `step` (on the CPU).
-pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64) -> Result<Batch> {
+/// Assembles rows `[lo, lo + n)` of the global batch of `step` (on the CPU); with
+/// `latents_only`, features and images are not read.
+pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents_only: bool) -> Result<Batch> {
     let idx = &perm[(start + lo) as usize..(start + lo + n) as usize];
     let ix = &ds.index;
     let k = ix.num_classes();
@@ -72,10 +73,10 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64) -> Resu
         }
     }
     let feat = match &ix.encoder {
-        Some(e) if ix.features => Tensor::f_from_data_size(&gather("features")?, &[n, e.tokens, e.z_dim], Kind::BFloat16)?,
+        Some(e) if ix.features && !latents_only => Tensor::f_from_data_size(&gather("features")?, &[n, e.tokens, e.z_dim], Kind::BFloat16)?,
         _ => Tensor::zeros([0], (Kind::Float, Device::Cpu)),
     };
-    let images = if ix.images {
+    let images = if ix.images && !latents_only {
         let r = ix.resolution;
         Some(Tensor::f_from_data_size(&gather("images")?, &[n, 3, r, r], Kind::Uint8)?)
     } else {
@@ -91,6 +92,7 @@ pub struct ShardLoader {
     global_batch: i64,
     prefetch: usize,
     pin: Option<Device>,
+    latents_only: bool,
     worker: Option<(i64, i64, i64, Receiver<Result<Batch>>)>,
 }
 
@@ -100,13 +102,19 @@ impl ShardLoader {
             bail_input!("{}: {} records, fewer than one global batch ({global_batch})", ds.dir.display(), ds.len());
         }
         let pin = device.is_cuda().then_some(device);
-        Ok(ShardLoader { ds, seed, global_batch, prefetch: prefetch.max(1), pin, worker: None })
+        Ok(ShardLoader { ds, seed, global_batch, prefetch: prefetch.max(1), pin, latents_only: false, worker: None })
+    }
+
+    /// Read only latents and labels (a benchmark of the lightest record).
+    pub fn latents_only(mut self) -> Self {
+        self.latents_only = true;
+        self
     }
 
     /// (Re)starts the thread at `step` for rows `[lo, lo + n)`.
     fn start(&mut self, step: i64, lo: i64, n: i64) {
         let (tx, rx) = sync_channel(self.prefetch);
-        let (ds, seed, b, pin) = (self.ds.clone(), self.seed, self.global_batch, self.pin);
+        let (ds, seed, b, pin, lean) = (self.ds.clone(), self.seed, self.global_batch, self.pin, self.latents_only);
         std::thread::Builder::new()
             .name("loader".into())
             .spawn(move || {
@@ -118,7 +126,7 @@ impl ShardLoader {
                         perm = permutation(ds.len(), seed, e);
                         epoch = e;
                     }
-                    let batch = assemble(&ds, &perm, start, lo, n).map(|mut bt| {
+                    let batch = assemble(&ds, &perm, start, lo, n, lean).map(|mut bt| {
                         if let Some(d) = pin {
                             bt.moments = bt.moments.pin_memory(d);
                             bt.feat = bt.feat.pin_memory(d);
