@@ -54,18 +54,39 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents
     let idx = &perm[(start + lo) as usize..(start + lo + n) as usize];
     let ix = &ds.index;
     let k = ix.num_classes();
-    let gather = |name: &str| -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        for &i in idx {
-            let (s, row) = ds.locate(i);
-            out.extend_from_slice(ds.record_bytes(s, name, row)?);
-        }
-        Ok(out)
+    // Records are copied once, straight from the mapped shards into the batch tensor,
+    // by this thread and one helper (two threads in all), each filling half the rows.
+    let gather = |name: &str, shape: &[i64], kind: Kind| -> Result<Tensor> {
+        let t = Tensor::empty(shape, (kind, Device::Cpu));
+        let bytes = t.numel() * kind.elt_size_in_bytes();
+        // SAFETY: a fresh contiguous CPU tensor of exactly `bytes` bytes, written only here.
+        let dst = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, bytes) };
+        let per = bytes / idx.len().max(1);
+        let copy = |rows: &[i64], out: &mut [u8]| -> Result<()> {
+            for (r, &i) in rows.iter().enumerate() {
+                let (s, row) = ds.locate(i);
+                let src = ds.record_bytes(s, name, row)?;
+                if src.len() != per {
+                    bail_input!("{}: tensor {name}: record size differs from index.json", ds.shards[s].path.display());
+                }
+                out[r * per..(r + 1) * per].copy_from_slice(src);
+            }
+            Ok(())
+        };
+        let half = idx.len() / 2;
+        let (d0, d1) = dst.split_at_mut(half * per);
+        let (r0, r1) = idx.split_at(half);
+        std::thread::scope(|sc| {
+            let other = sc.spawn(|| copy(r1, d1));
+            let mine = copy(r0, d0);
+            mine.and(other.join().unwrap_or_else(|_| Err(anyhow::anyhow!("loader helper thread panicked"))))
+        })?;
+        Ok(t)
     };
     let l = &ix.latent_shape;
     let lkind = if ix.latent_dtype == "bf16" { Kind::BFloat16 } else { Kind::Float };
-    let moments = Tensor::f_from_data_size(&gather("latents")?, &[n, l[0], l[1], l[2]], lkind)?.to_kind(Kind::Float);
-    let labels: Vec<i64> = gather("labels")?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    let moments = gather("latents", &[n, l[0], l[1], l[2]], lkind)?.to_kind(Kind::Float);
+    let labels: Vec<i64> = Vec::<i64>::try_from(gather("labels", &[n], Kind::Int64)?)?;
     for (&y, &i) in labels.iter().zip(idx) {
         if !(0..k).contains(&y) {
             let (s, row) = ds.locate(i);
@@ -73,12 +94,12 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents
         }
     }
     let feat = match &ix.encoder {
-        Some(e) if ix.features && !latents_only => Tensor::f_from_data_size(&gather("features")?, &[n, e.tokens, e.z_dim], Kind::BFloat16)?,
+        Some(e) if ix.features && !latents_only => gather("features", &[n, e.tokens, e.z_dim], Kind::BFloat16)?,
         _ => Tensor::zeros([0], (Kind::Float, Device::Cpu)),
     };
     let images = if ix.images && !latents_only {
         let r = ix.resolution;
-        Some(Tensor::f_from_data_size(&gather("images")?, &[n, 3, r, r], Kind::Uint8)?)
+        Some(gather("images", &[n, 3, r, r], Kind::Uint8)?)
     } else {
         None
     };
@@ -94,6 +115,7 @@ pub struct ShardLoader {
     pin: Option<Device>,
     latents_only: bool,
     worker: Option<(i64, i64, i64, Receiver<Result<Batch>>)>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ShardLoader {
@@ -102,7 +124,7 @@ impl ShardLoader {
             bail_input!("{}: {} records, fewer than one global batch ({global_batch})", ds.dir.display(), ds.len());
         }
         let pin = device.is_cuda().then_some(device);
-        Ok(ShardLoader { ds, seed, global_batch, prefetch: prefetch.max(1), pin, latents_only: false, worker: None })
+        Ok(ShardLoader { ds, seed, global_batch, prefetch: prefetch.max(1), pin, latents_only: false, worker: None, thread: None })
     }
 
     /// Read only latents and labels (a benchmark of the lightest record).
@@ -115,7 +137,8 @@ impl ShardLoader {
     fn start(&mut self, step: i64, lo: i64, n: i64) {
         let (tx, rx) = sync_channel(self.prefetch);
         let (ds, seed, b, pin, lean) = (self.ds.clone(), self.seed, self.global_batch, self.pin, self.latents_only);
-        std::thread::Builder::new()
+        self.stop();
+        let handle = std::thread::Builder::new()
             .name("loader".into())
             .spawn(move || {
                 let mut epoch = -1;
@@ -141,6 +164,22 @@ impl ShardLoader {
             })
             .expect("spawn loader thread");
         self.worker = Some((step, lo, n, rx));
+        self.thread = Some(handle);
+    }
+
+    /// Ends the thread: dropping the receiver fails its next send; then wait for it,
+    /// so it never runs libtorch code while the process is shutting down.
+    fn stop(&mut self) {
+        self.worker = None;
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for ShardLoader {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
