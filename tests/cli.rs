@@ -1,6 +1,10 @@
 //! The binary as a user runs it: bad input exits 2 with one line naming file and field,
 //! runs are deterministic, and TensorBoard's own reader reads our event files.
 
+mod common;
+
+use common::assert_bad_input;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -33,17 +37,6 @@ fn train(dir: &Path, config: &Path, extra: &[&str]) -> Output {
 }
 
 /// Exit code 2, and stderr is exactly one line containing every `needle`.
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} missing from: {}", lines[0]);
-    }
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-}
-
 #[test]
 fn bad_config_exits_2_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{assert_bad_input, assert_bad_input_midway};
+
 use reg::data::loader::{assemble, permutation, position, ShardLoader};
 use reg::data::shards::{write_index, write_shard, Dataset, EncoderInfo, Index};
 use reg::data::BatchSource;
@@ -109,17 +111,6 @@ fn train_on(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[track_caller]
-fn assert_bad(out: &std::process::Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} not in {}", lines[0]);
-    }
-}
-
 #[test]
 fn training_reads_shards_and_bad_datasets_exit_2() {
     let tmp = tempfile::tempdir().unwrap();
@@ -140,13 +131,13 @@ fn training_reads_shards_and_bad_datasets_exit_2() {
     };
     let missing = tmp.path().join("empty");
     std::fs::create_dir_all(&missing).unwrap();
-    assert_bad(&train_on(&missing, &out, &[]), &["index.json"]);
+    assert_bad_input(&train_on(&missing, &out, &[]), &["index.json"]);
 
     let d = copy("truncated");
     let f = d.join("shard-00001.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
-    assert_bad(&train_on(&d, &out, &[]), &["shard-00001.safetensors"]);
+    assert_bad_input(&train_on(&d, &out, &[]), &["shard-00001.safetensors"]);
 
     let d = copy("sha");
     let f = d.join("shard-00000.safetensors");
@@ -154,16 +145,16 @@ fn training_reads_shards_and_bad_datasets_exit_2() {
     let n = bytes.len();
     bytes[n - 1] ^= 1;
     std::fs::write(&f, bytes).unwrap();
-    assert_bad(&train_on(&d, &out, &[]), &["shard-00000.safetensors", "SHA-256"]);
+    assert_bad_input_midway(&train_on(&d, &out, &[]), &["shard-00000.safetensors", "SHA-256"]);
 
     let d = copy("shape");
     let ix = std::fs::read_to_string(d.join("index.json")).unwrap().replace("\"z_dim\": 32", "\"z_dim\": 48");
     std::fs::write(d.join("index.json"), ix).unwrap();
-    assert_bad(&train_on(&d, &out, &[]), &["shard-00000.safetensors", "features"]);
+    assert_bad_input(&train_on(&d, &out, &[]), &["shard-00000.safetensors", "features"]);
 
     // The dataset's encoder disagrees with the model: 17 tokens of 32 vs a 16-wide z.
-    assert_bad(&train_on(&good, &out, &["--set", "model.z_dim=16"]), &["index.json", "z_dim"]);
-    assert_bad(&train_on(&good, &out, &["--set", "model.patch_size=4"]), &["index.json", "tokens"]);
+    assert_bad_input(&train_on(&good, &out, &["--set", "model.z_dim=16"]), &["index.json", "z_dim"]);
+    assert_bad_input(&train_on(&good, &out, &["--set", "model.patch_size=4"]), &["index.json", "tokens"]);
 
     // A label outside the class range (labels are the last-but-one field in the shard;
     // rewrite through the library to keep the file valid).
@@ -174,5 +165,5 @@ fn training_reads_shards_and_bad_datasets_exit_2() {
     let t: Vec<(String, Tensor)> = t.into_iter().map(|(n, mut v)| if n == "labels" { (n, v.fill_(12)) } else { (n, v) }).collect();
     ix.shards[1] = write_shard(&d, 1, &t).unwrap();
     write_index(&d, &ix).unwrap();
-    assert_bad(&train_on(&d, &out, &["--set", "train.steps=10"]), &["shard-00001.safetensors", "labels", "12"]);
+    assert_bad_input_midway(&train_on(&d, &out, &["--set", "train.steps=10"]), &["shard-00001.safetensors", "labels", "12"]);
 }

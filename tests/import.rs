@@ -1,6 +1,10 @@
 //! `reg-ddp import` against files written by PyTorch itself: REG checkpoints come out exactly, and hostile,
 //! truncated or corrupt files are refused with one line (exit 2) without running anything.
 
+mod common;
+
+use common::assert_bad_input;
+
 use reg::model::{torchfile, weights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -137,17 +141,6 @@ fn import(file: &Path, out: &Path, key: Option<&str>) -> Output {
 }
 
 /// Exit code 2, and stderr is exactly one line containing every `needle`.
-fn assert_bad_input(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} missing from: {}", lines[0]);
-    }
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-}
-
 /// The fixtures, made once per test run (Python with torch takes seconds to start) in a folder that each run
 /// overwrites. Tests write their outputs into their own temporary folders.
 fn fixtures() -> &'static (PathBuf, serde_json::Value) {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::assert_bad_input;
+
 use common::{mpirun, repo};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -89,30 +91,20 @@ fn an_interrupted_run_resumes_without_changing_finished_images() {
     assert!(pngs(&out) == full);
 }
 
-fn assert_bad(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} not in {}", lines[0]);
-    }
-}
-
 #[test]
 fn bad_input_exits_2() {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(tmp.path());
     let out = tmp.path().join("bad");
     let run = |extra: &[&str]| bin().args(sample_args(&ckpt, &out, extra)).output().unwrap();
-    assert_bad(&run(&["--interval", "0.5,0.5"]), &["--interval"]);
-    assert_bad(&run(&["--cfg=-1"]), &["--cfg"]);
-    assert_bad(&run(&["--num", "0"]), &["--num"]);
+    assert_bad_input(&run(&["--interval", "0.5,0.5"]), &["--interval"]);
+    assert_bad_input(&run(&["--cfg=-1"]), &["--cfg"]);
+    assert_bad_input(&run(&["--num", "0"]), &["--num"]);
     // A VAE folder that holds something else (a DINOv2 model).
     let mut args = sample_args(&ckpt, &out, &[]);
     let i = args.iter().position(|a| a == "--vae").unwrap();
     args[i + 1] = repo().join("tests/data/dinov2_tiny").display().to_string();
-    assert_bad(&bin().args(&args).output().unwrap(), &["dinov2_tiny"]);
+    assert_bad_input(&bin().args(&args).output().unwrap(), &["dinov2_tiny"]);
     // Weights whose shapes do not match the preset.
     let w = tmp.path().join("w.safetensors");
     ok(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&w).output().unwrap());
@@ -130,5 +122,5 @@ fn bad_input_exits_2() {
         .arg(&out)
         .output()
         .unwrap();
-    assert_bad(&o, &["w.safetensors", "shape"]);
+    assert_bad_input(&o, &["w.safetensors", "shape"]);
 }

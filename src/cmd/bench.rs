@@ -3,15 +3,12 @@
 use anyhow::Result;
 use reg::config::SitDims;
 use reg::train::{resolve_device, Trainer};
-use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[arg(long)]
-    pub config: PathBuf,
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub run: super::ConfigArgs,
     /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -21,8 +18,6 @@ pub struct Args {
     /// Batch to time (defaults to the config's global batch).
     #[arg(long)]
     pub batch: Option<i64>,
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
 }
 
 /// Training FLOPs per image (forward + backward = 3 x forward), counted from the shapes.
@@ -67,15 +62,13 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::set_threads(a.threads);
-    let file = a.config.display().to_string();
-    let mut sets = a.sets.clone();
+    let mut sets = Vec::new();
     if let Some(b) = a.batch {
         sets.push(format!("train.global_batch={b}"));
     }
     sets.push("data.source=synthetic".into());
     sets.push("data.path=null".into());
-    let cfg = super::load_config(&a.config, &sets)?;
+    let (cfg, file) = a.run.load(&sets)?;
     let device = resolve_device(&cfg.train.device)?;
     cfg.local_batch(reg::dist::LaunchInfo::from_env().world, &file)?;
     let mut t = Trainer::new(cfg, &file, reg::dist::init(device)?)?;

@@ -11,11 +11,29 @@ pub mod train;
 
 use anyhow::Result;
 use reg::config::Config;
-use std::path::Path;
+use std::path::PathBuf;
 
-/// Loads the config named on the command line with its `--set` overrides.
-pub fn load_config(path: &Path, sets: &[String]) -> Result<Config> {
-    Config::load(path, sets)
+/// The run config on the command line: a YAML file and `--set` overrides.
+#[derive(clap::Args, Debug)]
+pub struct ConfigArgs {
+    /// YAML config (see configs/).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config value, e.g. `--set train.steps=100` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// CPU threads for libtorch (0: its default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ConfigArgs {
+    /// Applies `--threads` and loads the config with `extra` overrides after the user's.
+    pub fn load(&self, extra: &[String]) -> Result<(Config, String)> {
+        set_threads(self.threads);
+        let sets: Vec<String> = self.sets.iter().chain(extra).cloned().collect();
+        Ok((Config::load(&self.config, &sets)?, self.config.display().to_string()))
+    }
 }
 
 /// `--threads N` (0 leaves libtorch's default).

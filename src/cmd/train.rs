@@ -16,12 +16,8 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// YAML config (see configs/).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// Override a config value, e.g. `--set train.steps=100` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub run: super::ConfigArgs,
     /// Start from these weights (safetensors under the REG parameter names).
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -29,9 +25,6 @@ pub struct Args {
     /// start when there is none); or a `step-NNNNNNN` folder.
     #[arg(long)]
     pub resume: Option<String>,
-    /// CPU threads for libtorch (0: its default).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
     /// Print one JSON line of metrics per logged step instead of a progress bar.
     #[arg(long)]
     pub json: bool,
@@ -122,9 +115,7 @@ fn resume_from(run: &Path, spec: &str, t: &mut Trainer) -> Result<Option<PathBuf
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::set_threads(a.threads);
-    let file = a.config.display().to_string();
-    let cfg = super::load_config(&a.config, &a.sets)?;
+    let (cfg, file) = a.run.load(&[])?;
     let device = resolve_device(&cfg.train.device)?;
     // Check the batch split before starting MPI: bad input fails fast on every rank.
     cfg.local_batch(LaunchInfo::from_env().world, &file)?;

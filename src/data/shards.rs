@@ -171,7 +171,8 @@ impl Shard {
             let f = std::fs::File::open(&self.path).map_err(|e| format!("{}: cannot open: {e}", self.path.display()))?;
             // SAFETY: shards are written once (atomically) and never modified in place.
             // populate: fault the pages in once at map time, not one by one per record.
-            let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }.map_err(|e| format!("{}: cannot map: {e}", self.path.display()))?;
+            let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
+                .map_err(|e| format!("{}: cannot map: {e}", self.path.display()))?;
             if verify {
                 let got: String = Sha256::digest(&map[..]).iter().map(|b| format!("{b:02x}")).collect();
                 if got != self.sha256 {

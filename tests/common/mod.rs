@@ -100,3 +100,31 @@ pub fn assert_same_model(
 pub fn manifest(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
 }
+
+/// Bad input: exit code 2 and exactly one line on stderr, containing every `needle`,
+/// with no panic or backtrace.
+#[track_caller]
+pub fn assert_bad_input(out: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} missing from: {}", lines[0]);
+    }
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
+
+/// Bad input found after the run started (a shard's checksum, a label): exit code 2
+/// and exactly one `error:` line containing every `needle`.
+#[track_caller]
+pub fn assert_bad_input_midway(out: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} missing from: {}", lines[0]);
+    }
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+}
