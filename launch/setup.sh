@@ -26,7 +26,8 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # 3. Project virtualenv with the pinned torch (its libtorch is what we link) and the
-#    test readers (TensorBoard's own event reader, numpy), and the CUDA headers the
+#    test readers (TensorBoard's own event reader, numpy, scipy for the metric
+#    references), and the CUDA headers the
 #    ATen shim compiles against (crt, cccl: the runtime wheel lacks them).
 PY="${PYTHON:-python3}"
 [ -x "$VIRTUAL_ENV/bin/python" ] || "$PY" -m venv "$VIRTUAL_ENV"
@@ -35,7 +36,7 @@ stamp="$VIRTUAL_ENV/.reg-ddp-installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into .venv (torch 2.11.0 is large; first run takes minutes)"
   "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
-  "$VIRTUAL_ENV/bin/pip" install -q -c launch/constraints.txt torch numpy tensorboard protobuf nvidia-cuda-crt nvidia-cuda-cccl
+  "$VIRTUAL_ENV/bin/pip" install -q -c launch/constraints.txt torch numpy scipy tensorboard protobuf nvidia-cuda-crt nvidia-cuda-cccl
   printf '%s' "$want" > "$stamp"
 fi
 "$VIRTUAL_ENV/bin/python" - <<'PY'

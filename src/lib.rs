@@ -5,6 +5,7 @@ pub mod data;
 pub mod diffusion;
 pub mod dist;
 pub mod error;
+pub mod eval;
 pub mod model;
 pub mod optim;
 pub mod shim;
