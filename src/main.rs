@@ -23,6 +23,8 @@ enum Command {
     DemoImages(cmd::demo_images::Args),
     /// Generate images (PNGs and an ADM-evaluator .npz) from trained weights.
     Sample(cmd::sample::Args),
+    /// FID, sFID, Inception Score, precision/recall of samples against an ADM reference batch.
+    Eval(cmd::eval::Args),
     /// Measure how fast the data loader feeds one rank from a dataset folder.
     BenchData(cmd::bench_data::Args),
     /// Write a checkpoint's weights (or EMA) as one safetensors file with REG names.
@@ -40,6 +42,7 @@ fn main() {
         Command::BenchData(a) => cmd::bench_data::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
         Command::Sample(a) => cmd::sample::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::DemoImages(a) => cmd::demo_images::run(a),
         Command::Import(a) => cmd::import::run(a),
     };

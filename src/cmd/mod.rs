@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_data;
 pub mod demo_images;
+pub mod eval;
 pub mod export;
 pub mod import;
 pub mod prepare;

@@ -2,6 +2,7 @@
 
 pub mod crop;
 pub mod loader;
+pub mod npy;
 pub mod prepare;
 pub mod shards;
 pub mod synthetic;

@@ -71,32 +71,6 @@ pub fn list_reg(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
     Ok(((0..k).map(|c| format!("{c:04}")).collect(), entries))
 }
 
-/// A little-endian f32 `.npy` file (the moments REG stores per image).
-pub fn read_npy_f32(path: &Path) -> Result<Tensor> {
-    let bytes = std::fs::read(path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
-    let bad = |why: &str| bad_input(format!("{}: not a float32 .npy file ({why})", path.display()));
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("magic"));
-    }
-    let (hlen, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
-        _ => return Err(bad("header")),
-    };
-    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| bad("header"))?).map_err(|_| bad("header"))?;
-    if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
-        return Err(bad("dtype must be <f4, C order"));
-    }
-    let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("shape"))?;
-    let shape: Vec<i64> =
-        shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().map_err(|_| bad("shape"))).collect::<Result<_>>()?;
-    let data = &bytes[start + hlen..];
-    if data.len() != shape.iter().product::<i64>() as usize * 4 {
-        return Err(bad("truncated"));
-    }
-    Ok(Tensor::f_from_data_size(data, &shape, Kind::Float)?)
-}
-
 /// The models preparation runs, on one device.
 pub struct Encoders {
     pub vae: Option<Vae>,
@@ -169,8 +143,10 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
         let moments = if let Some(vae) = &m.vae {
             vae.encode_moments(&on_dev, m.kind).to_device(Device::Cpu)
         } else {
-            let ms: Vec<Tensor> =
-                ok.iter().map(|(e, _)| read_npy_f32(e.moments.as_ref().expect("from-reg entry"))).collect::<Result<_>>()?;
+            let ms: Vec<Tensor> = ok
+                .iter()
+                .map(|(e, _)| super::npy::read_npy(e.moments.as_ref().expect("from-reg entry")).map(|t| t.to_kind(Kind::Float)))
+                .collect::<Result<_>>()?;
             Tensor::stack(&ms, 0)
         };
         lat.push(if o.latent_bf16 { moments.to_kind(Kind::BFloat16) } else { moments });

@@ -39,7 +39,12 @@ pub fn trace_sqrt_product(s1: &Tensor, s2: &Tensor) -> f64 {
     let r = sqrtm_psd(s1);
     let m = r.matmul(&s2.to_kind(Kind::Double)).matmul(&r);
     let m = (&m + m.transpose(0, 1)) * 0.5;
-    m.linalg_eigvalsh("L").clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[])
+    let w = m.linalg_eigvalsh("L");
+    // Eigenvalues at rounding level are zeros of a rank-deficient covariance (fewer
+    // samples than dimensions); their square roots would add up to a visible error.
+    let tol = w.max().double_value(&[]).max(0.0) * w.size()[0] as f64 * f64::EPSILON;
+    let w = w.where_self(&w.gt(tol), &w.zeros_like());
+    w.sqrt().sum(Kind::Double).double_value(&[])
 }
 
 /// `|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrtm(s1 s2))`.

@@ -1,6 +1,7 @@
 //! Pure modules over tch, named like upstream: SiT + REG, and the flat parameter store.
 
 pub mod dinov2;
+pub mod inception;
 pub mod params;
 pub mod sit;
 pub mod torchfile;
