@@ -2,6 +2,10 @@
 //! tiny model in tests/data/dinov2_tiny (goldens from tools/golden/dinov2.py), and rejects
 //! broken folders with input errors.
 
+mod common;
+
+use common::rel;
+
 use reg::error::is_input_error;
 use reg::model::dinov2::Dinov2;
 use reg::model::weights;
@@ -17,14 +21,6 @@ fn data() -> PathBuf {
 
 fn golden() -> HashMap<String, Tensor> {
     weights::read_map(&data().join("dinov2_tiny_golden.safetensors")).unwrap()
-}
-
-/// max |a - b| / max |b|
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_device(Device::Cpu).to_kind(Kind::Double);
-    let b = b.to_device(Device::Cpu).to_kind(Kind::Double);
-    let scale = b.abs().max().double_value(&[]).max(1e-30);
-    (a - b).abs().max().double_value(&[]) / scale
 }
 
 fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f64) {

@@ -5,6 +5,10 @@
 //! weights from the formula in tools/golden/inception.py (names and shapes come from the golden's
 //! `params` metadata), writes them to a temporary safetensors file and loads that.
 
+mod common;
+
+use common::rel;
+
 use reg::error::is_input_error;
 use reg::model::inception::Inception;
 use reg::model::weights;
@@ -61,14 +65,6 @@ fn write_weights(dir: &Path, tensors: &[(String, Tensor)]) -> PathBuf {
     let path = dir.join("inception.safetensors");
     weights::write(&path, tensors, None).unwrap();
     path
-}
-
-/// max |a - b| / max |b|
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_device(Device::Cpu).to_kind(Kind::Double);
-    let b = b.to_device(Device::Cpu).to_kind(Kind::Double);
-    let scale = b.abs().max().double_value(&[]).max(1e-30);
-    (a - b).abs().max().double_value(&[]) / scale
 }
 
 fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f64) {

@@ -2,10 +2,9 @@
 
 use crate::bail_input;
 use crate::error::bad_input;
-use crate::model::weights;
+use crate::model::weights::{self, Loader};
 use anyhow::Result;
 use serde_json::Value;
-use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -148,30 +147,7 @@ impl Dinov2Config {
     }
 }
 
-/// Takes tensors out of a loaded safetensors map, checking names and shapes,
-/// so a wrong file fails at load with the tensor named rather than mid-forward.
-struct Loader {
-    map: HashMap<String, Tensor>,
-    file: String,
-    device: Device,
-}
-
 impl Loader {
-    /// The tensor `name` with exactly `shape`, as f32 on the device (weights are kept in
-    /// f32 and cast per forward, as `sit.rs` does, so one load serves f32 and bf16).
-    fn get(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let Some(t) = self.map.remove(name) else {
-            bail_input!("{}: tensor {name}: missing", self.file);
-        };
-        if t.size() != shape {
-            bail_input!("{}: tensor {name}: expected shape {shape:?}, found {:?}", self.file, t.size());
-        }
-        if !matches!(t.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
-            bail_input!("{}: tensor {name}: expected a floating-point dtype, found {:?}", self.file, t.kind());
-        }
-        Ok(t.to_kind(Kind::Float).to_device(self.device))
-    }
-
     fn linear(&mut self, name: &str, d_in: i64, d_out: i64, bias: bool) -> Result<Linear> {
         Ok(Linear {
             weight: self.get(&format!("{name}.weight"), &[d_out, d_in])?,

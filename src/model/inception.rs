@@ -19,10 +19,8 @@
 //! reg-ddp import pt_inception-2015-12-05-6726825d.pth --out inception.safetensors
 //! ```
 
-use crate::bail_input;
-use crate::model::weights;
+use crate::model::weights::{self, Loader};
 use anyhow::Result;
-use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -40,29 +38,7 @@ pub const SPATIAL_DIM: i64 = 17 * 17 * SPATIAL_CHANNELS;
 /// BatchNorm eps of `BasicConv2d`.
 const BN_EPS: f64 = 0.001;
 
-/// Takes tensors out of a loaded safetensors map, checking names and shapes,
-/// so a wrong file fails at load with the tensor named rather than mid-forward.
-struct Loader {
-    map: HashMap<String, Tensor>,
-    file: String,
-    device: Device,
-}
-
 impl Loader {
-    /// The tensor `name` with exactly `shape`, as f32 on the device.
-    fn get(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let Some(t) = self.map.remove(name) else {
-            bail_input!("{}: tensor {name}: missing", self.file);
-        };
-        if t.size() != shape {
-            bail_input!("{}: tensor {name}: expected shape {shape:?}, found {:?}", self.file, t.size());
-        }
-        if !matches!(t.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
-            bail_input!("{}: tensor {name}: expected a floating-point dtype, found {:?}", self.file, t.kind());
-        }
-        Ok(t.to_kind(Kind::Float).to_device(self.device))
-    }
-
     /// `{name}.conv.weight` [c_out, c_in, kh, kw] and `{name}.bn.*` [c_out].
     fn conv(&mut self, name: &str, c_in: i64, c_out: i64, kernel: [i64; 2], stride: i64, padding: [i64; 2]) -> Result<BasicConv2d> {
         let conv_weight = self.get(&format!("{name}.conv.weight"), &[c_out, c_in, kernel[0], kernel[1]])?;

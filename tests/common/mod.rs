@@ -40,7 +40,8 @@ pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
 }
 
 pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let cpu = tch::Device::Cpu;
+    let (a, b) = (a.to_device(cpu).to_kind(Kind::Double), b.to_device(cpu).to_kind(Kind::Double));
     (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
 }
 
