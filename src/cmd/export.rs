@@ -2,7 +2,7 @@
 //! checkpoint (loads with `strict=True` into the original PyTorch model).
 
 use anyhow::Result;
-use reg::model::{sit::pos_embed_2d, weights};
+use reg::model::weights;
 use reg::train::checkpoint;
 use std::path::PathBuf;
 
@@ -20,11 +20,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let m = checkpoint::verify(&a.ckpt)?;
-    let dims = m.config.model.dims(&a.ckpt.join("manifest.json").display().to_string())?;
-    let flat = checkpoint::read_full(&a.ckpt, &m, if a.ema { "ema" } else { "weights" })?;
-    let mut named: Vec<(String, tch::Tensor)> =
-        m.layout.iter().map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.shape.iter().product()).view(e.shape.as_slice()))).collect();
-    named.push(("pos_embed".into(), pos_embed_2d(dims.hidden_size, dims.input_size / dims.patch_size)));
+    let named = checkpoint::read_named(&a.ckpt, &m, a.ema)?;
     weights::write(&a.out, &named, None)?;
     eprintln!("reg-ddp: wrote {} ({} tensors, step {}{})", a.out.display(), named.len(), m.step, if a.ema { ", EMA" } else { "" });
     Ok(())

@@ -67,10 +67,7 @@ pub fn run(a: Args) -> Result<()> {
         reg::bail_input!("--no-features: a dataset needs features or --store-images");
     }
     let launch = dist::LaunchInfo::from_env();
-    let device = match resolve_device(&a.device)? {
-        tch::Device::Cuda(_) => tch::Device::Cuda(launch.local_rank as usize % tch::Cuda::device_count().max(1) as usize),
-        d => d,
-    };
+    let device = launch.local_device(resolve_device(&a.device)?);
     let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
     let ((classes, entries), from_reg) = match (&a.images, &a.from_reg) {
         (Some(dir), _) => (list_image_tree(dir)?, false),

@@ -121,12 +121,7 @@ pub fn run(a: Args) -> Result<()> {
     let (cfg, named) = match (&a.ckpt, &a.weights) {
         (Some(dir), _) => {
             let m = checkpoint::verify(dir)?;
-            let flat = checkpoint::read_full(dir, &m, if a.ema { "ema" } else { "weights" })?;
-            let named: std::collections::HashMap<String, tch::Tensor> = m
-                .layout
-                .iter()
-                .map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.shape.iter().product()).view(e.shape.as_slice())))
-                .collect();
+            let named = checkpoint::read_named(dir, &m, a.ema)?.into_iter().collect();
             (m.config, (named, dir.display().to_string()))
         }
         (None, Some(w)) => {
@@ -137,14 +132,11 @@ pub fn run(a: Args) -> Result<()> {
     };
     let dims = cfg.model.dims("model")?;
     let launch = dist::LaunchInfo::from_env();
-    let device = match resolve_device(&a.device)? {
-        tch::Device::Cuda(_) => tch::Device::Cuda(launch.local_rank as usize % tch::Cuda::device_count().max(1) as usize),
-        d => d,
-    };
+    let device = launch.local_device(resolve_device(&a.device)?);
     let labels = Labels::parse(&a.labels, dims.num_classes).map_err(|e| reg::error::bad_input(format!("--labels: {e}")))?;
     let (model, params) = build_sit(&dims, device, 0)?;
     let (mut named, source) = named;
-    // The position table is fixed: a checkpoint's manifest does not carry it.
+    // The position table is fixed: a weights file written without it still loads.
     named.entry("pos_embed".into()).or_insert_with(|| model.pos_embed.to_device(tch::Device::Cpu));
     params.load_into(&params.flat, &named, &source)?;
     let vae = Vae::load(&a.vae, device)?;

@@ -10,7 +10,6 @@ use crate::model::{dinov2::Dinov2, vae::Vae};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -118,8 +117,7 @@ fn sidecar(out: &Path, i: usize) -> PathBuf {
 pub fn shard_done(out: &Path, i: usize) -> Option<ShardDone> {
     let done: ShardDone = serde_json::from_str(&std::fs::read_to_string(sidecar(out, i)).ok()?).ok()?;
     let bytes = std::fs::read(out.join(shard_name(i))).ok()?;
-    let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-    (sha == done.shard.sha256).then_some(done)
+    (crate::model::weights::sha256_hex(&bytes) == done.shard.sha256).then_some(done)
 }
 
 /// Encodes `entries` into shard `i`; unreadable images are skipped and reported.

@@ -9,7 +9,6 @@ use crate::error::bad_input;
 use anyhow::{Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -174,7 +173,7 @@ impl Shard {
             let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
                 .map_err(|e| format!("{}: cannot map: {e}", self.path.display()))?;
             if verify {
-                let got: String = Sha256::digest(&map[..]).iter().map(|b| format!("{b:02x}")).collect();
+                let got = crate::model::weights::sha256_hex(&map[..]);
                 if got != self.sha256 {
                     return Err(format!("{}: SHA-256 mismatch (index {}, file {got})", self.path.display(), self.sha256));
                 }
@@ -229,7 +228,7 @@ pub fn write_shard(dir: &Path, i: usize, tensors: &[(String, tch::Tensor)]) -> R
     let bytes = crate::model::weights::serialize(tensors, None)?;
     let file = shard_name(i);
     crate::model::weights::write_atomic(&dir.join(&file), &bytes).with_context(|| format!("writing {file}"))?;
-    let sha256 = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let sha256 = crate::model::weights::sha256_hex(&bytes);
     Ok(ShardInfo { file, records, sha256 })
 }
 

@@ -31,6 +31,15 @@ impl LaunchInfo {
         LaunchInfo { rank, world, local_rank }
     }
 
+    /// This process's GPU when `device` is CUDA (`cuda:{local_rank}`, wrapping around
+    /// the visible devices); otherwise `device` itself.
+    pub fn local_device(&self, device: Device) -> Device {
+        match device {
+            Device::Cuda(_) => Device::Cuda((self.local_rank % tch::Cuda::device_count().max(1)) as usize),
+            d => d,
+        }
+    }
+
     pub fn single() -> Self {
         LaunchInfo { rank: 0, world: 1, local_rank: 0 }
     }
@@ -102,8 +111,7 @@ pub fn init(device: Device) -> Result<Box<dyn Comm>> {
         anyhow::bail!("the launcher says {} ranks but MPI has {}", info.world, mpi.world());
     }
     if device.is_cuda() {
-        let n = tch::Cuda::device_count().max(1);
-        let nccl = nccl_comm::NcclComm::init(mpi, Device::Cuda((info.local_rank % n) as usize))?;
+        let nccl = nccl_comm::NcclComm::init(mpi, info.local_device(device))?;
         return Ok(Box::new(nccl));
     }
     Ok(Box::new(mpi))

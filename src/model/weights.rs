@@ -72,6 +72,17 @@ pub fn read_map(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(read(path)?.into_iter().collect())
 }
 
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of `bytes` as hex: the checksum format of manifests and dataset indexes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(bytes))
+}
+
 /// Raw little-endian bytes of a tensor (moved to the CPU, made contiguous).
 pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.to_device(tch::Device::Cpu).contiguous();

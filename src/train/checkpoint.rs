@@ -68,15 +68,6 @@ pub fn shard_file(rank: i64, world: i64) -> String {
     format!("rank-{rank:05}-of-{world:05}.safetensors")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, with fsyncs.
-fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
-    weights::write_atomic(path, bytes)
-}
-
 /// A checkpoint whose rank file is being written in the background.
 pub struct PendingSave {
     pub step: i64,
@@ -124,7 +115,7 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
             std::thread::sleep(std::time::Duration::from_millis(slow_ms));
             std::fs::remove_file(&tmp)?;
         }
-        write_durable(&path, &bytes)?;
+        weights::write_atomic(&path, &bytes)?;
         Ok(Sha256::digest(&bytes).into())
     })?;
     let manifest = Manifest {
@@ -163,10 +154,10 @@ pub fn finish(p: PendingSave, t: &Trainer) -> Result<PathBuf> {
             rank: r,
             lo: r * len,
             len,
-            sha256: hex(&all[(32 * r) as usize..(32 * r + 32) as usize]),
+            sha256: weights::hex(&all[(32 * r) as usize..(32 * r + 32) as usize]),
         })
         .collect();
-    write_durable(&p.dir.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    weights::write_atomic(&p.dir.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
     prune(p.dir.parent().expect("step folder has a parent"), t.cfg.train.keep_checkpoints)?;
     Ok(p.dir)
 }
@@ -217,7 +208,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     for s in &m.shards {
         let f = dir.join(&s.file);
         let bytes = std::fs::read(&f).map_err(|e| bad_input(format!("{}: cannot read: {e}", f.display())))?;
-        let got = hex(&Sha256::digest(&bytes));
+        let got = weights::sha256_hex(&bytes);
         if got != s.sha256 {
             bail_input!("{}: SHA-256 mismatch (manifest {}, file {got})", f.display(), s.sha256);
         }
@@ -303,6 +294,17 @@ pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
     t.step = m.step;
     t.skipped = m.skipped;
     Ok(())
+}
+
+/// The weights (`ema`: the EMA) of a checkpoint under the REG names, the fixed position
+/// table included: what `export` writes and `sample` loads.
+pub fn read_named(dir: &Path, m: &Manifest, ema: bool) -> Result<Vec<(String, Tensor)>> {
+    let dims = m.config.model.dims(&dir.join("manifest.json").display().to_string())?;
+    let flat = read_full(dir, m, if ema { "ema" } else { "weights" })?;
+    let mut named: Vec<(String, Tensor)> =
+        m.layout.iter().map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.shape.iter().product()).view(e.shape.as_slice()))).collect();
+    named.push(("pos_embed".into(), crate::model::sit::pos_embed_2d(dims.hidden_size, dims.input_size / dims.patch_size)));
+    Ok(named)
 }
 
 /// Assembles one full flat buffer (`weights` or `ema`) of a checkpoint on the CPU.
