@@ -197,3 +197,94 @@ fn eval_command_scores_and_refuses_bad_input() {
     let refdims = npz("ref.npz", "mu=np.zeros(64), sigma=np.eye(64), mu_s=np.zeros(2023), sigma_s=np.eye(2023)");
     bad(eval(&samples, &refdims), "dimensions");
 }
+
+/// Writes arrays made by a numpy expression into an `.npz` (the .venv's numpy).
+fn npz(dir: &Path, name: &str, arrays: &str) -> PathBuf {
+    let p = dir.join(name);
+    let script = format!(
+        "import json, numpy as np, sys\n\
+         rng = np.random.default_rng(0)\n\
+         def safetensors(path):\n    \
+             b = open(path, 'rb').read(); n = int.from_bytes(b[:8], 'little'); h = json.loads(b[8:8 + n])\n    \
+             kinds = {{'F32': np.float32, 'F64': np.float64}}\n    \
+             return {{k: np.frombuffer(b[8 + n + v['data_offsets'][0]:8 + n + v['data_offsets'][1]], kinds[v['dtype']]).reshape(v['shape'])\n            \
+                     for k, v in h.items() if k != '__metadata__'}}\n\
+         np.savez(sys.argv[1], {arrays})"
+    );
+    let o = std::process::Command::new(common::repo().join(".venv/bin/python")).args(["-c", &script]).arg(&p).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    p
+}
+
+fn eval_json(cmd: &mut std::process::Command, out: &Path) -> serde_json::Value {
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
+}
+
+/// `eval` under mpirun: 2 and 3 ranks (uneven blocks) give the single process's scores; a
+/// reference that stores statistics next to its images is used as the ADM evaluator uses it
+/// (stored statistics for FID, images for precision/recall); the reference cache follows
+/// the Inception weights.
+#[test]
+fn eval_under_mpirun_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let w = write_weights(d, &make_weights());
+    // 23 images: uneven blocks, and Inception Score splits of two or more images, so that
+    // the score depends on the order the ranks' features come back in.
+    let samples = npz(d, "s.npz", "arr_0=(rng.integers(0, 256, (23, 1, 1, 3)) * rng.random((23, 40, 40, 1))).astype(np.uint8)");
+    let reference = npz(d, "r.npz", "arr_0=rng.integers(0, 256, (11, 48, 48, 3), dtype=np.uint8)");
+    let args = |out: &Path, r: &Path| -> Vec<String> {
+        let mut v: Vec<String> = ["eval", "--samples"].map(String::from).to_vec();
+        for (flag, p) in [("--ref", r), ("--inception", &w), ("--out", out)] {
+            v.extend([flag.to_string(), p.display().to_string()]);
+        }
+        v.extend(["--batch", "4", "--device", "cpu", "--threads", "1"].map(String::from));
+        v.insert(2, samples.display().to_string());
+        v
+    };
+    let single = |out: &Path, r: &Path| eval_json(std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp")).args(args(out, r)), out);
+    let one = single(&d.join("one.json"), &reference);
+    assert!(one["inception_score"].as_f64().unwrap() > 1.0 + 1e-9, "{one}");
+    let cache = reg::eval::reference::cache_path(&reference);
+    let cached_at = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    for np in [2, 3] {
+        let out = d.join(format!("np{np}.json"));
+        let a = args(&out, &reference);
+        let many = eval_json(&mut common::mpirun(np, &a.iter().map(|s| s.as_str()).collect::<Vec<_>>()), &out);
+        for k in ["fid", "sfid", "inception_score", "precision", "recall"] {
+            let (x, y) = (one[k].as_f64().unwrap(), many[k].as_f64().unwrap());
+            println!("{k}: 1 rank {x}, {np} ranks {y}");
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{k}: 1 rank {x}, {np} ranks {y}");
+        }
+    }
+    assert_eq!(std::fs::metadata(&cache).unwrap().modified().unwrap(), cached_at, "the cached reference statistics were recomputed");
+
+    // The samples' own statistics stored beside the reference images: FID 0, precision/recall unchanged.
+    single(&d.join("self.json"), &samples);
+    let own = reg::eval::reference::cache_path(&samples);
+    let stored = npz(
+        d,
+        "stored.npz",
+        &format!(
+            "arr_0=np.load('{}')['arr_0'], **{{k: v for k, v in safetensors('{}').items() if k != 'pool'}}",
+            reference.display(),
+            own.display()
+        ),
+    );
+    let s = single(&d.join("stored.json"), &stored);
+    assert!(s["fid"].as_f64().unwrap().abs() < 1e-6 && s["sfid"].as_f64().unwrap().abs() < 1e-6, "{s}");
+    assert_eq!((s["precision"].as_f64(), s["recall"].as_f64()), (one["precision"].as_f64(), one["recall"].as_f64()));
+
+    // Other Inception weights: the cache is recomputed.
+    let other: Vec<_> = make_weights().into_iter().map(|(n, t)| if n == "fc.bias" { (n, t * 2.0) } else { (n, t) }).collect();
+    std::fs::create_dir_all(d.join("other")).unwrap();
+    let w2 = write_weights(&d.join("other"), &other);
+    let mut a = args(&d.join("other.json"), &reference);
+    let i = a.iter().position(|s| s == "--inception").unwrap();
+    a[i + 1] = w2.display().to_string();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp")).args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(std::fs::metadata(&cache).unwrap().modified().unwrap(), cached_at, "stale cache used with other weights");
+}

@@ -7,8 +7,8 @@ use std::io::Read;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// Parses one `.npy` buffer; `what` names it in errors.
-pub fn parse(bytes: &[u8], what: &str) -> Result<Tensor> {
+/// The header of one `.npy` buffer: element kind, shape and where the data starts.
+fn header(bytes: &[u8], what: &str) -> Result<(Kind, Vec<i64>, usize)> {
     let bad = |why: &str| bad_input(format!("{what}: not a supported .npy array ({why})"));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("magic"));
@@ -37,7 +37,13 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<Tensor> {
     if data.len() != shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes() {
         return Err(bad("truncated"));
     }
-    Ok(Tensor::f_from_data_size(data, &shape, kind)?)
+    Ok((kind, shape, start + hlen))
+}
+
+/// Parses one `.npy` buffer; `what` names it in errors.
+pub fn parse(bytes: &[u8], what: &str) -> Result<Tensor> {
+    let (kind, shape, start) = header(bytes, what)?;
+    Ok(Tensor::f_from_data_size(&bytes[start..], &shape, kind)?)
 }
 
 /// Reads a `.npy` file.
@@ -46,18 +52,72 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
     parse(&bytes, &path.display().to_string())
 }
 
-/// Reads the arrays of an `.npz` archive by name (without `.npy`), in file order.
-pub fn read_npz(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let file = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|e| bad_input(format!("{file}: cannot open: {e}")))?;
-    let mut z = zip::ZipArchive::new(f).map_err(|e| bad_input(format!("{file}: not an .npz archive: {e}")))?;
-    let mut out = Vec::new();
-    for i in 0..z.len() {
-        let mut e = z.by_index(i).map_err(|e| bad_input(format!("{file}: {e}")))?;
-        let name = e.name().trim_end_matches(".npy").to_string();
-        let mut bytes = Vec::with_capacity(e.size() as usize);
-        e.read_to_end(&mut bytes).map_err(|e| bad_input(format!("{file}: {name}: {e}")))?;
-        out.push((name.clone(), parse(&bytes, &format!("{file}: {name}"))?));
+/// One array of an `.npz` whose rows are read on demand. `np.savez` stores arrays
+/// uncompressed, so the array is memory-mapped and each rank touches only its own rows
+/// (an ADM batch of 50K images is ~10 GB); a compressed one is inflated into memory.
+pub struct NpzArray {
+    bytes: Backing,
+    /// Where the array's data starts in `bytes`.
+    start: usize,
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+}
+
+enum Backing {
+    Mapped(memmap2::Mmap, std::ops::Range<usize>),
+    Owned(Vec<u8>),
+}
+
+impl NpzArray {
+    /// The array `name` (without `.npy`) of the archive, or `None` when it has none.
+    pub fn open(path: &Path, name: &str) -> Result<Option<NpzArray>> {
+        let file = path.display().to_string();
+        let f = std::fs::File::open(path).map_err(|e| bad_input(format!("{file}: cannot open: {e}")))?;
+        let mut z = zip::ZipArchive::new(&f).map_err(|e| bad_input(format!("{file}: not an .npz archive: {e}")))?;
+        let mut e = match z.by_name(&format!("{name}.npy")) {
+            Ok(e) => e,
+            Err(zip::result::ZipError::FileNotFound) => return Ok(None),
+            Err(e) => return Err(bad_input(format!("{file}: {name}: {e}"))),
+        };
+        let bytes = if e.compression() == zip::CompressionMethod::Stored {
+            let (lo, len) = (e.data_start() as usize, e.size() as usize);
+            // SAFETY: read-only map of a file we do not write; a concurrent truncation by
+            // another process is outside what any reader can defend against.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad_input(format!("{file}: cannot map: {e}")))?;
+            if lo + len > map.len() {
+                crate::bail_input!("{file}: {name}: truncated archive");
+            }
+            Backing::Mapped(map, lo..lo + len)
+        } else {
+            let mut v = Vec::with_capacity(e.size() as usize);
+            e.read_to_end(&mut v).map_err(|e| bad_input(format!("{file}: {name}: {e}")))?;
+            Backing::Owned(v)
+        };
+        let (kind, shape, start) = header(bytes.as_slice(), &format!("{file}: {name}"))?;
+        Ok(Some(NpzArray { bytes, start, kind, shape }))
     }
-    Ok(out)
+
+    /// Rows `[lo, lo + n)` along the first axis, copied into a tensor.
+    pub fn rows(&self, lo: i64, n: i64) -> Tensor {
+        let row: i64 = self.shape[1..].iter().product::<i64>() * self.kind.elt_size_in_bytes() as i64;
+        assert!(lo >= 0 && n >= 0 && lo + n <= self.shape[0], "rows {lo}..+{n} of {}", self.shape[0]);
+        let mut shape = self.shape.clone();
+        shape[0] = n;
+        let at = self.start + (lo * row) as usize;
+        Tensor::f_from_data_size(&self.bytes.as_slice()[at..at + (n * row) as usize], &shape, self.kind).expect("sized above")
+    }
+
+    /// The whole array.
+    pub fn load(&self) -> Tensor {
+        self.rows(0, self.shape[0])
+    }
+}
+
+impl Backing {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m, r) => &m[r.clone()],
+            Backing::Owned(v) => v,
+        }
+    }
 }

@@ -98,6 +98,13 @@ impl Comm for SingleComm {
     }
 }
 
+/// Sums a few numbers over all ranks (votes, flags, metrics); every rank gets the sums.
+pub fn agree(comm: &dyn Comm, values: &[f64]) -> Result<Vec<f64>> {
+    let t = Tensor::from_slice(values).to_device(comm.device());
+    comm.all_reduce_sum(&t)?;
+    Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
+}
+
 /// The process's communicator. Without a launcher (world size 1) this never touches
 /// MPI and computes on `device`. Under one, it initialises MPI and, when `device` is
 /// a GPU, uses `cuda:{local_rank}` with NCCL; otherwise the CPU with MPI.

@@ -2,6 +2,9 @@
 //! FID and sFID (Frechet distance of Gaussian statistics), Inception Score, and
 //! precision/recall of k-nearest-neighbour manifolds (k = 3).
 
+pub mod features;
+pub mod reference;
+
 use tch::{Kind, Tensor};
 
 /// Mean and covariance of a feature set (float64).

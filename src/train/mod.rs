@@ -269,9 +269,7 @@ impl Trainer {
 
     /// Element-wise sum over ranks of a few host values (agreement at step boundaries).
     pub fn agree(&self, values: &[f64]) -> Result<Vec<f64>> {
-        let t = Tensor::from_slice(values).to_device(self.comm.device());
-        self.comm.all_reduce_sum(&t)?;
-        Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
+        crate::dist::agree(self.comm.as_ref(), values)
     }
 
     /// Sums every rank's gradients into this rank's shard, bucket by bucket, and
