@@ -22,6 +22,54 @@ pub struct Config {
     pub dist: DistConfig,
     #[serde(default)]
     pub sample: SampleConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// FID of the EMA model tracked during training: every `fid_every` steps, `fid_num`
+/// images generated over all ranks are scored against the reference statistics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Steps between evaluations; 0 turns them off.
+    pub fid_every: i64,
+    /// Images per evaluation, split over the ranks.
+    pub fid_num: i64,
+    /// ADM reference batch (`VIRTUAL_imagenet256_labeled.npz`: images and/or statistics).
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// FID Inception weights (`reg-ddp import pt_inception-2015-12-05-6726825d.pth`).
+    pub inception: Option<String>,
+    /// SD-VAE folder to decode with (default: `sample.vae`).
+    pub vae: Option<String>,
+    /// Images generated at once per rank.
+    pub batch: i64,
+    pub steps: i64,
+    /// `sde` (Euler-Maruyama) or `ode` (Heun).
+    pub mode: String,
+    pub cfg: f64,
+    pub cls_cfg: f64,
+    /// Noise and labels of the images: the same every evaluation, so that FID moves with
+    /// the model only.
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            fid_every: 0,
+            fid_num: 5000,
+            reference: None,
+            inception: None,
+            vae: None,
+            batch: 64,
+            steps: 250,
+            mode: "sde".into(),
+            cfg: 1.0,
+            cls_cfg: 0.0,
+            seed: 0,
+        }
+    }
 }
 
 /// Sample grids of the EMA model during training (fixed noise and labels).
@@ -468,6 +516,26 @@ impl Config {
         let sm = &self.sample;
         if sm.every < 0 || sm.num <= 0 || sm.steps < 2 || sm.cfg < 0.0 || sm.cls_cfg < 0.0 || !["sde", "ode"].contains(&sm.mode.as_str()) {
             bail_input!("{file}: sample: every >= 0, num > 0, steps >= 2, mode sde|ode, non-negative scales");
+        }
+        let e = &self.eval;
+        if e.fid_every < 0
+            || e.fid_num < 2
+            || e.batch <= 0
+            || e.steps < 2
+            || e.cfg < 0.0
+            || e.cls_cfg < 0.0
+            || !["sde", "ode"].contains(&e.mode.as_str())
+        {
+            bail_input!("{file}: eval: fid_every >= 0, fid_num >= 2, batch > 0, steps >= 2, mode sde|ode, non-negative scales");
+        }
+        if e.fid_every > 0 {
+            for (field, v) in [("ref", &e.reference), ("inception", &e.inception), ("vae", &e.vae.clone().or(self.sample.vae.clone()))] {
+                match v {
+                    None => bail_input!("{file}: eval.{field}: missing (eval.fid_every is {})", e.fid_every),
+                    Some(p) if !Path::new(p).exists() => bail_input!("{file}: eval.{field}: {p} does not exist"),
+                    _ => {}
+                }
+            }
         }
         if !positive(self.dist.bucket_mb) || !positive(self.dist.timeout_s) {
             bail_input!("{file}: dist.bucket_mb / dist.timeout_s: must be positive");

@@ -161,19 +161,7 @@ fn tensorboard_reads_our_event_files() {
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tb = d.join("runs/demo/tb");
-    let py = repo().join(".venv/bin/python");
-    let script = r#"
-import json, sys
-from tensorboard.backend.event_processing import event_accumulator as ea
-acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0, ea.IMAGES: 0})
-acc.Reload()
-out = {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
-out["images"] = {t: [[e.step, e.width, e.height] for e in acc.Images(t)] for t in acc.Tags()["images"]}
-print(json.dumps(out))
-"#;
-    let out = Command::new(&py).arg("-c").arg(script).arg(&tb).output().expect("run .venv python (./launch/setup.sh installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let tags: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tags = common::tensorboard(&tb);
     for tag in [
         "loss/total",
         "loss/denoise",

@@ -288,3 +288,85 @@ fn eval_under_mpirun_matches_one_process() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_ne!(std::fs::metadata(&cache).unwrap().modified().unwrap(), cached_at, "stale cache used with other weights");
 }
+
+/// FID during training under mpirun (2 ranks): logged at every `eval.fid_every` steps to
+/// TensorBoard and the JSON lines, and equal to what `reg-ddp sample` + `reg-ddp eval`
+/// give for the same EMA weights, noise and labels. Missing FID inputs are input errors.
+#[test]
+fn fid_during_training_matches_sample_then_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let w = write_weights(d, &make_weights());
+    let reference = npz(d, "r.npz", "arr_0=(rng.integers(0, 256, (16, 1, 1, 3)) * rng.random((16, 32, 32, 1))).astype(np.uint8)");
+    let vae = common::repo().join("tests/data/vae_tiny");
+    let out = d.join("runs").display().to_string();
+    let sets = [
+        "train.steps=6".to_string(),
+        "train.log_every=3".into(),
+        "eval.fid_every=3".into(),
+        "eval.fid_num=9".into(),
+        "eval.batch=4".into(),
+        "eval.steps=4".into(),
+        "eval.seed=5".into(),
+        format!("eval.ref={}", reference.display()),
+        format!("eval.inception={}", w.display()),
+        format!("eval.vae={}", vae.display()),
+    ];
+    let mut extra: Vec<&str> = Vec::new();
+    for s in &sets {
+        extra.extend(["--set", s.as_str()]);
+    }
+    let args = common::train_args(&out, "fid", &extra);
+    let o = common::mpirun(2, &args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let logged: Vec<(i64, f64)> =
+        common::json_lines(&o.stdout).iter().filter_map(|j| Some((j["step"].as_i64()?, j.get("fid")?.as_f64()?))).collect();
+    assert_eq!(logged.iter().map(|l| l.0).collect::<Vec<_>>(), vec![3, 6], "{logged:?}");
+    let tb = common::tensorboard(&d.join("runs/fid/tb"));
+    for (tag, n) in [("eval/fid", 2), ("eval/inception_score", 2), ("eval/seconds", 2)] {
+        assert_eq!(tb[tag].as_array().map(|a| a.len()), Some(n), "{tag}: {tb}");
+    }
+    for (i, (step, fid)) in logged.iter().enumerate() {
+        assert_eq!(tb["eval/fid"][i][0].as_i64(), Some(*step));
+        assert!((tb["eval/fid"][i][1].as_f64().unwrap() - fid).abs() <= 1e-6 * fid.abs(), "TensorBoard keeps f32");
+    }
+
+    // The same images by hand: EMA weights of the final checkpoint, same sampler, seed and labels.
+    let samples = d.join("samples");
+    let ckpt = d.join("runs/fid/step-0000006");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+        .args(["sample", "--ema", "--num", "9", "--mode", "sde", "--steps", "4", "--cfg", "1", "--cls-cfg", "0"])
+        .args(["--interval", "0,1", "--labels", "random", "--seed", "5", "--batch", "4", "--device", "cpu", "--threads", "1"])
+        .arg("--ckpt")
+        .arg(&ckpt)
+        .arg("--vae")
+        .arg(&vae)
+        .arg("--out")
+        .arg(&samples)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json = d.join("by-hand.json");
+    let by_hand = eval_json(
+        std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+            .args(["eval", "--batch", "4", "--device", "cpu", "--threads", "1", "--samples"])
+            .arg(samples.with_extension("npz"))
+            .arg("--ref")
+            .arg(&reference)
+            .arg("--inception")
+            .arg(&w)
+            .arg("--out")
+            .arg(&json),
+        &json,
+    );
+    let (a, b) = (logged[1].1, by_hand["fid"].as_f64().unwrap());
+    println!("FID at step 6: during training {a}, sample + eval {b}");
+    assert!((a - b).abs() <= 1e-6 * b.abs(), "during training {a}, sample + eval {b}");
+
+    // FID tracking without its inputs.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+        .args(common::train_args(&out, "nofid", &["--set", "eval.fid_every=3"]))
+        .output()
+        .unwrap();
+    common::assert_bad_input(&o, &["eval.ref", "missing"]);
+}

@@ -8,7 +8,7 @@ use reg::diffusion::sampler::Guidance;
 use reg::dist::{self, watchdog::Watchdog, LaunchInfo};
 use reg::model::vae::Vae;
 use reg::train::checkpoint::{self, PendingSave};
-use reg::train::{resolve_device, tboard::EventWriter, StepStats, Trainer};
+use reg::train::{fid::FidProbe, resolve_device, tboard::EventWriter, StepStats, Trainer};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -138,6 +138,7 @@ pub fn run(a: Args) -> Result<()> {
         (Some(v), 0) if t.cfg.sample.every > 0 => Some(Vae::load(Path::new(v), t.device)?),
         _ => None,
     };
+    let fid = FidProbe::new(&t)?;
     let watchdog = (world > 1).then(|| Watchdog::start(rank, std::time::Duration::from_secs_f64(t.cfg.dist.timeout_s)));
     if a.json {
         // Every rank reports what it holds: the optimiser state is only its shard.
@@ -235,13 +236,38 @@ pub fn run(a: Args) -> Result<()> {
             tick = Instant::now();
         }
         if t.cfg.sample.every > 0 && t.step % t.cfg.sample.every == 0 {
-            if let Some((png, h, w)) = t.with_ema_weights(|t| sample_grid(t, vae.as_ref()))? {
+            let started = Instant::now();
+            if let Some((png, h, w)) = t.with_ema_weights(|t| (t.rank() == 0).then(|| sample_grid(t, vae.as_ref())))? {
                 let png = png?;
                 std::fs::create_dir_all(run_dir.join("samples"))?;
                 std::fs::write(run_dir.join(format!("samples/step-{:07}.png", t.step)), &png)?;
                 if let Some(tb) = tb.as_mut() {
                     tb.image_png(t.step, "samples/ema", png, h, w, 3)?;
                     tb.flush()?;
+                }
+            }
+            // Not training time: keep it out of the throughput of this log window.
+            tick += started.elapsed();
+        }
+        if let Some(probe) = &fid {
+            if t.step % t.cfg.eval.fid_every == 0 {
+                let started = Instant::now();
+                let score = t.with_ema_weights(|t| probe.score(t))??;
+                let secs = started.elapsed().as_secs_f64();
+                tick += started.elapsed();
+                if let (Some(s), Some(tb)) = (score, tb.as_mut()) {
+                    tb.scalars(t.step, &[("eval/fid", s.fid), ("eval/inception_score", s.inception_score), ("eval/seconds", secs)])?;
+                    tb.flush()?;
+                    bar.println(format!(
+                        "step {}: FID {:.3} IS {:.3} ({} images, {secs:.1} s)",
+                        t.step, s.fid, s.inception_score, t.cfg.eval.fid_num
+                    ));
+                    if a.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"step": t.step, "fid": s.fid, "inception_score": s.inception_score, "eval_seconds": secs})
+                        );
+                    }
                 }
             }
         }

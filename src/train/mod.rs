@@ -3,6 +3,7 @@
 //! It talks to other ranks only through the `Comm` trait.
 
 pub mod checkpoint;
+pub mod fid;
 pub mod tboard;
 
 use crate::config::{Config, DataSource, EncoderMode, Precision, SitDims};
@@ -301,19 +302,16 @@ impl Trainer {
         Ok(full)
     }
 
-    /// Runs `f` on rank 0 with the EMA weights in the model (gathered from all ranks;
-    /// every rank must call this), then puts the live weights back.
-    pub fn with_ema_weights<R>(&mut self, f: impl FnOnce(&Trainer) -> R) -> Result<Option<R>> {
+    /// Runs `f` with the EMA weights in the model (gathered from all ranks; every rank
+    /// must call this), then puts the live weights back.
+    pub fn with_ema_weights<R>(&mut self, f: impl FnOnce(&Trainer) -> R) -> Result<R> {
         let ema = self.gather(&self.ema.shadow)?.copy();
-        if self.rank() != 0 {
-            return Ok(None);
-        }
         let _g = tch::no_grad_guard();
         let live = self.params.flat.copy();
         self.params.flat.shallow_clone().copy_(&ema);
         let r = f(self);
         self.params.flat.shallow_clone().copy_(&live);
-        Ok(Some(r))
+        Ok(r)
     }
 
     /// Starts from weights saved under the REG names (EMA restarts as a copy).

@@ -129,3 +129,21 @@ pub fn assert_bad_input_midway(out: &std::process::Output, needles: &[&str]) {
     }
     assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
 }
+
+/// Scalars (`{tag: [[step, value], ...]}`) and images (`"images": {tag: [[step, width,
+/// height], ...]}`) of a run's event files, as TensorBoard's own reader sees them.
+pub fn tensorboard(dir: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0, ea.IMAGES: 0})
+acc.Reload()
+out = {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+out["images"] = {t: [[e.step, e.width, e.height] for e in acc.Images(t)] for t in acc.Tags()["images"]}
+print(json.dumps(out))
+"#;
+    let py = repo().join(".venv/bin/python");
+    let out = Command::new(&py).arg("-c").arg(script).arg(dir).output().expect("run .venv python (./launch/setup.sh installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
