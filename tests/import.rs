@@ -81,6 +81,8 @@ ck = {
 torch.save(ck, os.path.join(d, "reg.pt"))
 torch.save(ck, os.path.join(d, "reg-p4.pt"), pickle_protocol=4)
 torch.save(ck, os.path.join(d, "reg-p5.pt"), pickle_protocol=5)
+# The format of torch < 1.6 (pytorch-fid's Inception weights are in it).
+torch.save(ck, os.path.join(d, "reg-legacy.pt"), _use_new_zipfile_serialization=False)
 bare = {"x_embedder.proj.weight": nn.Parameter(torch.randn(8, 4, 2, 2)), "module.y": torch.arange(4)}
 torch.save(bare, os.path.join(d, "bare.pt"))
 
@@ -159,7 +161,7 @@ fn reg_checkpoint_imports_exactly() {
     let (src, expected) = fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    for file in ["reg.pt", "reg-p4.pt", "reg-p5.pt"] {
+    for file in ["reg.pt", "reg-p4.pt", "reg-p5.pt", "reg-legacy.pt"] {
         let out = d.join(format!("{file}.model.safetensors"));
         let run = import(&src.join(file), &out, None);
         let err = String::from_utf8_lossy(&run.stderr);
@@ -224,18 +226,35 @@ class Eval:
 torch.save({"model": {"w": torch.zeros(2)}, "x": Evil()}, os.path.join(d, "system.pt"))
 torch.save({"model": Evil()}, os.path.join(d, "system-p4.pt"), pickle_protocol=4)
 torch.save({"model": Eval()}, os.path.join(d, "eval.pt"))
-torch.save({"model": {"w": torch.zeros(2)}}, os.path.join(d, "legacy.pt"), _use_new_zipfile_serialization=False)
+torch.save({"model": {"w": torch.zeros(2)}, "x": Evil()}, os.path.join(d, "legacy.pt"), _use_new_zipfile_serialization=False)
 "#;
     python(script, d);
     let out = d.join("x.safetensors");
-    for (file, global) in [("system.pt", "system"), ("system-p4.pt", "system"), ("eval.pt", "eval")] {
+    for (file, global) in [("system.pt", "system"), ("system-p4.pt", "system"), ("eval.pt", "eval"), ("legacy.pt", "system")] {
         assert_bad_input(&import(&d.join(file), &out, None), &[file, "refuses to load global", global]);
         assert!(!d.join("MARKER").exists(), "{file} ran code");
     }
-    assert_bad_input(
-        &import(&d.join("legacy.pt"), &out, None),
-        &["legacy.pt", "legacy torch.save format not supported; re-save with torch>=1.6"],
-    );
+    assert!(!out.exists());
+}
+
+/// A legacy-format file cut short anywhere in its storages, or with a foreign magic number, is an input error.
+#[test]
+fn damaged_legacy_files_are_input_errors() {
+    let (src, _) = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(src.join("reg-legacy.pt")).unwrap();
+    let out = tmp.path().join("x.safetensors");
+    for cut in [bytes.len() - 1, bytes.len() - 200, bytes.len() / 2, 40] {
+        let f = tmp.path().join(format!("cut{cut}.pt"));
+        std::fs::write(&f, &bytes[..cut]).unwrap();
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        assert_bad_input(&import(&f, &out, None), &[&name]);
+    }
+    let mut foreign = bytes.clone();
+    foreign[5] ^= 0xFF;
+    let f = tmp.path().join("foreign.pt");
+    std::fs::write(&f, &foreign).unwrap();
+    assert_bad_input(&import(&f, &out, None), &["foreign.pt", "not a torch.save checkpoint"]);
     assert!(!out.exists());
 }
 
@@ -301,7 +320,13 @@ fn corrupt_bytes_never_panic() {
     let (src, _) = fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let bytes = std::fs::read(src.join("reg.pt")).unwrap();
+    for file in ["reg.pt", "reg-legacy.pt"] {
+        mutate(&src.join(file), d);
+    }
+}
+
+fn mutate(file: &Path, d: &Path) {
+    let bytes = std::fs::read(file).unwrap();
     let bad = d.join("bad.pt");
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
@@ -313,7 +338,8 @@ fn corrupt_bytes_never_panic() {
     let (mut refused, mut read) = (0, 0);
     for i in 0..3000 {
         let mut b = bytes.clone();
-        // Most mutations go to the pickle near the start; the rest anywhere (tensor data, zip directory).
+        // Most mutations go to the pickle near the start; the rest anywhere (tensor data, zip directory,
+        // legacy storage headers).
         for _ in 0..1 + next() % 3 {
             let pos = if i % 2 == 0 { (next() % 4096) as usize % b.len() } else { (next() % b.len() as u64) as usize };
             b[pos] = next() as u8;
@@ -332,5 +358,5 @@ fn corrupt_bytes_never_panic() {
             }
         }
     }
-    assert!(refused > 100 && read > 100, "refused {refused}, read {read}");
+    assert!(refused > 100 && read > 100, "{}: refused {refused}, read {read}", file.display());
 }

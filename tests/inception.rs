@@ -76,10 +76,13 @@ fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
 }
 
 fn check(device: Device, kind: Kind, tol: f64) {
-    let g = golden();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_weights(dir.path(), &make_weights());
-    let model = Inception::load(&path, device).unwrap();
+    check_weights(&write_weights(dir.path(), &make_weights()), device, kind, tol);
+}
+
+fn check_weights(path: &Path, device: Device, kind: Kind, tol: f64) {
+    let g = golden();
+    let model = Inception::load(path, device).unwrap();
     let out = model.features(&g["in.images"], kind);
     assert_rel("pool", &out.pool, &g["out.pool"], tol);
     assert_rel("spatial", &out.spatial, &g["out.spatial"], tol);
@@ -98,6 +101,45 @@ fn matches_pytorch_fid_f32() {
 fn matches_pytorch_fid_cuda() {
     assert!(tch::Cuda::is_available(), "no CUDA device");
     check(Device::Cuda(0), Kind::Float, 1e-2);
+}
+
+/// The README's conversion of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`: a bare state dict
+/// (with BatchNorm's `num_batches_tracked`), saved in torch's legacy format as that file is, and in the zip
+/// format; `reg-ddp import` of either gives weights that reproduce the golden.
+#[test]
+fn pytorch_fid_state_dict_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let st = write_weights(d, &make_weights());
+    let script = r#"
+import collections, json, sys, numpy as np, torch
+st, d = sys.argv[1], sys.argv[2]
+b = open(st, 'rb').read(); n = int.from_bytes(b[:8], 'little'); h = json.loads(b[8:8 + n])
+sd = collections.OrderedDict()
+for k, v in sorted(h.items()):
+    if k == '__metadata__':
+        continue
+    lo, hi = v['data_offsets']
+    sd[k] = torch.from_numpy(np.frombuffer(b[8 + n + lo:8 + n + hi], np.float32).reshape(v['shape']).copy())
+    if k.endswith('running_var'):
+        sd[k.replace('running_var', 'num_batches_tracked')] = torch.tensor(0)
+torch.save(sd, d + '/pt_inception-legacy.pth', _use_new_zipfile_serialization=False)
+torch.save(sd, d + '/pt_inception-zip.pth')
+"#;
+    let o = std::process::Command::new(common::repo().join(".venv/bin/python")).args(["-c", script]).arg(&st).arg(d).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in ["pt_inception-legacy.pth", "pt_inception-zip.pth"] {
+        let out = d.join(format!("{name}.safetensors"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+            .arg("import")
+            .arg(d.join(name))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        check_weights(&out, Device::Cpu, Kind::Float, 1e-4);
+    }
 }
 
 fn load_err(path: &Path) -> anyhow::Error {

@@ -148,25 +148,77 @@ fn extent(size: &[i64], stride: &[i64]) -> Option<i64> {
     Some(1 + size.iter().zip(stride).map(|(&n, &s)| (n - 1) * s).sum::<i64>())
 }
 
-/// Reads a `torch.save` file (the zip format of torch >= 1.6) without running any of it.
-/// Every problem with the file is an input error naming it.
+/// Reads a `torch.save` file (the zip format of torch >= 1.6, or the legacy pickle stream)
+/// without running any of it. Every problem with the file is an input error naming it.
 pub fn read(path: &Path) -> Result<Value> {
     let archive = Arc::new(Archive::open(path)?);
-    let pkl = archive.entry_bytes(&format!("{}data.pkl", archive.prefix))?;
-    let mut vm = Vm {
-        archive: archive.clone(),
-        data: &pkl,
-        pos: 0,
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-        starts: HashMap::new(),
+    let root = if archive.legacy {
+        read_legacy(&archive)?
+    } else {
+        let pkl = archive.entry_bytes(&format!("{}data.pkl", archive.prefix))?;
+        let mut vm = Vm::new(&archive, &pkl, 0);
+        vm.run()?
     };
-    let root = vm.run()?;
     let mut budget = CONVERT_BUDGET;
-    let value = convert(&root, 0, &mut budget).map_err(|msg| archive.err(format!("data.pkl: {msg}")));
+    let value = convert(&root, 0, &mut budget).map_err(|msg| archive.err(format!("{}: {msg}", archive.pickle_name())));
     dismantle(vec![root]);
     value
+}
+
+/// What the legacy format starts with: a pickle (protocol 2) of torch's magic number 0x1950a86a20f9469cfc6c.
+const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
+
+/// torch.save before 1.6 (and with `_use_new_zipfile_serialization=False`): pickles of the magic number, the
+/// protocol version (1001) and system information, then the object itself, then the list of storage keys, and
+/// then each storage in that order as an element count (u64) followed by its bytes. Where a storage lies is
+/// known only after the object's pickle, so the object is read twice: first for the storages' types and
+/// sizes, then with their offsets.
+fn read_legacy(archive: &Arc<Archive>) -> Result<Obj> {
+    // SAFETY: a read-only map of a file we do not write, dropped before returning (tensors read it by offset).
+    let map = unsafe { memmap2::Mmap::map(&archive.file) }.map_err(|e| archive.err(format!("cannot map: {e}")))?;
+    let data = &map[..];
+    if !data.starts_with(LEGACY_MAGIC) {
+        return Err(archive.err("not a torch.save checkpoint (neither a zip archive nor torch's legacy pickle stream)"));
+    }
+    let mut vm = Vm::new(archive, data, LEGACY_MAGIC.len());
+    match vm.run()? {
+        Obj::Int(1001) => {}
+        _ => return Err(vm.fail("unsupported legacy protocol version (expected 1001)")),
+    }
+    if let Obj::Dict(info) = vm.run()? {
+        if info.borrow().iter().any(|(k, v)| matches!((k, v), (Obj::Str(k), Obj::Bool(false)) if &**k == "little_endian")) {
+            return Err(vm.fail("a big-endian checkpoint; only little-endian ones are read"));
+        }
+    }
+    let object_at = vm.pos;
+    vm.declared = Some(HashMap::new());
+    dismantle(vec![vm.run()?]);
+    let declared = vm.declared.take().expect("set above");
+    let Obj::List(keys) = vm.run()? else {
+        return Err(vm.fail("expected the list of storage keys"));
+    };
+    let mut at = vm.pos as u64;
+    let mut starts = HashMap::new();
+    for key in keys.borrow().iter() {
+        let Obj::Str(key) = key else { return Err(vm.fail("a storage key is not a string")) };
+        let entry = format!("data/{key}");
+        let Some(&(kind, numel)) = declared.get(&entry) else {
+            return Err(archive.err(format!("storage {} is not used by any tensor", key.escape_debug())));
+        };
+        let count = u64::from_le_bytes(archive.read_at(at, 8, &entry)?.try_into().expect("8 bytes"));
+        if count != numel as u64 {
+            return Err(archive.err(format!("{}: {count} elements stored, {numel} declared", entry.escape_debug())));
+        }
+        let size = count.checked_mul(kind.elt_size_in_bytes() as u64).filter(|n| at + 8 + n <= archive.len);
+        let Some(size) = size else {
+            return Err(archive.err(format!("{}: truncated file (storage of {count} {kind:?} elements)", entry.escape_debug())));
+        };
+        starts.insert(entry, (at + 8, size));
+        at += 8 + size;
+    }
+    let mut vm = Vm::new(archive, data, object_at);
+    vm.starts = starts;
+    vm.run()
 }
 
 /// The tensors of one state dict in the checkpoint `v` read from `file`, in file order, with the `module.` (DDP)
@@ -256,6 +308,8 @@ struct Archive {
     entries: HashMap<String, Entry>,
     /// The archive's single top folder with its slash (`archive/`, or the file's stem).
     prefix: String,
+    /// Not a zip: the pickle stream torch.save wrote before 1.6 (see `read_legacy`).
+    legacy: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -280,6 +334,15 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 impl Archive {
+    /// The pickle's name in messages.
+    fn pickle_name(&self) -> &'static str {
+        if self.legacy {
+            "pickle"
+        } else {
+            "data.pkl"
+        }
+    }
+
     fn err(&self, msg: impl std::fmt::Display) -> anyhow::Error {
         bad_input(format!("{}: {msg}", self.path.display()))
     }
@@ -298,12 +361,13 @@ impl Archive {
         let shown = path.display();
         let file = File::open(path).map_err(|e| bad_input(format!("{shown}: cannot open: {e}")))?;
         let len = file.metadata().map_err(|e| bad_input(format!("{shown}: cannot stat: {e}")))?.len();
-        let mut a = Archive { path: path.to_path_buf(), file, len, entries: HashMap::new(), prefix: String::new() };
+        let mut a = Archive { path: path.to_path_buf(), file, len, entries: HashMap::new(), prefix: String::new(), legacy: false };
         let head = a.read_at(0, len.min(4) as usize, "header")?;
         if head.as_slice() != LOCAL_SIG {
             // Before 1.6 torch.save wrote a bare pickle stream (it starts with the PROTO opcode).
             if head.first() == Some(&0x80) {
-                return Err(a.err("legacy torch.save format not supported; re-save with torch>=1.6"));
+                a.legacy = true;
+                return Ok(a);
             }
             return Err(a.err("not a torch.save checkpoint (expected a zip archive)"));
         }
@@ -622,6 +686,8 @@ struct Vm<'a> {
     memo: HashMap<u32, Obj>,
     /// Storage entry -> (file offset, size in bytes), looked up once per storage shared by several views.
     starts: HashMap<String, (u64, u64)>,
+    /// First pass over a legacy file: storage entry -> (type, elements) as declared, offsets not yet known.
+    declared: Option<HashMap<String, (Kind, i64)>>,
 }
 
 impl Drop for Vm<'_> {
@@ -632,10 +698,15 @@ impl Drop for Vm<'_> {
     }
 }
 
-impl Vm<'_> {
-    /// An input error at the current position of data.pkl.
+impl<'a> Vm<'a> {
+    fn new(archive: &Arc<Archive>, data: &'a [u8], pos: usize) -> Vm<'a> {
+        let (stack, marks, memo, starts) = (Vec::new(), Vec::new(), HashMap::new(), HashMap::new());
+        Vm { archive: archive.clone(), data, pos, stack, marks, memo, starts, declared: None }
+    }
+
+    /// An input error at the current position of the pickle.
     fn fail(&self, msg: impl std::fmt::Display) -> anyhow::Error {
-        self.archive.err(format!("data.pkl byte {}: {msg}", self.pos))
+        self.archive.err(format!("{} byte {}: {msg}", self.archive.pickle_name(), self.pos))
     }
 
     fn take(&mut self, n: u64) -> Result<&[u8]> {
@@ -661,7 +732,7 @@ impl Vm<'_> {
         let bytes = self.take(n)?;
         match std::str::from_utf8(bytes) {
             Ok(s) => Ok(Obj::Str(s.into())),
-            Err(_) => Err(self.archive.err(format!("data.pkl byte {at}: string is not UTF-8"))),
+            Err(_) => Err(self.archive.err(format!("{} byte {at}: string is not UTF-8", self.archive.pickle_name()))),
         }
     }
 
@@ -1008,12 +1079,17 @@ impl Vm<'_> {
         }
     }
 
-    /// BINPERSID: torch.save's reference `('storage', storage_type, key, location, numel)` to `data/<key>`.
+    /// BINPERSID: torch.save's reference `('storage', storage_type, key, location, numel)` to `data/<key>`
+    /// (the legacy format adds a sixth field, a view of another storage, which must be None).
     fn persistent(&mut self, pid: &Obj) -> Result<Obj> {
         let Obj::Tuple(t) = pid else {
             return Err(self.fail(format!("persistent id is a {}, not a tuple", pid.type_name())));
         };
-        let [Obj::Str(tag), Obj::Global(ty), Obj::Str(key), Obj::Str(_location), Obj::Int(numel)] = t.as_slice() else {
+        let fields = match t.as_slice() {
+            [head @ .., Obj::None] if head.len() == 5 => head,
+            all => all,
+        };
+        let [Obj::Str(tag), Obj::Global(ty), Obj::Str(key), Obj::Str(_location), Obj::Int(numel)] = fields else {
             return Err(self.fail("unsupported persistent id (expected ('storage', type, key, location, numel))"));
         };
         if &**tag != "storage" {
@@ -1021,6 +1097,13 @@ impl Vm<'_> {
         }
         let kind = storage_kind(ty).ok_or_else(|| self.fail(format!("{ty} is not a storage type")))?;
         let entry = format!("{}data/{key}", self.archive.prefix);
+        if let Some(declared) = self.declared.as_mut() {
+            // Legacy first pass: where the bytes lie is not known yet.
+            if declared.insert(entry.clone(), (kind, *numel)).is_some_and(|d| d != (kind, *numel)) {
+                return Err(self.fail(format!("storage {} declared twice with different types or sizes", key.escape_debug())));
+            }
+            return Ok(Obj::Storage(Arc::new(Storage { archive: self.archive.clone(), entry, start: 0, kind, numel: *numel })));
+        }
         let (start, size) = match self.starts.get(&entry) {
             Some(&span) => span,
             None => {
