@@ -1,8 +1,12 @@
-//! `reg-ddp bench`: times training steps on synthetic data of the configured shapes.
+//! `reg-ddp bench`: times training steps on synthetic data of the configured shapes, or
+//! (`--sample`) the paper's sampler on the configured model.
 
 use anyhow::Result;
-use reg::config::SitDims;
-use reg::train::{resolve_device, Trainer};
+use reg::config::{Config, SitDims};
+use reg::diffusion::generate::{latents, Labels, SampleSpec};
+use reg::diffusion::sampler::Guidance;
+use reg::model::build_sit;
+use reg::train::{resolve_device, resolve_kind, Trainer};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -18,6 +22,16 @@ pub struct Args {
     /// Batch to time (defaults to the config's global batch).
     #[arg(long)]
     pub batch: Option<i64>,
+    /// Time image generation instead: SDE with the paper's guidance (cfg 2.3 for the
+    /// image and the REG token, interval [0, 0.85]), no VAE decoding.
+    #[arg(long)]
+    pub sample: bool,
+    /// With --sample: sampler steps.
+    #[arg(long, default_value_t = 250)]
+    pub sample_steps: i64,
+    /// With --sample: timed batches (after one untimed batch of 2 sampler steps).
+    #[arg(long, default_value_t = 1)]
+    pub sample_batches: i64,
 }
 
 /// Training FLOPs per image (forward + backward = 3 x forward), counted from the shapes.
@@ -70,6 +84,9 @@ pub fn run(a: Args) -> Result<()> {
     sets.push("data.path=null".into());
     let (cfg, file) = a.run.load(&sets)?;
     let device = resolve_device(&cfg.train.device)?;
+    if a.sample {
+        return bench_sampler(&a, &cfg, &file, device);
+    }
     cfg.local_batch(reg::dist::LaunchInfo::from_env().world, &file)?;
     let mut t = Trainer::new(cfg, &file, reg::dist::init(device)?)?;
     if let tch::Device::Cuda(i) = device {
@@ -112,6 +129,51 @@ pub fn run(a: Args) -> Result<()> {
     if t.rank() == 0 {
         println!("{line}");
     }
+    Ok(())
+}
+
+/// Images per second of `reg-ddp sample`'s generation step (the transformer's share of it)
+/// on one device with the configured model's shapes and random weights.
+fn bench_sampler(a: &Args, cfg: &Config, file: &str, device: tch::Device) -> Result<()> {
+    let device = reg::dist::LaunchInfo::from_env().local_device(device);
+    let dims = cfg.model.dims(file)?;
+    let (model, _params) = build_sit(&dims, device, cfg.train.seed)?;
+    let kind = resolve_kind(cfg.train.precision, device);
+    let batch = cfg.train.global_batch;
+    let spec = |steps| SampleSpec {
+        ode: false,
+        heun: false,
+        steps,
+        guidance: Guidance { cfg: 2.3, cls_cfg: 2.3, low: 0.0, high: 0.85 },
+        path: cfg.loss.path,
+        seed: 0,
+        labels: Labels::Random,
+        kind,
+    };
+    let indices: Vec<u64> = (0..batch as u64).collect();
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let _ = latents(&model, &indices, &spec(2), device);
+    sync();
+    let start = Instant::now();
+    for _ in 0..a.sample_batches.max(1) {
+        let _ = latents(&model, &indices, &spec(a.sample_steps), device);
+    }
+    sync();
+    let secs = start.elapsed().as_secs_f64();
+    let images = (batch * a.sample_batches.max(1)) as f64;
+    let gpu = if device.is_cuda() { gpu_peak_flops() } else { None };
+    println!(
+        "{}",
+        serde_json::json!({
+            "config": file, "mode": "sample", "device": gpu.map(|(n, _)| n).unwrap_or_else(|| format!("{device:?}")),
+            "precision": format!("{kind:?}"), "batch": batch, "sampler_steps": a.sample_steps, "seconds": secs,
+            "images_per_s": images / secs, "hours_per_50k_images": 50_000.0 / (images / secs) / 3600.0,
+        })
+    );
     Ok(())
 }
 
