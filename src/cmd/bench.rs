@@ -22,6 +22,10 @@ pub struct Args {
     /// Batch to time (defaults to the config's global batch).
     #[arg(long)]
     pub batch: Option<i64>,
+    /// Also time each phase of the step (synchronising the device at every phase
+    /// boundary, in a second pass of `--steps` steps after the plain timing).
+    #[arg(long)]
+    pub profile: bool,
     /// Time image generation instead: SDE with the paper's guidance (cfg 2.3 for the
     /// image and the REG token, interval [0, 0.85]), no VAE decoding.
     #[arg(long)]
@@ -112,6 +116,17 @@ pub fn run(a: Args) -> Result<()> {
         tch::Device::Cuda(i) => Some(reg::dist::nccl_comm::cuda_peak_allocated(i) as u64),
         _ => peak_rss_bytes(),
     };
+    let phases = if a.profile {
+        t.phases.enabled = true;
+        for _ in 0..a.steps {
+            t.train_step()?;
+        }
+        let per_step: serde_json::Map<String, serde_json::Value> =
+            t.phases.ms.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms / a.steps.max(1) as f64))).collect();
+        Some(per_step)
+    } else {
+        None
+    };
     let line = serde_json::json!({
         "config": file,
         "device": gpu.as_ref().map(|(n, _)| n.clone()).unwrap_or_else(|| format!("{device:?}")),
@@ -125,6 +140,7 @@ pub fn run(a: Args) -> Result<()> {
         "train_flops_per_image": flops,
         "mfu": mfu,
         "peak_mem_bytes": peak_mem,
+        "phases_ms": phases,
     });
     if t.rank() == 0 {
         println!("{line}");

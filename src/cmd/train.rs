@@ -252,7 +252,13 @@ pub fn run(a: Args) -> Result<()> {
         if let Some(probe) = &fid {
             if t.step % t.cfg.eval.fid_every == 0 {
                 let started = Instant::now();
-                let score = t.with_ema_weights(|t| probe.score(t))??;
+                let step = t.step;
+                let alive = || {
+                    if let Some(w) = &watchdog {
+                        w.beat(step);
+                    }
+                };
+                let score = t.with_ema_weights(|t| probe.score(t, &alive))??;
                 let secs = started.elapsed().as_secs_f64();
                 tick += started.elapsed();
                 if let (Some(s), Some(tb)) = (score, tb.as_mut()) {

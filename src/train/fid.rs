@@ -67,8 +67,9 @@ impl FidProbe {
     }
 
     /// Generates and scores the images with the model's current weights (the caller puts
-    /// the EMA in place). Every rank must call it; rank 0 gets the score.
-    pub fn score(&self, t: &Trainer) -> Result<Option<FidScore>> {
+    /// the EMA in place). Every rank must call it; rank 0 gets the score. `progress` is
+    /// called after each batch (an evaluation can outlast the watchdog's timeout).
+    pub fn score(&self, t: &Trainer, progress: &dyn Fn()) -> Result<Option<FidScore>> {
         let _g = tch::no_grad_guard();
         let (lo, hi) = block(self.num, t.rank(), t.world());
         let mut c = Collector::default();
@@ -76,6 +77,7 @@ impl FidProbe {
             let indices: Vec<u64> = (at as u64..(at + self.batch).min(hi) as u64).collect();
             let images = to_images(&latents(&t.model, &indices, &self.spec, t.device), Some(&self.vae), t.kind);
             c.add(&self.net, &images);
+            progress();
         }
         let out = c.gather(self.num, t.comm.as_ref())?;
         if t.rank() != 0 {

@@ -80,6 +80,38 @@ pub struct StepStats {
     pub skipped: bool,
 }
 
+/// Wall time of each phase of the training step, for `bench --profile`. The device is
+/// synchronised at every boundary, so the phases add up to the step but lose their
+/// overlap; off (no synchronisation) unless enabled.
+#[derive(Debug, Default)]
+pub struct Phases {
+    pub enabled: bool,
+    last: Option<std::time::Instant>,
+    /// (phase, total ms) in step order.
+    pub ms: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    /// Ends the phase `name` (started at the previous mark) after the device's queued work.
+    fn mark(&mut self, device: Device, name: &'static str) {
+        if !self.enabled {
+            return;
+        }
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let now = std::time::Instant::now();
+        if let Some(prev) = self.last {
+            let ms = (now - prev).as_secs_f64() * 1e3;
+            match self.ms.iter_mut().find(|(n, _)| *n == name) {
+                Some(slot) => slot.1 += ms,
+                None => self.ms.push((name, ms)),
+            }
+        }
+        self.last = Some(now);
+    }
+}
+
 /// Model, optimiser shard and data of one rank of a run.
 pub struct Trainer {
     pub cfg: Config,
@@ -114,6 +146,7 @@ pub struct Trainer {
     shard_grad: Tensor,
     /// Elements per rank in one reduce-scatter bucket.
     bucket: i64,
+    pub phases: Phases,
 }
 
 impl Trainer {
@@ -180,6 +213,7 @@ impl Trainer {
             shard_len,
             shard_grad,
             bucket,
+            phases: Phases::default(),
         })
     }
 
@@ -198,6 +232,8 @@ impl Trainer {
 
     /// One optimisation step; returns its metrics averaged over ranks.
     pub fn train_step(&mut self) -> Result<StepStats> {
+        let device = self.device;
+        self.phases.mark(device, "between_steps");
         let d = &self.dims;
         let step = self.step as u64;
         // Draws for the whole global batch, then this rank's rows: independent of the world size.
@@ -211,6 +247,7 @@ impl Trainer {
             self.cfg.model.class_dropout_prob,
         )
         .rows(self.row_lo, self.rows, self.device);
+        self.phases.mark(device, "draws");
         let batch = self.source.batch(step, self.row_lo, self.rows)?;
         let moments = batch.moments.to_device(self.device);
         let feat = match (&self.online, &batch.images) {
@@ -219,6 +256,7 @@ impl Trainer {
         };
         let x0 = sample_posterior(&moments, &draws.eps, self.cfg.loss.latent_scale);
         let y = drop_labels(&batch.y.to_device(self.device), &draws.drop, d.num_classes);
+        self.phases.mark(device, "data");
 
         self.params.zero_grad();
         let cls0 = feat.select(1, 0);
@@ -227,10 +265,13 @@ impl Trainer {
         if self.fault_nan == Some((self.step, self.rank())) {
             terms.total = &terms.total * f64::NAN;
         }
+        self.phases.mark(device, "forward");
         terms.total.backward();
+        self.phases.mark(device, "backward");
 
         let _g = tch::no_grad_guard();
         self.reduce_scatter_grads()?;
+        self.phases.mark(device, "reduce_scatter");
         // One all-reduce carries the gradient's sum of squares and "my loss is not
         // finite": every rank then agrees, on the device, whether to skip this update.
         let local_bad = terms.total.isfinite().logical_not().to_kind(Kind::Float);
@@ -242,9 +283,11 @@ impl Trainer {
         let shard = self.shard();
         self.opt.update_unless(&shard, &self.shard_grad, Some(&skip))?;
         self.ema.update_unless(&shard, &skip);
+        self.phases.mark(device, "clip_adamw_ema");
         if self.world() > 1 {
             self.comm.all_gather(&shard, &self.params.flat)?;
         }
+        self.phases.mark(device, "all_gather");
         self.step += 1;
 
         let metrics =
@@ -260,7 +303,9 @@ impl Trainer {
         } else {
             self.consecutive_skips = 0;
         }
-        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm: norm.double_value(&[]), skipped })
+        let grad_norm = norm.double_value(&[]);
+        self.phases.mark(device, "metrics");
+        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm, skipped })
     }
 
     /// Global samples consumed so far (the data position a checkpoint records).
