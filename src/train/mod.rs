@@ -186,6 +186,7 @@ impl Trainer {
                 [dims.in_channels, dims.input_size, dims.input_size],
                 dims.num_patches() + 1,
                 dims.z_dim,
+                device,
             )),
         };
         Ok(Trainer {
