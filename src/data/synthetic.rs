@@ -32,7 +32,14 @@ impl Synthetic {
         let coarse = Tensor::randn([num_classes, c, 4, 4], opts);
         let latent_proto = coarse.upsample_bilinear2d([h, w], false, None, None) * 4.0;
         let feat_proto = Tensor::randn([num_classes, tokens, z_dim], opts);
-        Synthetic { seed, global_batch, num_classes, latent_proto: latent_proto.to_device(device), feat_proto: feat_proto.to_device(device), device }
+        Synthetic {
+            seed,
+            global_batch,
+            num_classes,
+            latent_proto: latent_proto.to_device(device),
+            feat_proto: feat_proto.to_device(device),
+            device,
+        }
     }
 }
 
