@@ -238,6 +238,32 @@ fn eval_command_scores_and_refuses_bad_input() {
     bad(eval(&npz("gray.npz", "arr_0=np.zeros((2, 8, 8), np.uint8)"), &samples), "arr_0");
     let refdims = npz("ref.npz", "mu=np.zeros(64), sigma=np.eye(64), mu_s=np.zeros(2023), sigma_s=np.eye(2023)");
     bad(eval(&samples, &refdims), "dimensions");
+    bad(
+        eval(&samples, &npz("scalar.npz", "mu=np.float64(0), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023)")),
+        "dimensions",
+    );
+    // Headers whose shapes would wrap or go negative when multiplied out.
+    for (name, shape, data) in [("negative.npz", "(-1, 1, 1, 3)", 3), ("huge.npz", "(4611686018427387904, 4, 1, 3)", 0)] {
+        let p = dir.path().join(name);
+        let script = format!(
+            "import sys, zipfile\n\
+             h = \"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}\"\n\
+             h = h + ' ' * (63 - (10 + len(h)) % 64) + '\\n'\n\
+             with zipfile.ZipFile(sys.argv[1], 'w') as z:\n    \
+                 z.writestr('arr_0.npy', b'\\x93NUMPY\\x01\\x00' + len(h).to_bytes(2, 'little') + h.encode() + bytes({data}))"
+        );
+        let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+        let o = std::process::Command::new(py).args(["-c", &script]).arg(&p).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        bad(eval(&p, &samples), "shape");
+    }
+
+    // A cache that cannot be written (here its path is taken by a folder): a warning, and the scores.
+    let unwritable = npz("unwritable.npz", "arr_0=rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)");
+    std::fs::create_dir(format!("{}.reg-ddp-stats.safetensors", unwritable.display())).unwrap();
+    let o = eval(&samples, &unwritable);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not cached"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// Writes arrays made by a numpy expression into an `.npz` (the .venv's numpy).
@@ -318,6 +344,12 @@ fn eval_under_mpirun_matches_one_process() {
     let s = single(&d.join("stored.json"), &stored);
     assert!(s["fid"].as_f64().unwrap().abs() < 1e-6 && s["sfid"].as_f64().unwrap().abs() < 1e-6, "{s}");
     assert_eq!((s["precision"].as_f64(), s["recall"].as_f64()), (one["precision"].as_f64(), one["recall"].as_f64()));
+
+    // Another reference written at the same path: its statistics are computed afresh.
+    std::fs::copy(&samples, &reference).unwrap();
+    let replaced = single(&d.join("replaced.json"), &reference);
+    assert!(replaced["fid"].as_f64().unwrap().abs() < 1e-6, "stale reference statistics: {replaced}");
+    let cached_at = std::fs::metadata(&cache).unwrap().modified().unwrap();
 
     // Other Inception weights: the cache is recomputed.
     let other: Vec<_> = make_weights().into_iter().map(|(n, t)| if n == "fc.bias" { (n, t * 2.0) } else { (n, t) }).collect();

@@ -89,6 +89,9 @@ pub fn run(a: Args) -> Result<()> {
     let (cfg, file) = a.run.load(&sets)?;
     let device = resolve_device(&cfg.train.device)?;
     if a.sample {
+        if a.sample_steps < 2 || a.sample_batches < 1 {
+            reg::bail_input!("--sample-steps: at least 2; --sample-batches: at least 1");
+        }
         return bench_sampler(&a, &cfg, &file, device);
     }
     cfg.local_batch(reg::dist::LaunchInfo::from_env().world, &file)?;
@@ -122,7 +125,7 @@ pub fn run(a: Args) -> Result<()> {
             t.train_step()?;
         }
         let per_step: serde_json::Map<String, serde_json::Value> =
-            t.phases.ms.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms / a.steps.max(1) as f64))).collect();
+            t.phases.ms.iter().map(|(n, ms, count)| (n.to_string(), serde_json::json!(ms / *count as f64))).collect();
         Some(per_step)
     } else {
         None
@@ -175,12 +178,12 @@ fn bench_sampler(a: &Args, cfg: &Config, file: &str, device: tch::Device) -> Res
     let _ = latents(&model, &indices, &spec(2), device);
     sync();
     let start = Instant::now();
-    for _ in 0..a.sample_batches.max(1) {
+    for _ in 0..a.sample_batches {
         let _ = latents(&model, &indices, &spec(a.sample_steps), device);
     }
     sync();
     let secs = start.elapsed().as_secs_f64();
-    let images = (batch * a.sample_batches.max(1)) as f64;
+    let images = (batch * a.sample_batches) as f64;
     let gpu = if device.is_cuda() { gpu_peak_flops() } else { None };
     println!(
         "{}",

@@ -31,10 +31,15 @@ fn header(bytes: &[u8], what: &str) -> Result<(Kind, Vec<i64>, usize)> {
         d => return Err(bad(&format!("dtype {d}"))),
     };
     let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("shape"))?;
-    let shape: Vec<i64> =
-        shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().map_err(|_| bad("shape"))).collect::<Result<_>>()?;
+    let shape: Vec<i64> = shape_txt
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse::<u32>().map(i64::from).map_err(|_| bad("shape")))
+        .collect::<Result<_>>()?;
+    // Sizes come from the file: counted without overflow before anything is sliced.
+    let size = shape.iter().try_fold(kind.elt_size_in_bytes() as u64, |acc, &d| acc.checked_mul(d as u64)).ok_or_else(|| bad("shape"))?;
     let data = &bytes[start + hlen..];
-    if data.len() != shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes() {
+    if data.len() as u64 != size {
         return Err(bad("truncated"));
     }
     Ok((kind, shape, start + hlen))
@@ -84,12 +89,13 @@ impl NpzArray {
             // SAFETY: read-only map of a file we do not write; a concurrent truncation by
             // another process is outside what any reader can defend against.
             let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad_input(format!("{file}: cannot map: {e}")))?;
-            if lo + len > map.len() {
+            // The sizes are the archive's word: checked against the file before slicing.
+            let Some(end) = lo.checked_add(len).filter(|&end| end <= map.len()) else {
                 crate::bail_input!("{file}: {name}: truncated archive");
-            }
-            Backing::Mapped(map, lo..lo + len)
+            };
+            Backing::Mapped(map, lo..end)
         } else {
-            let mut v = Vec::with_capacity(e.size() as usize);
+            let mut v = Vec::new();
             e.read_to_end(&mut v).map_err(|e| bad_input(format!("{file}: {name}: {e}")))?;
             Backing::Owned(v)
         };
@@ -97,7 +103,8 @@ impl NpzArray {
         Ok(Some(NpzArray { bytes, start, kind, shape }))
     }
 
-    /// Rows `[lo, lo + n)` along the first axis, copied into a tensor.
+    /// Rows `[lo, lo + n)` along the first axis, copied into a tensor. Panics on a 0-d
+    /// array or rows outside it (callers check the shape first).
     pub fn rows(&self, lo: i64, n: i64) -> Tensor {
         let row: i64 = self.shape[1..].iter().product::<i64>() * self.kind.elt_size_in_bytes() as i64;
         assert!(lo >= 0 && n >= 0 && lo + n <= self.shape[0], "rows {lo}..+{n} of {}", self.shape[0]);
@@ -109,7 +116,10 @@ impl NpzArray {
 
     /// The whole array.
     pub fn load(&self) -> Tensor {
-        self.rows(0, self.shape[0])
+        match self.shape.first() {
+            Some(&n) => self.rows(0, n),
+            None => Tensor::f_from_data_size(&self.bytes.as_slice()[self.start..], &[], self.kind).expect("sized by header"),
+        }
     }
 }
 

@@ -105,6 +105,18 @@ pub fn agree(comm: &dyn Comm, values: &[f64]) -> Result<Vec<f64>> {
     Ok(Vec::<f64>::try_from(t.to_device(Device::Cpu))?)
 }
 
+/// Before a collective: every rank learns whether any rank failed on its own, so that
+/// none is left waiting in the collective. Gives this rank's error, or one saying how
+/// many other ranks failed (they print their own).
+pub fn all_ok(local: Result<()>, comm: &dyn Comm) -> Result<()> {
+    let failed = agree(comm, &[local.is_err() as i64 as f64])?[0];
+    local?;
+    if failed > 0.0 {
+        anyhow::bail!("{failed} other rank(s) failed; see their messages");
+    }
+    Ok(())
+}
+
 /// The process's communicator. Without a launcher (world size 1) this never touches
 /// MPI and computes on `device`. Under one, it initialises MPI and, when `device` is
 /// a GPU, uses `cuda:{local_rank}` with NCCL; otherwise the CPU with MPI.

@@ -3,7 +3,7 @@
 
 use crate::bail_input;
 use crate::data::npy::NpzArray;
-use crate::dist::Comm;
+use crate::dist::{all_ok, Comm};
 use crate::error::bad_input;
 use crate::model::inception::{Inception, InceptionOutput};
 use anyhow::Result;
@@ -141,9 +141,8 @@ pub fn features_of(set: &ImageSet, net: &Inception, batch: i64, comm: &dyn Comm)
     let n = set.len();
     let (lo, hi) = block(n, comm.rank(), comm.world());
     let mut c = Collector::default();
-    for at in (lo..hi).step_by(batch as usize) {
-        c.add(net, &set.rows(at, batch.min(hi - at))?);
-    }
+    let local = (lo..hi).step_by(batch as usize).try_for_each(|at| Ok(c.add(net, &set.rows(at, batch.min(hi - at))?)));
+    all_ok(local, comm)?;
     c.gather(n, comm)
 }
 

@@ -2,7 +2,7 @@
 //! holding images and/or precomputed statistics. As in the ADM evaluator, statistics stored
 //! in the file are used as they are, and its images give the pool features for
 //! precision/recall (and the statistics when the file has none). What had to be computed
-//! is cached beside the file, keyed by the Inception weights that computed it.
+//! is cached beside the file, keyed by the Inception weights and the reference file.
 
 use super::features::{check_images, features_of, ImageSet};
 use super::Stats;
@@ -14,6 +14,7 @@ use crate::model::inception::Inception;
 use crate::model::weights;
 use anyhow::Result;
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -43,8 +44,7 @@ impl Reference {
             bail_input!("{file}: no such reference file");
         }
         let cache = cache_path(path);
-        let key =
-            weights::sha256_hex(&std::fs::read(inception).map_err(|e| bad_input(format!("{}: cannot read: {e}", inception.display())))?);
+        let key = cache_key(path, inception)?;
         // Rank 0 decides, so that all ranks take the same (collective) path.
         let valid = comm.rank() == 0 && cached_key(&cache).as_deref() == Some(key.as_str());
         let valid = agree(comm, &[valid as i64 as f64])?[0] > 0.0;
@@ -65,13 +65,17 @@ impl Reference {
                     map.entry(k.to_string()).or_insert(v);
                 }
                 map.insert("pool".into(), out.pool);
+                // Only computed features are worth a cache; a read-only folder just means
+                // computing them again next time.
+                if comm.rank() == 0 {
+                    let named: Vec<(String, Tensor)> = map.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+                    let meta = HashMap::from([("key".to_string(), key)]);
+                    if let Err(e) = weights::write(&cache, &named, Some(meta)) {
+                        eprintln!("warning: {}: reference statistics not cached: {e:#}", cache.display());
+                    }
+                }
             } else if let Some(k) = STATS.iter().find(|k| !map.contains_key(**k)) {
                 bail_input!("{file}: {k}: missing (and no arr_0 images to compute it from)");
-            }
-            if comm.rank() == 0 {
-                let named: Vec<(String, Tensor)> = map.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
-                let meta = HashMap::from([("inception_sha256".to_string(), key)]);
-                weights::write(&cache, &named, Some(meta))?;
             }
             map
         };
@@ -86,9 +90,22 @@ impl Reference {
     }
 }
 
-/// The Inception key a cache file was computed with, if it is readable.
+/// What a cache depends on: the Inception weights (their SHA-256) and the reference file
+/// (its size and modification time).
+fn cache_key(reference: &Path, inception: &Path) -> Result<String> {
+    let weights = std::fs::read(inception).map_err(|e| bad_input(format!("{}: cannot read: {e}", inception.display())))?;
+    let meta = std::fs::metadata(reference).map_err(|e| bad_input(format!("{}: {e}", reference.display())))?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    Ok(format!("inception {} reference {} bytes mtime {mtime}", weights::sha256_hex(&weights), meta.len()))
+}
+
+/// The key a cache file was written with (from its header alone), if it is readable.
 fn cached_key(cache: &Path) -> Option<String> {
-    let bytes = std::fs::read(cache).ok()?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    meta.metadata().as_ref()?.get("inception_sha256").cloned()
+    let mut f = std::fs::File::open(cache).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let mut header = vec![0u8; usize::try_from(u64::from_le_bytes(len)).ok().filter(|&n| n <= 1 << 24)?];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    Some(v.get("__metadata__")?.get("key")?.as_str()?.to_string())
 }

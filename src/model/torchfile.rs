@@ -209,12 +209,14 @@ fn read_legacy(archive: &Arc<Archive>) -> Result<Obj> {
         if count != numel as u64 {
             return Err(archive.err(format!("{}: {count} elements stored, {numel} declared", entry.escape_debug())));
         }
-        let size = count.checked_mul(kind.elt_size_in_bytes() as u64).filter(|n| at + 8 + n <= archive.len);
-        let Some(size) = size else {
+        // Counts come from the file: the arithmetic is checked, never wrapped.
+        let size = count.checked_mul(kind.elt_size_in_bytes() as u64);
+        let end = size.and_then(|n| at.checked_add(8)?.checked_add(n)).filter(|&end| end <= archive.len);
+        let (Some(size), Some(end)) = (size, end) else {
             return Err(archive.err(format!("{}: truncated file (storage of {count} {kind:?} elements)", entry.escape_debug())));
         };
         starts.insert(entry, (at + 8, size));
-        at += 8 + size;
+        at = end;
     }
     let mut vm = Vm::new(archive, data, object_at);
     vm.starts = starts;
@@ -1106,6 +1108,9 @@ impl<'a> Vm<'a> {
         }
         let (start, size) = match self.starts.get(&entry) {
             Some(&span) => span,
+            None if self.archive.legacy => {
+                return Err(self.fail(format!("storage {} is not in the file's list of storages", key.escape_debug())));
+            }
             None => {
                 let span = self.archive.entry_span(&entry)?;
                 self.starts.insert(entry.clone(), span);

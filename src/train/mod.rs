@@ -87,8 +87,8 @@ pub struct StepStats {
 pub struct Phases {
     pub enabled: bool,
     last: Option<std::time::Instant>,
-    /// (phase, total ms) in step order.
-    pub ms: Vec<(&'static str, f64)>,
+    /// (phase, total ms, times timed) in step order.
+    pub ms: Vec<(&'static str, f64, u32)>,
 }
 
 impl Phases {
@@ -103,9 +103,12 @@ impl Phases {
         let now = std::time::Instant::now();
         if let Some(prev) = self.last {
             let ms = (now - prev).as_secs_f64() * 1e3;
-            match self.ms.iter_mut().find(|(n, _)| *n == name) {
-                Some(slot) => slot.1 += ms,
-                None => self.ms.push((name, ms)),
+            match self.ms.iter_mut().find(|(n, _, _)| *n == name) {
+                Some(slot) => {
+                    slot.1 += ms;
+                    slot.2 += 1;
+                }
+                None => self.ms.push((name, ms, 1)),
             }
         }
         self.last = Some(now);
