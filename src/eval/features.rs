@@ -141,7 +141,10 @@ pub fn features_of(set: &ImageSet, net: &Inception, batch: i64, comm: &dyn Comm)
     let n = set.len();
     let (lo, hi) = block(n, comm.rank(), comm.world());
     let mut c = Collector::default();
-    let local = (lo..hi).step_by(batch as usize).try_for_each(|at| Ok(c.add(net, &set.rows(at, batch.min(hi - at))?)));
+    let local = (lo..hi).step_by(batch as usize).try_for_each(|at| -> Result<()> {
+        c.add(net, &set.rows(at, batch.min(hi - at))?);
+        Ok(())
+    });
     all_ok(local, comm)?;
     c.gather(n, comm)
 }
