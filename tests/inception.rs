@@ -391,13 +391,13 @@ fn fid_during_training_matches_sample_then_eval() {
         extra.extend(["--set", s.as_str()]);
     }
     let args = common::train_args(&out, "fid", &extra);
-    let o = common::mpirun(2, &args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o_train = common::mpirun(2, &args.iter().map(|s| s.as_str()).collect::<Vec<_>>()).output().unwrap();
+    assert!(o_train.status.success(), "{}", String::from_utf8_lossy(&o_train.stderr));
     let logged: Vec<(i64, f64)> =
-        common::json_lines(&o.stdout).iter().filter_map(|j| Some((j["step"].as_i64()?, j.get("fid")?.as_f64()?))).collect();
+        common::json_lines(&o_train.stdout).iter().filter_map(|j| Some((j["step"].as_i64()?, j.get("fid")?.as_f64()?))).collect();
     assert_eq!(logged.iter().map(|l| l.0).collect::<Vec<_>>(), vec![3, 6], "{logged:?}");
     let tb = common::tensorboard(&d.join("runs/fid/tb"));
-    for (tag, n) in [("eval/fid", 2), ("eval/inception_score", 2), ("eval/seconds", 2)] {
+    for (tag, n) in [("eval/fid", 2), ("eval/sfid", 2), ("eval/inception_score", 2), ("eval/seconds", 2)] {
         assert_eq!(tb[tag].as_array().map(|a| a.len()), Some(n), "{tag}: {tb}");
     }
     for (i, (step, fid)) in logged.iter().enumerate() {
@@ -436,6 +436,9 @@ fn fid_during_training_matches_sample_then_eval() {
     let (a, b) = (logged[1].1, by_hand["fid"].as_f64().unwrap());
     println!("FID at step 6: during training {a}, sample + eval {b}");
     assert!((a - b).abs() <= 1e-6 * b.abs(), "during training {a}, sample + eval {b}");
+    let sfid = common::json_lines(&o_train.stdout).iter().filter_map(|j| j.get("sfid")?.as_f64()).last().unwrap();
+    let by_hand_sfid = by_hand["sfid"].as_f64().unwrap();
+    assert!((sfid - by_hand_sfid).abs() <= 1e-6 * by_hand_sfid.abs(), "sFID: during training {sfid}, sample + eval {by_hand_sfid}");
 
     // FID tracking without its inputs.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))

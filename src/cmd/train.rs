@@ -262,7 +262,10 @@ pub fn run(a: Args) -> Result<()> {
                 let secs = started.elapsed().as_secs_f64();
                 tick += started.elapsed();
                 if let (Some(s), Some(tb)) = (score, tb.as_mut()) {
-                    tb.scalars(t.step, &[("eval/fid", s.fid), ("eval/inception_score", s.inception_score), ("eval/seconds", secs)])?;
+                    tb.scalars(
+                        t.step,
+                        &[("eval/fid", s.fid), ("eval/sfid", s.sfid), ("eval/inception_score", s.inception_score), ("eval/seconds", secs)],
+                    )?;
                     tb.flush()?;
                     bar.println(format!(
                         "step {}: FID {:.3} IS {:.3} ({} images, {secs:.1} s)",
@@ -271,7 +274,7 @@ pub fn run(a: Args) -> Result<()> {
                     if a.json {
                         println!(
                             "{}",
-                            serde_json::json!({"step": t.step, "fid": s.fid, "inception_score": s.inception_score, "eval_seconds": secs})
+                            serde_json::json!({"step": t.step, "fid": s.fid, "sfid": s.sfid, "inception_score": s.inception_score, "eval_seconds": secs})
                         );
                     }
                 }

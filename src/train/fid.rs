@@ -17,6 +17,8 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy)]
 pub struct FidScore {
     pub fid: f64,
+    /// sFID (spatial features).
+    pub sfid: f64,
     /// Inception Score (mean over 10 splits).
     pub inception_score: f64,
 }
@@ -84,6 +86,7 @@ impl FidProbe {
             return Ok(None);
         }
         let fid = frechet_distance(&Stats::of(&out.pool), &self.reference.fid);
-        Ok(Some(FidScore { fid, inception_score: inception_score(&out.probs, 10).0 }))
+        let sfid = frechet_distance(&Stats::of(&out.spatial), &self.reference.sfid);
+        Ok(Some(FidScore { fid, sfid, inception_score: inception_score(&out.probs, 10).0 }))
     }
 }
