@@ -436,7 +436,7 @@ fn fid_during_training_matches_sample_then_eval() {
     let (a, b) = (logged[1].1, by_hand["fid"].as_f64().unwrap());
     println!("FID at step 6: during training {a}, sample + eval {b}");
     assert!((a - b).abs() <= 1e-6 * b.abs(), "during training {a}, sample + eval {b}");
-    let sfid = common::json_lines(&o_train.stdout).iter().filter_map(|j| j.get("sfid")?.as_f64()).last().unwrap();
+    let sfid = common::json_lines(&o_train.stdout).iter().filter_map(|j| j.get("sfid")?.as_f64()).next_back().unwrap();
     let by_hand_sfid = by_hand["sfid"].as_f64().unwrap();
     assert!((sfid - by_hand_sfid).abs() <= 1e-6 * by_hand_sfid.abs(), "sFID: during training {sfid}, sample + eval {by_hand_sfid}");
 
