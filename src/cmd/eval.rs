@@ -6,8 +6,8 @@ use anyhow::Result;
 use reg::bail_input;
 use reg::dist;
 use reg::eval::features::{features_of, ImageSet};
-use reg::eval::reference::Reference;
-use reg::eval::{frechet_distance, inception_score, precision_recall, Stats};
+use reg::eval::precision_recall;
+use reg::eval::reference::{Reference, Scores};
 use reg::model::inception::Inception;
 use reg::train::resolve_device;
 use std::path::PathBuf;
@@ -55,9 +55,7 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let rfile = a.reference.display().to_string();
-    let fid = frechet_distance(&Stats::of(&out.pool), &reference.fid);
-    let sfid = frechet_distance(&Stats::of(&out.spatial), &reference.sfid);
-    let (is, is_std) = inception_score(&out.probs, 10);
+    let Scores { fid, sfid, inception_score: is, inception_score_std: is_std } = reference.scores(&out);
     let pr = reference.pool.as_ref().map(|r| precision_recall(r, &out.pool, 3));
     let n = samples.len();
     eprintln!(

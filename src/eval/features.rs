@@ -22,20 +22,20 @@ pub fn block(n: i64, rank: i64, world: i64) -> (i64, i64) {
 
 /// Inception outputs of this rank's images, batch by batch (f32, on the CPU).
 #[derive(Default)]
-pub struct Collector {
+struct Collector {
     parts: Vec<Tensor>,
 }
 
 impl Collector {
     /// Runs one batch of [B, H, W, 3] u8 images through the network in f32.
-    pub fn add(&mut self, net: &Inception, images: &Tensor) {
+    fn add(&mut self, net: &Inception, images: &Tensor) {
         let o = net.features(images, Kind::Float);
         self.parts.push(Tensor::cat(&[o.pool, o.spatial, o.probs], 1).to_device(Device::Cpu));
     }
 
     /// All `n` images' outputs in image order on every rank, each rank having collected
     /// its `block` of them.
-    pub fn gather(self, n: i64, comm: &dyn Comm) -> Result<InceptionOutput> {
+    fn gather(self, n: i64, comm: &dyn Comm) -> Result<InceptionOutput> {
         let (rank, world) = (comm.rank(), comm.world());
         let width = POOL + SPATIAL + PROBS;
         let local = if self.parts.is_empty() { Tensor::zeros([0, width], (Kind::Float, Device::Cpu)) } else { Tensor::cat(&self.parts, 0) };
@@ -135,18 +135,30 @@ impl ImageSet {
     }
 }
 
-/// Inception outputs of every image of the set in `batch`-sized pieces, each rank
-/// computing its block; every rank gets all of them.
-pub fn features_of(set: &ImageSet, net: &Inception, batch: i64, comm: &dyn Comm) -> Result<InceptionOutput> {
-    let n = set.len();
+/// Inception outputs of `n` images in `batch`-sized pieces, each rank computing its block;
+/// every rank gets all of them. `images(lo, count)` reads or makes images
+/// `[lo, lo + count)` as [count, H, W, 3] u8. A failure on one rank ends every rank:
+/// none is left waiting in the gather.
+pub fn features_by_rank(
+    n: i64,
+    batch: i64,
+    net: &Inception,
+    comm: &dyn Comm,
+    mut images: impl FnMut(i64, i64) -> Result<Tensor>,
+) -> Result<InceptionOutput> {
     let (lo, hi) = block(n, comm.rank(), comm.world());
     let mut c = Collector::default();
     let local = (lo..hi).step_by(batch as usize).try_for_each(|at| -> Result<()> {
-        c.add(net, &set.rows(at, batch.min(hi - at))?);
+        c.add(net, &images(at, batch.min(hi - at))?);
         Ok(())
     });
     all_ok(local, comm)?;
     c.gather(n, comm)
+}
+
+/// Inception outputs of every image of the set (see `features_by_rank`).
+pub fn features_of(set: &ImageSet, net: &Inception, batch: i64, comm: &dyn Comm) -> Result<InceptionOutput> {
+    features_by_rank(set.len(), batch, net, comm, |at, count| set.rows(at, count))
 }
 
 #[cfg(test)]

@@ -5,12 +5,12 @@
 //! is cached beside the file, keyed by the Inception weights and the reference file.
 
 use super::features::{check_images, features_of, ImageSet};
-use super::Stats;
+use super::{frechet_distance, inception_score, Stats};
 use crate::bail_input;
 use crate::data::npy::NpzArray;
 use crate::dist::{agree, Comm};
 use crate::error::bad_input;
-use crate::model::inception::Inception;
+use crate::model::inception::{Inception, InceptionOutput};
 use crate::model::weights;
 use anyhow::Result;
 use std::collections::HashMap;
@@ -26,6 +26,16 @@ pub struct Reference {
     pub sfid: Stats,
     /// Pool features of the reference images, when the file has images (precision/recall).
     pub pool: Option<Tensor>,
+}
+
+/// Scores of a sample set against the reference.
+#[derive(Debug, Clone, Copy)]
+pub struct Scores {
+    pub fid: f64,
+    pub sfid: f64,
+    /// Inception Score over 10 splits: mean and standard deviation.
+    pub inception_score: f64,
+    pub inception_score_std: f64,
 }
 
 const STATS: [&str; 4] = ["mu", "sigma", "mu_s", "sigma_s"];
@@ -87,6 +97,19 @@ impl Reference {
         }
         let stats = |m: &str, s: &str| Stats { mu: map[m].to_kind(Kind::Double), sigma: map[s].to_kind(Kind::Double) };
         Ok(Reference { fid: stats("mu", "sigma"), sfid: stats("mu_s", "sigma_s"), pool: map.get("pool").map(|t| t.shallow_clone()) })
+    }
+}
+
+impl Reference {
+    /// FID, sFID and Inception Score of the samples' Inception outputs.
+    pub fn scores(&self, samples: &InceptionOutput) -> Scores {
+        let (inception_score, inception_score_std) = inception_score(&samples.probs, 10);
+        Scores {
+            fid: frechet_distance(&Stats::of(&samples.pool), &self.fid),
+            sfid: frechet_distance(&Stats::of(&samples.spatial), &self.sfid),
+            inception_score,
+            inception_score_std,
+        }
     }
 }
 

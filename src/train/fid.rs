@@ -5,23 +5,12 @@ use super::Trainer;
 use crate::config::Config;
 use crate::diffusion::generate::{latents, to_images, Labels, SampleSpec};
 use crate::diffusion::sampler::Guidance;
-use crate::eval::features::{block, Collector};
-use crate::eval::reference::Reference;
-use crate::eval::{frechet_distance, inception_score, Stats};
+use crate::eval::features::features_by_rank;
+use crate::eval::reference::{Reference, Scores};
 use crate::model::inception::Inception;
 use crate::model::vae::Vae;
 use anyhow::Result;
 use std::path::Path;
-
-/// What an evaluation reports.
-#[derive(Debug, Clone, Copy)]
-pub struct FidScore {
-    pub fid: f64,
-    /// sFID (spatial features).
-    pub sfid: f64,
-    /// Inception Score (mean over 10 splits).
-    pub inception_score: f64,
-}
 
 /// The networks and reference an evaluation needs, loaded once per run.
 pub struct FidProbe {
@@ -71,22 +60,14 @@ impl FidProbe {
     /// Generates and scores the images with the model's current weights (the caller puts
     /// the EMA in place). Every rank must call it; rank 0 gets the score. `progress` is
     /// called after each batch (an evaluation can outlast the watchdog's timeout).
-    pub fn score(&self, t: &Trainer, progress: &dyn Fn()) -> Result<Option<FidScore>> {
+    pub fn score(&self, t: &Trainer, progress: &dyn Fn()) -> Result<Option<Scores>> {
         let _g = tch::no_grad_guard();
-        let (lo, hi) = block(self.num, t.rank(), t.world());
-        let mut c = Collector::default();
-        for at in (lo..hi).step_by(self.batch as usize) {
-            let indices: Vec<u64> = (at as u64..(at + self.batch).min(hi) as u64).collect();
+        let out = features_by_rank(self.num, self.batch, &self.net, t.comm.as_ref(), |at, count| {
+            let indices: Vec<u64> = (at as u64..(at + count) as u64).collect();
             let images = to_images(&latents(&t.model, &indices, &self.spec, t.device), Some(&self.vae), t.kind);
-            c.add(&self.net, &images);
             progress();
-        }
-        let out = c.gather(self.num, t.comm.as_ref())?;
-        if t.rank() != 0 {
-            return Ok(None);
-        }
-        let fid = frechet_distance(&Stats::of(&out.pool), &self.reference.fid);
-        let sfid = frechet_distance(&Stats::of(&out.spatial), &self.reference.sfid);
-        Ok(Some(FidScore { fid, sfid, inception_score: inception_score(&out.probs, 10).0 }))
+            Ok(images)
+        })?;
+        Ok((t.rank() == 0).then(|| self.reference.scores(&out)))
     }
 }
