@@ -111,22 +111,21 @@ fn pytorch_fid_state_dict_imports() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let st = write_weights(d, &make_weights());
-    let script = r#"
-import collections, json, sys, numpy as np, torch
+    let script = format!(
+        "{SAFETENSORS_PY}{}",
+        r#"
+import collections, sys, torch
 st, d = sys.argv[1], sys.argv[2]
-b = open(st, 'rb').read(); n = int.from_bytes(b[:8], 'little'); h = json.loads(b[8:8 + n])
 sd = collections.OrderedDict()
-for k, v in sorted(h.items()):
-    if k == '__metadata__':
-        continue
-    lo, hi = v['data_offsets']
-    sd[k] = torch.from_numpy(np.frombuffer(b[8 + n + lo:8 + n + hi], np.float32).reshape(v['shape']).copy())
+for k, v in sorted(safetensors(st).items()):
+    sd[k] = torch.from_numpy(v.copy())
     if k.endswith('running_var'):
         sd[k.replace('running_var', 'num_batches_tracked')] = torch.tensor(0)
 torch.save(sd, d + '/pt_inception-legacy.pth', _use_new_zipfile_serialization=False)
 torch.save(sd, d + '/pt_inception-zip.pth')
-"#;
-    let o = std::process::Command::new(common::repo().join(".venv/bin/python")).args(["-c", script]).arg(&st).arg(d).output().unwrap();
+"#
+    );
+    let o = std::process::Command::new(common::repo().join(".venv/bin/python")).args(["-c", &script]).arg(&st).arg(d).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for name in ["pt_inception-legacy.pth", "pt_inception-zip.pth"] {
         let out = d.join(format!("{name}.safetensors"));
@@ -197,14 +196,7 @@ fn bf16_is_finite_and_close() {
 fn eval_command_scores_and_refuses_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let w = write_weights(dir.path(), &make_weights());
-    let npz = |name: &str, arrays: &str| {
-        let p = dir.path().join(name);
-        let script = format!("import numpy as np, sys; rng = np.random.default_rng(0); np.savez(sys.argv[1], {arrays})");
-        let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-        let o = std::process::Command::new(py).args(["-c", &script]).arg(&p).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        p
-    };
+    let npz = |name: &str, arrays: &str| npz(dir.path(), name, arrays);
     let samples = npz("s.npz", "arr_0=rng.integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)");
     let eval = |s: &Path, r: &Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
@@ -266,19 +258,20 @@ fn eval_command_scores_and_refuses_bad_input() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not cached"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// Writes arrays made by a numpy expression into an `.npz` (the .venv's numpy).
+/// Python: `safetensors(path)` reads a safetensors file into a dict of numpy arrays (f32, f64).
+const SAFETENSORS_PY: &str = "import json, numpy as np
+def safetensors(path):
+    b = open(path, 'rb').read(); n = int.from_bytes(b[:8], 'little'); h = json.loads(b[8:8 + n])
+    kinds = {'F32': np.float32, 'F64': np.float64}
+    return {k: np.frombuffer(b[8 + n + v['data_offsets'][0]:8 + n + v['data_offsets'][1]], kinds[v['dtype']]).reshape(v['shape'])
+            for k, v in h.items() if k != '__metadata__'}
+";
+
+/// Writes arrays made by a numpy expression (with `rng` and `safetensors` at hand) into an
+/// `.npz` (the .venv's numpy).
 fn npz(dir: &Path, name: &str, arrays: &str) -> PathBuf {
     let p = dir.join(name);
-    let script = format!(
-        "import json, numpy as np, sys\n\
-         rng = np.random.default_rng(0)\n\
-         def safetensors(path):\n    \
-             b = open(path, 'rb').read(); n = int.from_bytes(b[:8], 'little'); h = json.loads(b[8:8 + n])\n    \
-             kinds = {{'F32': np.float32, 'F64': np.float64}}\n    \
-             return {{k: np.frombuffer(b[8 + n + v['data_offsets'][0]:8 + n + v['data_offsets'][1]], kinds[v['dtype']]).reshape(v['shape'])\n            \
-                     for k, v in h.items() if k != '__metadata__'}}\n\
-         np.savez(sys.argv[1], {arrays})"
-    );
+    let script = format!("{SAFETENSORS_PY}import sys\nrng = np.random.default_rng(0)\nnp.savez(sys.argv[1], {arrays})");
     let o = std::process::Command::new(common::repo().join(".venv/bin/python")).args(["-c", &script]).arg(&p).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     p
