@@ -51,9 +51,7 @@ pub fn run(a: Args) -> Result<()> {
     let started = std::time::Instant::now();
     let out = features_of(&samples, &net, a.batch, comm.as_ref())?;
     let secs = started.elapsed().as_secs_f64();
-    if comm.rank() != 0 {
-        return Ok(());
-    }
+    let Some(reference) = reference else { return Ok(()) };
     let rfile = a.reference.display().to_string();
     let Scores { fid, sfid, inception_score: is, inception_score_std: is_std } = reference.scores(&out);
     let pr = reference.pool.as_ref().map(|r| precision_recall(r, &out.pool, 3));

@@ -106,15 +106,15 @@ pub fn agree(comm: &dyn Comm, values: &[f64]) -> Result<Vec<f64>> {
 }
 
 /// Before a collective: every rank learns whether any rank failed on its own, so that
-/// none is left waiting in the collective. Gives this rank's error, or one saying how
-/// many other ranks failed (they print their own).
-pub fn all_ok(local: Result<()>, comm: &dyn Comm) -> Result<()> {
+/// none is left waiting in the collective. Gives this rank's value or error, or an error
+/// saying how many other ranks failed (they print their own).
+pub fn all_ok<T>(local: Result<T>, comm: &dyn Comm) -> Result<T> {
     let failed = agree(comm, &[local.is_err() as i64 as f64])?[0];
-    local?;
+    let value = local?;
     if failed > 0.0 {
         anyhow::bail!("{failed} other rank(s) failed; see their messages");
     }
-    Ok(())
+    Ok(value)
 }
 
 /// The process's communicator. Without a launcher (world size 1) this never touches

@@ -8,7 +8,7 @@ use super::features::{check_images, features_of, ImageSet};
 use super::{frechet_distance, inception_score, Stats};
 use crate::bail_input;
 use crate::data::npy::NpzArray;
-use crate::dist::{agree, Comm};
+use crate::dist::{agree, all_ok, Comm};
 use crate::error::bad_input;
 use crate::model::inception::{Inception, InceptionOutput};
 use crate::model::weights;
@@ -47,19 +47,26 @@ pub fn cache_path(path: &Path) -> PathBuf {
 
 impl Reference {
     /// Reads (or computes, split over ranks, and caches) the reference statistics. Every
-    /// rank must call it; `inception` is the weights file `net` was loaded from.
-    pub fn load(path: &Path, net: &Inception, inception: &Path, batch: i64, comm: &dyn Comm) -> Result<Reference> {
+    /// rank must call it; rank 0 gets the reference, the others only help compute it.
+    /// `inception` is the weights file `net` was loaded from.
+    pub fn load(path: &Path, net: &Inception, inception: &Path, batch: i64, comm: &dyn Comm) -> Result<Option<Reference>> {
         let file = path.display().to_string();
         if !path.is_file() {
             bail_input!("{file}: no such reference file");
         }
+        let root = comm.rank() == 0;
         let cache = cache_path(path);
-        let key = cache_key(path, inception)?;
-        // Rank 0 decides, so that all ranks take the same (collective) path.
-        let valid = comm.rank() == 0 && cached_key(&cache).as_deref() == Some(key.as_str());
+        // Rank 0 alone keys the cache (hashing the weights) and decides; all ranks follow,
+        // since computing the statistics is collective.
+        let key = all_ok(if root { cache_key(path, inception).map(Some) } else { Ok(None) }, comm)?;
+        let valid = key.as_ref().is_some_and(|k| cached_key(&cache).as_deref() == Some(k.as_str()));
         let valid = agree(comm, &[valid as i64 as f64])?[0] > 0.0;
         let map: HashMap<String, Tensor> = if valid {
-            weights::read_map(&cache)?
+            if root {
+                weights::read_map(&cache)?
+            } else {
+                HashMap::new()
+            }
         } else {
             let mut map = HashMap::new();
             for k in STATS {
@@ -77,10 +84,9 @@ impl Reference {
                 map.insert("pool".into(), out.pool);
                 // Only computed features are worth a cache; a read-only folder just means
                 // computing them again next time.
-                if comm.rank() == 0 {
+                if let Some(key) = key {
                     let named: Vec<(String, Tensor)> = map.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
-                    let meta = HashMap::from([("key".to_string(), key)]);
-                    if let Err(e) = weights::write(&cache, &named, Some(meta)) {
+                    if let Err(e) = weights::write(&cache, &named, Some(HashMap::from([("key".to_string(), key)]))) {
                         eprintln!("warning: {}: reference statistics not cached: {e:#}", cache.display());
                     }
                 }
@@ -89,6 +95,12 @@ impl Reference {
             }
             map
         };
+        let reference = if root { Self::checked(&file, &map).map(Some) } else { Ok(None) };
+        all_ok(reference, comm)
+    }
+
+    /// The reference from its named statistics, whose dimensions must be the Inception's.
+    fn checked(file: &str, map: &HashMap<String, Tensor>) -> Result<Reference> {
         for (m, s, d) in [("mu", "sigma", 2048), ("mu_s", "sigma_s", 2023)] {
             let (mu, sigma) = (&map[m], &map[s]);
             if mu.size() != [d] || sigma.size() != [d, d] {
@@ -98,9 +110,7 @@ impl Reference {
         let stats = |m: &str, s: &str| Stats { mu: map[m].to_kind(Kind::Double), sigma: map[s].to_kind(Kind::Double) };
         Ok(Reference { fid: stats("mu", "sigma"), sfid: stats("mu_s", "sigma_s"), pool: map.get("pool").map(|t| t.shallow_clone()) })
     }
-}
 
-impl Reference {
     /// FID, sFID and Inception Score of the samples' Inception outputs.
     pub fn scores(&self, samples: &InceptionOutput) -> Scores {
         let (inception_score, inception_score_std) = inception_score(&samples.probs, 10);

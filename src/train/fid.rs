@@ -16,7 +16,8 @@ use std::path::Path;
 pub struct FidProbe {
     net: Inception,
     vae: Vae,
-    reference: Reference,
+    /// On rank 0 only.
+    reference: Option<Reference>,
     spec: SampleSpec,
     num: i64,
     batch: i64,
@@ -68,6 +69,6 @@ impl FidProbe {
             progress();
             Ok(images)
         })?;
-        Ok((t.rank() == 0).then(|| self.reference.scores(&out)))
+        Ok(self.reference.as_ref().map(|r| r.scores(&out)))
     }
 }
