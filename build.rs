@@ -5,6 +5,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim_error.h");
     // torch-sys exports the libtorch folder to direct dependents only; that is why
     // torch-sys is a direct dependency of this crate.
     let lib = PathBuf::from(

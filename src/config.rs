@@ -1,29 +1,77 @@
-//! Run configuration: serde structs read from YAML, `--set key=value` overrides, validation.
+//! The run file: one YAML with a section per concern, `--set key=value` overrides,
+//! validated and resolved once at load. Sections owned by other modules (the loss,
+//! the optimiser, the model's dimensions) are re-exported here, so the whole schema
+//! reads from this file.
 
 use crate::bail_input;
 use crate::error::bad_input;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use tch::{Device, Kind};
 
-/// Everything a run needs; written resolved into the run folder.
+pub use crate::diffusion::sampler::{Guidance, Sampler, SamplerMode};
+pub use crate::diffusion::{LossConfig, PathType, Weighting};
+pub use crate::model::SitDims;
+pub use crate::optim::OptimConfig;
+
+/// Everything a run needs; written resolved into the run folder. Every way of
+/// reading one (a YAML file, a checkpoint's manifest) validates it and resolves the
+/// model's dimensions, so a `Config` in hand is a valid one.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "ConfigFile")]
 pub struct Config {
     pub model: ModelConfig,
-    #[serde(default)]
     pub loss: LossConfig,
-    #[serde(default)]
     pub optim: OptimConfig,
     pub train: TrainConfig,
-    #[serde(default)]
     pub data: DataConfig,
-    #[serde(default)]
     pub dist: DistConfig,
-    #[serde(default)]
     pub sample: SampleConfig,
-    #[serde(default)]
     pub eval: EvalConfig,
+    /// `model` resolved (preset and overrides).
+    #[serde(skip_serializing)]
+    dims: SitDims,
+}
+
+/// The sections as the file holds them, before validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    model: ModelConfig,
+    #[serde(default)]
+    loss: LossConfig,
+    #[serde(default)]
+    optim: OptimConfig,
+    train: TrainConfig,
+    #[serde(default)]
+    data: DataConfig,
+    #[serde(default)]
+    dist: DistConfig,
+    #[serde(default)]
+    sample: SampleConfig,
+    #[serde(default)]
+    eval: EvalConfig,
+}
+
+impl TryFrom<ConfigFile> for Config {
+    type Error = anyhow::Error;
+    fn try_from(f: ConfigFile) -> Result<Config> {
+        let dims = f.model.resolve()?;
+        let cfg = Config {
+            model: f.model,
+            loss: f.loss,
+            optim: f.optim,
+            train: f.train,
+            data: f.data,
+            dist: f.dist,
+            sample: f.sample,
+            eval: f.eval,
+            dims,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 /// FID of the EMA model tracked during training: every `fid_every` steps, `fid_num`
@@ -46,7 +94,7 @@ pub struct EvalConfig {
     pub batch: i64,
     pub steps: i64,
     /// `sde` (Euler-Maruyama) or `ode` (Heun).
-    pub mode: String,
+    pub mode: SamplerMode,
     pub cfg: f64,
     pub cls_cfg: f64,
     /// Noise and labels of the images: the same every evaluation, so that FID moves with
@@ -64,7 +112,7 @@ impl Default for EvalConfig {
             vae: None,
             batch: 64,
             steps: 250,
-            mode: "sde".into(),
+            mode: SamplerMode::Sde,
             cfg: 1.0,
             cls_cfg: 0.0,
             seed: 0,
@@ -82,7 +130,7 @@ pub struct SampleConfig {
     pub num: i64,
     pub steps: i64,
     /// `sde` or `ode` (Heun).
-    pub mode: String,
+    pub mode: SamplerMode,
     pub cfg: f64,
     pub cls_cfg: f64,
     /// SD-VAE folder to decode with; without one the grid shows latent channels.
@@ -91,7 +139,21 @@ pub struct SampleConfig {
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        SampleConfig { every: 0, num: 16, steps: 32, mode: "sde".into(), cfg: 1.0, cls_cfg: 0.0, vae: None }
+        SampleConfig { every: 0, num: 16, steps: 32, mode: SamplerMode::Sde, cfg: 1.0, cls_cfg: 0.0, vae: None }
+    }
+}
+
+impl SampleConfig {
+    /// The grid's sampler: guidance over the whole interval, Heun for the ODE.
+    pub fn sampler(&self) -> Sampler {
+        Sampler::whole_interval(self.mode, self.steps, self.cfg, self.cls_cfg)
+    }
+}
+
+impl EvalConfig {
+    /// The evaluation's sampler: guidance over the whole interval, Heun for the ODE.
+    pub fn sampler(&self) -> Sampler {
+        Sampler::whole_interval(self.mode, self.steps, self.cfg, self.cls_cfg)
     }
 }
 
@@ -183,73 +245,33 @@ fn d_class_dropout() -> f64 {
     0.1
 }
 
-/// The fully resolved architecture (no options left).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SitDims {
-    pub depth: i64,
-    pub hidden_size: i64,
-    pub num_heads: i64,
-    pub patch_size: i64,
-    pub input_size: i64,
-    pub in_channels: i64,
-    pub num_classes: i64,
-    pub encoder_depth: i64,
-    pub z_dim: i64,
-    pub projector_dim: i64,
-    pub qk_norm: bool,
-    pub mlp_ratio: f64,
-}
-
-impl SitDims {
-    /// Image tokens `T = (H / p)^2`.
-    pub fn num_patches(&self) -> i64 {
-        (self.input_size / self.patch_size).pow(2)
-    }
-    pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_heads
-    }
-    pub fn mlp_hidden(&self) -> i64 {
-        (self.hidden_size as f64 * self.mlp_ratio) as i64
-    }
-}
-
-/// (depth, width, heads, default encoder_depth) of the named sizes.
-fn preset(size: &str) -> Option<(i64, i64, i64, i64)> {
-    match size {
-        "S" => Some((12, 384, 6, 4)),
-        "B" => Some((12, 768, 12, 4)),
-        "L" => Some((24, 1024, 16, 8)),
-        "XL" => Some((28, 1152, 16, 8)),
-        _ => None,
-    }
-}
-
 impl ModelConfig {
-    /// Resolves the preset and overrides; `file` only names the source in errors.
+    /// Resolves the preset and overrides; `file` names the source in errors.
     pub fn dims(&self, file: &str) -> Result<SitDims> {
-        let (mut depth, mut hidden, mut heads, mut enc, mut patch) = (None, None, None, None, None);
-        if let Some(arch) = &self.arch {
-            let parsed = arch
-                .strip_prefix("SiT-")
-                .and_then(|s| s.split_once('/'))
-                .and_then(|(size, p)| Some((preset(size)?, p.parse::<i64>().ok()?)));
-            let Some(((d, h, n, e), p)) = parsed else {
-                bail_input!("{file}: model.arch: unknown architecture {arch:?} (expected SiT-S|B|L|XL/2|4|8)");
-            };
-            (depth, hidden, heads, enc, patch) = (Some(d), Some(h), Some(n), Some(e), Some(p));
-        }
+        self.resolve().map_err(|e| bad_input(format!("{file}: {e}")))
+    }
+
+    /// The preset with the explicit fields over it, checked. Errors name the field.
+    fn resolve(&self) -> Result<SitDims> {
+        let preset = match &self.arch {
+            Some(arch) => match crate::model::dims::parse_arch(arch) {
+                Some(p) => Some(p),
+                None => bail_input!("model.arch: unknown architecture {arch:?} (expected SiT-S|B|L|XL/2|4|8)"),
+            },
+            None => None,
+        };
         let pick = |explicit: Option<i64>, preset: Option<i64>, field: &str| -> Result<i64> {
-            explicit.or(preset).ok_or_else(|| bad_input(format!("{file}: model.{field}: missing (give model.arch or model.{field})")))
+            explicit.or(preset).ok_or_else(|| bad_input(format!("model.{field}: missing (give model.arch or model.{field})")))
         };
         let dims = SitDims {
-            depth: pick(self.depth, depth, "depth")?,
-            hidden_size: pick(self.hidden_size, hidden, "hidden_size")?,
-            num_heads: pick(self.num_heads, heads, "num_heads")?,
-            patch_size: pick(self.patch_size, patch, "patch_size")?,
+            depth: pick(self.depth, preset.map(|(p, _)| p.depth), "depth")?,
+            hidden_size: pick(self.hidden_size, preset.map(|(p, _)| p.hidden_size), "hidden_size")?,
+            num_heads: pick(self.num_heads, preset.map(|(p, _)| p.num_heads), "num_heads")?,
+            patch_size: pick(self.patch_size, preset.map(|(_, patch)| patch), "patch_size")?,
             input_size: self.input_size,
             in_channels: self.in_channels,
             num_classes: self.num_classes,
-            encoder_depth: pick(self.encoder_depth, enc, "encoder_depth")?,
+            encoder_depth: pick(self.encoder_depth, preset.map(|(p, _)| p.encoder_depth), "encoder_depth")?,
             z_dim: self.z_dim,
             projector_dim: self.projector_dim,
             qk_norm: self.qk_norm,
@@ -269,83 +291,29 @@ impl ModelConfig {
         ];
         for (field, v) in sizes {
             if v <= 0 {
-                bail_input!("{file}: model.{field}: must be positive, got {v}");
+                bail_input!("model.{field}: must be positive, got {v}");
             }
         }
         if dims.input_size % dims.patch_size != 0 {
-            bail_input!("{file}: model.patch_size: {} does not divide the latent size {}", dims.patch_size, dims.input_size);
+            bail_input!("model.patch_size: {} does not divide the latent size {}", dims.patch_size, dims.input_size);
         }
         if dims.hidden_size % dims.num_heads != 0 {
-            bail_input!("{file}: model.num_heads: {} does not divide hidden_size {}", dims.num_heads, dims.hidden_size);
+            bail_input!("model.num_heads: {} does not divide hidden_size {}", dims.num_heads, dims.hidden_size);
         }
         // The 2-D sin-cos table splits the width in four (rows/cols x sin/cos).
         if dims.hidden_size % 4 != 0 {
-            bail_input!("{file}: model.hidden_size: {} is not a multiple of 4", dims.hidden_size);
+            bail_input!("model.hidden_size: {} is not a multiple of 4", dims.hidden_size);
         }
         if dims.encoder_depth > dims.depth {
-            bail_input!("{file}: model.encoder_depth: {} is greater than depth {}", dims.encoder_depth, dims.depth);
+            bail_input!("model.encoder_depth: {} is greater than depth {}", dims.encoder_depth, dims.depth);
         }
         if !positive(self.mlp_ratio) {
-            bail_input!("{file}: model.mlp_ratio: must be positive");
+            bail_input!("model.mlp_ratio: must be positive");
         }
         if !(0.0..1.0).contains(&self.class_dropout_prob) {
-            bail_input!("{file}: model.class_dropout_prob: must be in [0, 1)");
+            bail_input!("model.class_dropout_prob: must be in [0, 1)");
         }
         Ok(dims)
-    }
-}
-
-/// Interpolant between data (t = 0) and noise (t = 1).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum PathType {
-    Linear,
-    Cosine,
-}
-
-/// How training times are drawn.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Weighting {
-    Uniform,
-    Lognormal,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossConfig {
-    pub path: PathType,
-    pub weighting: Weighting,
-    /// Weight of the REPA projection (cosine) term.
-    pub proj_coeff: f64,
-    /// Weight of the REG-token velocity term.
-    pub cls_coeff: f64,
-    /// SD-VAE latent scale.
-    pub latent_scale: f64,
-}
-
-impl Default for LossConfig {
-    fn default() -> Self {
-        LossConfig { path: PathType::Linear, weighting: Weighting::Uniform, proj_coeff: 0.5, cls_coeff: 0.03, latent_scale: 0.18215 }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// Global gradient-norm clip (0 disables).
-    pub max_grad_norm: f64,
-    pub ema_decay: f64,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0, ema_decay: 0.9999 }
     }
 }
 
@@ -356,6 +324,18 @@ pub enum Precision {
     Auto,
     Bf16,
     Fp32,
+}
+
+impl Precision {
+    /// The compute dtype on `device`.
+    pub fn kind_on(self, device: Device) -> Kind {
+        match self {
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::Fp32 => Kind::Float,
+            Precision::Auto if device.is_cuda() => Kind::BFloat16,
+            Precision::Auto => Kind::Float,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -462,94 +442,103 @@ impl Config {
             apply_set(&mut doc, set).map_err(|e| bad_input(format!("--set {set}: {e}")))?;
         }
         let cfg: Config = serde_path_to_error::deserialize(doc).map_err(|e| {
-            let field = e.path().to_string();
-            bad_input(format!("{file}: {field}: {}", strip_location(&e.inner().to_string())))
+            let msg = strip_location(&e.inner().to_string());
+            // Validation runs on the whole document (path "."); its messages name the field.
+            match e.path().to_string().as_str() {
+                "." => bad_input(format!("{file}: {msg}")),
+                field => bad_input(format!("{file}: {field}: {msg}")),
+            }
         })?;
-        cfg.validate(file)?;
+        cfg.check_inputs().map_err(|e| bad_input(format!("{file}: {e}")))?;
         Ok(cfg)
     }
 
-    fn validate(&self, file: &str) -> Result<()> {
-        self.model.dims(file)?;
+    /// The model's dimensions, resolved at load.
+    pub fn dims(&self) -> SitDims {
+        self.dims
+    }
+
+    /// Everything that does not depend on the machine. Errors name the field.
+    fn validate(&self) -> Result<()> {
         let t = &self.train;
         if t.global_batch <= 0 {
-            bail_input!("{file}: train.global_batch: must be positive, got {}", t.global_batch);
+            bail_input!("train.global_batch: must be positive, got {}", t.global_batch);
         }
         if t.steps < 0 {
-            bail_input!("{file}: train.steps: must not be negative");
+            bail_input!("train.steps: must not be negative");
         }
         if t.log_every <= 0 || t.checkpoint_every <= 0 {
-            bail_input!("{file}: train.log_every / train.checkpoint_every: must be positive");
+            bail_input!("train.log_every / train.checkpoint_every: must be positive");
         }
         if t.keep_checkpoints < 2 {
-            bail_input!("{file}: train.keep_checkpoints: must be at least 2, got {}", t.keep_checkpoints);
+            bail_input!("train.keep_checkpoints: must be at least 2, got {}", t.keep_checkpoints);
         }
         if t.max_consecutive_skips < 0 {
-            bail_input!("{file}: train.max_consecutive_skips: must not be negative");
+            bail_input!("train.max_consecutive_skips: must not be negative");
         }
         if t.name.is_empty() || t.name.contains('/') {
-            bail_input!("{file}: train.name: must be a non-empty folder name");
+            bail_input!("train.name: must be a non-empty folder name");
         }
         let o = &self.optim;
         if !positive(o.lr) || !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || !positive(o.eps) {
-            bail_input!("{file}: optim: lr and eps must be positive, betas in [0, 1)");
+            bail_input!("optim: lr and eps must be positive, betas in [0, 1)");
         }
         if !(0.0..=1.0).contains(&o.ema_decay) {
-            bail_input!("{file}: optim.ema_decay: must be in [0, 1]");
+            bail_input!("optim.ema_decay: must be in [0, 1]");
         }
         if o.weight_decay < 0.0 || o.max_grad_norm < 0.0 {
-            bail_input!("{file}: optim.weight_decay / optim.max_grad_norm: must not be negative");
+            bail_input!("optim.weight_decay / optim.max_grad_norm: must not be negative");
         }
         match (self.data.resolved_source(), &self.data.path) {
-            (DataSource::Shards, None) => bail_input!("{file}: data.path: missing (data.source is shards)"),
-            (DataSource::Synthetic, Some(_)) => bail_input!("{file}: data.path: given, but data.source is synthetic"),
+            (DataSource::Shards, None) => bail_input!("data.path: missing (data.source is shards)"),
+            (DataSource::Synthetic, Some(_)) => bail_input!("data.path: given, but data.source is synthetic"),
             _ => {}
         }
         if self.model.encoder == EncoderMode::Online {
             if self.data.encoder_path.is_none() {
-                bail_input!("{file}: data.encoder_path: missing (model.encoder is online)");
+                bail_input!("data.encoder_path: missing (model.encoder is online)");
             }
             if self.data.resolved_source() != DataSource::Shards {
-                bail_input!("{file}: model.encoder: online needs a dataset with images (data.path)");
+                bail_input!("model.encoder: online needs a dataset with images (data.path)");
             }
         }
         let sm = &self.sample;
-        if sm.every < 0 || sm.num <= 0 || sm.steps < 2 || sm.cfg < 0.0 || sm.cls_cfg < 0.0 || !["sde", "ode"].contains(&sm.mode.as_str()) {
-            bail_input!("{file}: sample: every >= 0, num > 0, steps >= 2, mode sde|ode, non-negative scales");
+        if sm.every < 0 || sm.num <= 0 || self.sample.sampler().check().is_err() {
+            bail_input!("sample: every >= 0, num > 0, steps >= 2, mode sde|ode, non-negative scales");
         }
         let e = &self.eval;
-        if e.fid_every < 0
-            || e.fid_num < 2
-            || e.batch <= 0
-            || e.steps < 2
-            || e.cfg < 0.0
-            || e.cls_cfg < 0.0
-            || !["sde", "ode"].contains(&e.mode.as_str())
-        {
-            bail_input!("{file}: eval: fid_every >= 0, fid_num >= 2, batch > 0, steps >= 2, mode sde|ode, non-negative scales");
+        if e.fid_every < 0 || e.fid_num < 2 || e.batch <= 0 || self.eval.sampler().check().is_err() {
+            bail_input!("eval: fid_every >= 0, fid_num >= 2, batch > 0, steps >= 2, mode sde|ode, non-negative scales");
         }
+        if !positive(self.dist.bucket_mb) || !positive(self.dist.timeout_s) {
+            bail_input!("dist.bucket_mb / dist.timeout_s: must be positive");
+        }
+        if !positive(self.loss.latent_scale) {
+            bail_input!("loss.latent_scale: must be positive");
+        }
+        Ok(())
+    }
+
+    /// The files a run reads from are there (checked when a run starts, not when a
+    /// checkpoint's config is read back on another machine).
+    fn check_inputs(&self) -> Result<()> {
+        let e = &self.eval;
         if e.fid_every > 0 {
             for (field, v) in [("ref", &e.reference), ("inception", &e.inception), ("vae", &e.vae.clone().or(self.sample.vae.clone()))] {
                 match v {
-                    None => bail_input!("{file}: eval.{field}: missing (eval.fid_every is {})", e.fid_every),
-                    Some(p) if !Path::new(p).exists() => bail_input!("{file}: eval.{field}: {p} does not exist"),
+                    None => bail_input!("eval.{field}: missing (eval.fid_every is {})", e.fid_every),
+                    Some(p) if !Path::new(p).exists() => bail_input!("eval.{field}: {p} does not exist"),
                     _ => {}
                 }
             }
-        }
-        if !positive(self.dist.bucket_mb) || !positive(self.dist.timeout_s) {
-            bail_input!("{file}: dist.bucket_mb / dist.timeout_s: must be positive");
-        }
-        if !positive(self.loss.latent_scale) {
-            bail_input!("{file}: loss.latent_scale: must be positive");
         }
         Ok(())
     }
 
     /// The global batch split over `world` ranks; an input error when it does not divide.
-    pub fn local_batch(&self, world: i64, file: &str) -> Result<i64> {
+    pub fn local_batch(&self, world: i64) -> Result<i64> {
         if self.train.global_batch % world != 0 {
-            bail_input!("{file}: train.global_batch: {} is not divisible by the world size {world}", self.train.global_batch);
+            bail_input!("train.global_batch: {} is not divisible by the world size {world}", self.train.global_batch);
         }
         Ok(self.train.global_batch / world)
     }
@@ -607,6 +596,8 @@ mod tests {
     fn presets_resolve() {
         let m: ModelConfig = serde_yaml::from_str("arch: SiT-XL/2").unwrap();
         let d = m.dims("x").unwrap();
+        let c = Config::from_yaml("model: {arch: SiT-XL/2}\ntrain: {name: t, global_batch: 4, steps: 1}", "t.yaml", &[]).unwrap();
+        assert_eq!(c.dims(), d);
         assert_eq!((d.depth, d.hidden_size, d.num_heads, d.patch_size, d.encoder_depth), (28, 1152, 16, 2, 8));
         let m: ModelConfig = serde_yaml::from_str("arch: SiT-B/4").unwrap();
         assert_eq!(m.dims("x").unwrap().encoder_depth, 4);

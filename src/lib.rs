@@ -1,12 +1,17 @@
 //! reg: SiT + REG (Representation Entanglement for Generation) training on libtorch.
+//! Layers, each importing only those below it: `train` -> `config` -> {`data`,
+//! `diffusion`, `eval`, `optim`} -> {`model`, `encoders`, `dist`} -> {`formats`, `rng`, `shim`, `error`}.
 
 pub mod config;
 pub mod data;
 pub mod diffusion;
 pub mod dist;
+pub mod encoders;
 pub mod error;
 pub mod eval;
+pub mod formats;
 pub mod model;
 pub mod optim;
+pub mod rng;
 pub mod shim;
 pub mod train;

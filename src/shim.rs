@@ -1,14 +1,13 @@
-//! Safe wrappers over `csrc/shim.cpp`: the libtorch calls that tch does not expose.
+//! Safe wrappers over `csrc/shim.cpp` and `csrc/shim_cuda.cpp`: the libtorch calls that
+//! tch does not expose. Every entry point reports C++ exceptions as an error string.
 
 use anyhow::{bail, Result};
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
 extern "C" {
     fn reg_set_grad(param: *mut C_tensor, grad: *mut C_tensor) -> *mut c_char;
-    fn reg_backward(outputs: *const *mut C_tensor, grads: *const *mut C_tensor, n: c_int) -> *mut c_char;
-    fn reg_allow_tf32(on: c_int);
     fn reg_fused_adamw(
         p: *mut C_tensor,
         g: *mut C_tensor,
@@ -31,6 +30,7 @@ fn check(err: *mut c_char) -> Result<()> {
     }
     // SAFETY: a non-null return is a NUL-terminated string allocated by the shim.
     let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    // SAFETY: `err` came from the shim's malloc and is freed exactly once, here.
     unsafe { reg_free_error(err) };
     bail!("libtorch: {msg}")
 }
@@ -39,15 +39,6 @@ fn check(err: *mut c_char) -> Result<()> {
 pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     // SAFETY: both pointers are live tensors owned by the caller for this call.
     check(unsafe { reg_set_grad(param.as_ptr() as *mut C_tensor, grad.as_ptr() as *mut C_tensor) })
-}
-
-/// `torch::autograd::backward(outputs, grads)`: backward with explicit output gradients.
-pub fn backward_with_grads(outputs: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
-    assert_eq!(outputs.len(), grads.len());
-    let o: Vec<*mut C_tensor> = outputs.iter().map(|t| t.as_ptr() as *mut C_tensor).collect();
-    let g: Vec<*mut C_tensor> = grads.iter().map(|t| t.as_ptr() as *mut C_tensor).collect();
-    // SAFETY: the pointer arrays live for the call; the shim copies the handles.
-    check(unsafe { reg_backward(o.as_ptr(), g.as_ptr(), o.len() as c_int) })
 }
 
 fn ptr(t: &Tensor) -> *mut C_tensor {
@@ -71,8 +62,45 @@ pub fn fused_adamw(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, step: &Tensor
     check(unsafe { reg_fused_adamw(ptr(p), ptr(g), ptr(m), ptr(v), ptr(step), a.lr, a.beta1, a.beta2, a.weight_decay, a.eps, inf) })
 }
 
-/// Allows TF32 in cuBLAS and cuDNN (no effect on CPU).
-pub fn allow_tf32(on: bool) {
-    // SAFETY: sets two global flags; cannot fail.
-    unsafe { reg_allow_tf32(on as c_int) }
+extern "C" {
+    fn reg_cuda_current_stream(device: c_int, out: *mut *mut c_void) -> *mut c_char;
+    fn reg_cuda_set_device(device: c_int) -> *mut c_char;
+    fn reg_cuda_stream_sync(device: c_int) -> *mut c_char;
+    fn reg_cuda_peak_allocated(device: c_int, out: *mut i64) -> *mut c_char;
+    fn reg_cuda_reset_peak(device: c_int) -> *mut c_char;
+}
+
+/// The `cudaStream_t` libtorch currently computes on for GPU `device` (owned by libtorch).
+pub fn cuda_current_stream(device: usize) -> Result<*mut c_void> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: `out` is a valid pointer slot for the call to write.
+    check(unsafe { reg_cuda_current_stream(device as c_int, &mut out) })?;
+    Ok(out)
+}
+
+/// Makes GPU `device` current on this thread.
+pub fn cuda_set_device(device: usize) -> Result<()> {
+    // SAFETY: takes a plain integer; errors come back as a string.
+    check(unsafe { reg_cuda_set_device(device as c_int) })
+}
+
+/// Waits for the work queued on libtorch's current stream of GPU `device`.
+pub fn cuda_stream_sync(device: usize) -> Result<()> {
+    // SAFETY: takes a plain integer; errors come back as a string.
+    check(unsafe { reg_cuda_stream_sync(device as c_int) })
+}
+
+/// Peak bytes held by tensors on GPU `device` since the last reset (libtorch's caching allocator).
+pub fn cuda_peak_allocated(device: usize) -> Result<i64> {
+    let mut out = 0i64;
+    // SAFETY: `out` is a valid i64 for the call to write; a bad device index comes back
+    // as an error string, not as undefined behaviour.
+    check(unsafe { reg_cuda_peak_allocated(device as c_int, &mut out) })?;
+    Ok(out)
+}
+
+/// Starts a new peak for `cuda_peak_allocated`.
+pub fn cuda_reset_peak(device: usize) -> Result<()> {
+    // SAFETY: takes a plain integer; errors come back as a string.
+    check(unsafe { reg_cuda_reset_peak(device as c_int) })
 }

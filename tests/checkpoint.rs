@@ -185,15 +185,15 @@ fn a_non_finite_loss_on_one_rank_skips_the_update_everywhere() {
     assert_eq!(manifest(&after)["adam_step"], 2, "the skipped step does not advance AdamW");
     for rank in 0..2 {
         let f = format!("rank-{rank:05}-of-00002.safetensors");
-        let a = reg::model::weights::read_map(&before.join(&f)).unwrap();
-        let b = reg::model::weights::read_map(&after.join(&f)).unwrap();
+        let a = reg::formats::weights::read_map(&before.join(&f)).unwrap();
+        let b = reg::formats::weights::read_map(&after.join(&f)).unwrap();
         for name in ["weights", "ema", "exp_avg", "exp_avg_sq"] {
             assert!(a[name].equal(&b[name]), "rank {rank}: {name} changed on the skipped step");
         }
     }
     // The step after it updates again.
-    let next = reg::model::weights::read_map(&d.join("nan/step-0000004/rank-00000-of-00002.safetensors")).unwrap();
-    let a = reg::model::weights::read_map(&after.join("rank-00000-of-00002.safetensors")).unwrap();
+    let next = reg::formats::weights::read_map(&d.join("nan/step-0000004/rank-00000-of-00002.safetensors")).unwrap();
+    let a = reg::formats::weights::read_map(&after.join("rank-00000-of-00002.safetensors")).unwrap();
     assert!(!a["weights"].equal(&next["weights"]));
     let last = json_lines(&o.stdout).into_iter().rfind(|j| j.get("loss").is_some()).unwrap();
     assert_eq!(last["skipped"], 1);

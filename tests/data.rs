@@ -161,7 +161,7 @@ fn training_reads_shards_and_bad_datasets_exit_2() {
     let d = tmp.path().join("labels");
     std::fs::create_dir_all(&d).unwrap();
     let mut ix = make_dataset(&d, &[20, 20]);
-    let t = reg::model::weights::read(&d.join("shard-00001.safetensors")).unwrap();
+    let t = reg::formats::weights::read(&d.join("shard-00001.safetensors")).unwrap();
     let t: Vec<(String, Tensor)> = t.into_iter().map(|(n, mut v)| if n == "labels" { (n, v.fill_(12)) } else { (n, v) }).collect();
     ix.shards[1] = write_shard(&d, 1, &t).unwrap();
     write_index(&d, &ix).unwrap();

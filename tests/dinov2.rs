@@ -6,9 +6,9 @@ mod common;
 
 use common::rel;
 
+use reg::encoders::dinov2::Dinov2;
 use reg::error::is_input_error;
-use reg::model::dinov2::Dinov2;
-use reg::model::weights;
+use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};

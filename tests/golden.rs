@@ -3,7 +3,8 @@
 
 use reg::config::{LossConfig, ModelConfig, OptimConfig, SitDims};
 use reg::diffusion::loss::{reg_loss, LossInputs};
-use reg::model::{build_sit, weights, Params, SiT};
+use reg::formats::weights;
+use reg::model::{build_sit, Params, SiT};
 use reg::optim::{clip_factor, sq_sum, AdamW, Ema};
 use std::collections::HashMap;
 use std::path::Path;

@@ -5,7 +5,7 @@ mod common;
 
 use common::assert_bad_input;
 
-use reg::model::{torchfile, weights};
+use reg::formats::{torchfile, weights};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -9,9 +9,9 @@ mod common;
 
 use common::rel;
 
+use reg::encoders::inception::Inception;
 use reg::error::is_input_error;
-use reg::model::inception::Inception;
-use reg::model::weights;
+use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};

@@ -3,7 +3,8 @@
 
 use reg::config::{ModelConfig, PathType};
 use reg::diffusion::sampler::{sample_ode, sample_sde, FixedNoise, Guidance, PerImageNoise};
-use reg::model::{build_sit, weights, SiT};
+use reg::formats::weights;
+use reg::model::{build_sit, SiT};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};

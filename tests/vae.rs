@@ -1,9 +1,9 @@
 //! The VAE reproduces diffusers' AutoencoderKL on the tiny random model in
 //! tests/data/vae_tiny (made by tools/golden/vae.py), and bad folders are input errors.
 
+use reg::encoders::vae::Vae;
 use reg::error::is_input_error;
-use reg::model::vae::Vae;
-use reg::model::weights;
+use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};

@@ -2,11 +2,12 @@
 //! (`--sample`) the paper's sampler on the configured model.
 
 use anyhow::Result;
-use reg::config::{Config, SitDims};
+use reg::config::Config;
 use reg::diffusion::generate::{latents, Labels, SampleSpec};
-use reg::diffusion::sampler::Guidance;
+use reg::diffusion::sampler::Sampler;
+use reg::dist::{resolve_device, Collectives, LaunchInfo};
 use reg::model::build_sit;
-use reg::train::{resolve_device, resolve_kind, Trainer};
+use reg::train::{faults::Faults, Trainer};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -36,21 +37,6 @@ pub struct Args {
     /// With --sample: timed batches (after one untimed batch of 2 sampler steps).
     #[arg(long, default_value_t = 1)]
     pub sample_batches: i64,
-}
-
-/// Training FLOPs per image (forward + backward = 3 x forward), counted from the shapes.
-/// Matmuls count 2 FLOPs per multiply-add; adaLN and the embedders act once per image,
-/// everything else once per token.
-pub fn train_flops_per_image(d: &SitDims) -> f64 {
-    let (h, t) = (d.hidden_size as f64, (d.num_patches() + 1) as f64);
-    let (p, c, z, pd) = (d.patch_size as f64, d.in_channels as f64, d.z_dim as f64, d.projector_dim as f64);
-    let mlp = d.mlp_hidden() as f64;
-    let per_token_block = 2.0 * (3.0 * h * h + h * h + 2.0 * h * mlp) + 4.0 * t * h;
-    let blocks = d.depth as f64 * (t * per_token_block + 2.0 * h * 6.0 * h);
-    let embed = (t - 1.0) * 2.0 * c * p * p * h + 2.0 * z * h + 2.0 * (256.0 * h + h * h);
-    let projector = t * 2.0 * (h * pd + pd * pd + pd * z);
-    let head = 2.0 * h * 2.0 * h + (t - 1.0) * 2.0 * h * p * p * c + 2.0 * h * z;
-    3.0 * (blocks + embed + projector + head)
 }
 
 /// Dense bf16 peak of known GPUs, from `nvidia-smi`'s name of device 0.
@@ -86,18 +72,17 @@ pub fn run(a: Args) -> Result<()> {
     }
     sets.push("data.source=synthetic".into());
     sets.push("data.path=null".into());
-    let (cfg, file) = a.run.load(&sets)?;
-    let device = resolve_device(&cfg.train.device)?;
     if a.sample {
         if a.sample_steps < 2 || a.sample_batches < 1 {
             reg::bail_input!("--sample-steps: at least 2; --sample-batches: at least 1");
         }
-        return bench_sampler(&a, &cfg, &file, device);
+        return bench_sampler(&a, &a.run.load(&sets)?);
     }
-    cfg.local_batch(reg::dist::LaunchInfo::from_env().world, &file)?;
-    let mut t = Trainer::new(cfg, &file, reg::dist::init(device)?)?;
+    let (cfg, launch) = a.run.launch(&sets, Collectives::OnDevice)?;
+    let device = launch.device;
+    let mut t = Trainer::new(cfg, launch, Faults::default())?;
     if let tch::Device::Cuda(i) = device {
-        reg::dist::nccl_comm::cuda_reset_peak(i);
+        reg::shim::cuda_reset_peak(i)?;
     }
     for _ in 0..a.warmup {
         t.train_step()?;
@@ -109,37 +94,37 @@ pub fn run(a: Args) -> Result<()> {
     }
     t.sync();
     let secs = start.elapsed().as_secs_f64();
-    let batch = t.cfg.train.global_batch as f64;
+    let batch = t.cfg().train.global_batch as f64;
     let ms = 1000.0 * secs / a.steps.max(1) as f64;
     let ips = batch * a.steps as f64 / secs;
-    let flops = train_flops_per_image(&t.dims);
+    let flops = t.cfg().dims().train_flops_per_image();
     let gpu = if device.is_cuda() { gpu_peak_flops() } else { None };
     let mfu = gpu.as_ref().map(|(_, peak)| flops * ips / peak);
-    let peak_mem = match t.device {
-        tch::Device::Cuda(i) => Some(reg::dist::nccl_comm::cuda_peak_allocated(i) as u64),
+    let peak_mem = match device {
+        tch::Device::Cuda(i) => Some(reg::shim::cuda_peak_allocated(i)? as u64),
         _ => peak_rss_bytes(),
     };
     let phases = if a.profile {
-        t.phases.enabled = true;
+        t.profile_phases();
         for _ in 0..a.steps {
             t.train_step()?;
         }
         let per_step: serde_json::Map<String, serde_json::Value> =
-            t.phases.ms.iter().map(|(n, ms, count)| (n.to_string(), serde_json::json!(ms / *count as f64))).collect();
+            t.phase_ms().into_iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect();
         Some(per_step)
     } else {
         None
     };
     let line = serde_json::json!({
-        "config": file,
+        "config": a.run.config.display().to_string(),
         "device": gpu.as_ref().map(|(n, _)| n.clone()).unwrap_or_else(|| format!("{device:?}")),
-        "precision": format!("{:?}", t.kind),
+        "precision": format!("{:?}", t.kind()),
         "threads": tch::get_num_threads(),
         "batch": batch,
         "steps": a.steps,
         "ms_per_step": ms,
         "images_per_s": ips,
-        "params": t.params.numel() + t.params.buffer_numel(),
+        "params": t.num_params(),
         "train_flops_per_image": flops,
         "mfu": mfu,
         "peak_mem_bytes": peak_mem,
@@ -153,22 +138,12 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Images per second of `reg-ddp sample`'s generation step (the transformer's share of it)
 /// on one device with the configured model's shapes and random weights.
-fn bench_sampler(a: &Args, cfg: &Config, file: &str, device: tch::Device) -> Result<()> {
-    let device = reg::dist::LaunchInfo::from_env().local_device(device);
-    let dims = cfg.model.dims(file)?;
-    let (model, _params) = build_sit(&dims, device, cfg.train.seed)?;
-    let kind = resolve_kind(cfg.train.precision, device);
+fn bench_sampler(a: &Args, cfg: &Config) -> Result<()> {
+    let device = LaunchInfo::from_env().local_device(resolve_device(&cfg.train.device)?);
+    let (model, _params) = build_sit(&cfg.dims(), device, cfg.train.seed)?;
+    let kind = cfg.train.precision.kind_on(device);
     let batch = cfg.train.global_batch;
-    let spec = |steps| SampleSpec {
-        ode: false,
-        heun: false,
-        steps,
-        guidance: Guidance { cfg: 2.3, cls_cfg: 2.3, low: 0.0, high: 0.85 },
-        path: cfg.loss.path,
-        seed: 0,
-        labels: Labels::Random,
-        kind,
-    };
+    let spec = |steps| SampleSpec { sampler: Sampler::paper(steps), path: cfg.loss.path, seed: 0, labels: Labels::Random, kind };
     let indices: Vec<u64> = (0..batch as u64).collect();
     let sync = || {
         if let tch::Device::Cuda(i) = device {
@@ -188,28 +163,10 @@ fn bench_sampler(a: &Args, cfg: &Config, file: &str, device: tch::Device) -> Res
     println!(
         "{}",
         serde_json::json!({
-            "config": file, "mode": "sample", "device": gpu.map(|(n, _)| n).unwrap_or_else(|| format!("{device:?}")),
+            "config": a.run.config.display().to_string(), "mode": "sample", "device": gpu.map(|(n, _)| n).unwrap_or_else(|| format!("{device:?}")),
             "precision": format!("{kind:?}"), "batch": batch, "sampler_steps": a.sample_steps, "seconds": secs,
             "images_per_s": images / secs, "hours_per_50k_images": 50_000.0 / (images / secs) / 3600.0,
         })
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use reg::config::ModelConfig;
-
-    #[test]
-    fn xl2_flops_match_the_design_figure() {
-        let m: ModelConfig = serde_yaml::from_str("arch: SiT-XL/2").unwrap();
-        let d = m.dims("x").unwrap();
-        let tflop_batch32 = train_flops_per_image(&d) * 32.0 / 1e12;
-        // DESIGN.md's 22.8 TFLOP counts the transformer blocks; the REPA projector
-        // (2048-wide, on all 257 tokens) adds 0.40 and embedders + head 0.07.
-        let projector: f64 = 3.0 * 257.0 * 2.0 * (1152.0 * 2048.0 + 2048.0 * 2048.0 + 2048.0 * 768.0) * 32.0 / 1e12;
-        assert!((projector - 0.402).abs() < 0.005, "{projector}");
-        assert!((tflop_batch32 - projector - 22.8).abs() < 0.1, "{tflop_batch32}");
-    }
 }

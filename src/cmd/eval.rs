@@ -4,12 +4,11 @@
 
 use anyhow::Result;
 use reg::bail_input;
-use reg::dist;
+use reg::dist::{Collectives, Launch};
+use reg::encoders::inception::Inception;
 use reg::eval::features::{features_of, ImageSet};
 use reg::eval::precision_recall;
 use reg::eval::reference::{Reference, Scores};
-use reg::model::inception::Inception;
-use reg::train::resolve_device;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -41,12 +40,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch <= 0 {
         bail_input!("--batch: must be positive");
     }
-    let launch = dist::LaunchInfo::from_env();
-    let device = launch.local_device(resolve_device(&a.device)?);
+    // Features travel between ranks through host memory: MPI on the CPU suffices.
+    let Launch { device, comm } = Launch::start(&a.device, Collectives::OnHost)?;
     let net = Inception::load(&a.inception, device)?;
     let samples = ImageSet::open(&a.samples)?;
-    // Features travel between ranks through host memory: MPI on the CPU suffices.
-    let comm = dist::init(tch::Device::Cpu)?;
     let reference = Reference::load(&a.reference, &net, &a.inception, a.batch, comm.as_ref())?;
     let started = std::time::Instant::now();
     let out = features_of(&samples, &net, a.batch, comm.as_ref())?;

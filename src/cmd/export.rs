@@ -2,7 +2,7 @@
 //! checkpoint (loads with `strict=True` into the original PyTorch model).
 
 use anyhow::Result;
-use reg::model::weights;
+use reg::formats::weights;
 use reg::train::checkpoint;
 use std::path::PathBuf;
 

@@ -1,9 +1,9 @@
 //! `reg-ddp import`: one safetensors file from a PyTorch checkpoint of the original REG code, read by the
-//! restricted reader in `model::torchfile` (the pickle is interpreted, never executed).
+//! restricted reader in `formats::torchfile` (the pickle is interpreted, never executed).
 
 use anyhow::Result;
 use reg::bail_input;
-use reg::model::{torchfile, weights};
+use reg::formats::{torchfile, weights};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]

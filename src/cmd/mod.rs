@@ -12,6 +12,8 @@ pub mod train;
 
 use anyhow::Result;
 use reg::config::Config;
+use reg::dist::{Collectives, Launch, LaunchInfo};
+use reg::error::bad_input;
 use std::path::PathBuf;
 
 /// The run config on the command line: a YAML file and `--set` overrides.
@@ -30,10 +32,20 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// Applies `--threads` and loads the config with `extra` overrides after the user's.
-    pub fn load(&self, extra: &[String]) -> Result<(Config, String)> {
+    pub fn load(&self, extra: &[String]) -> Result<Config> {
         set_threads(self.threads);
         let sets: Vec<String> = self.sets.iter().chain(extra).cloned().collect();
-        Ok((Config::load(&self.config, &sets)?, self.config.display().to_string()))
+        Config::load(&self.config, &sets)
+    }
+
+    /// Loads the config and joins the run on `train.device`. The batch split is checked
+    /// against the launcher's world size before MPI starts, so bad input fails fast
+    /// (exit 2, naming the file) on every rank.
+    pub fn launch(&self, extra: &[String], collectives: Collectives) -> Result<(Config, Launch)> {
+        let cfg = self.load(extra)?;
+        cfg.local_batch(LaunchInfo::from_env().world).map_err(|e| bad_input(format!("{}: {e}", self.config.display())))?;
+        let launch = Launch::start(&cfg.train.device, collectives)?;
+        Ok((cfg, launch))
     }
 }
 

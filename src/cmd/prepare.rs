@@ -5,9 +5,8 @@
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use reg::data::prepare::{finish, list_image_tree, list_reg, make_shard, shard_done, Encoders, Options};
-use reg::dist;
-use reg::model::{dinov2::Dinov2, vae::Vae};
-use reg::train::resolve_device;
+use reg::dist::{Collectives, Launch};
+use reg::encoders::{dinov2::Dinov2, vae::Vae};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -66,9 +65,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.no_features && !a.store_images {
         reg::bail_input!("--no-features: a dataset needs features or --store-images");
     }
-    let launch = dist::LaunchInfo::from_env();
-    let device = launch.local_device(resolve_device(&a.device)?);
-    let kind = if device.is_cuda() { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    // Shards travel through files; the ranks only meet at the end (MPI on the host).
+    let Launch { device, comm } = Launch::start(&a.device, Collectives::OnHost)?;
+    let kind = reg::config::Precision::Auto.kind_on(device);
     let ((classes, entries), from_reg) = match (&a.images, &a.from_reg) {
         (Some(dir), _) => (list_image_tree(dir)?, false),
         (None, Some(dir)) => (list_reg(dir)?, true),
@@ -99,7 +98,6 @@ pub fn run(a: Args) -> Result<()> {
         batch: a.batch.max(1),
     };
     std::fs::create_dir_all(&a.out)?;
-    let comm = dist::init(tch::Device::Cpu)?;
     let (rank, world) = (comm.rank(), comm.world());
     let shards = entries.len().div_ceil(a.shard_size.max(1));
     let mine: Vec<usize> = (0..shards).filter(|i| *i as i64 % world == rank).collect();

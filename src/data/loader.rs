@@ -7,33 +7,15 @@
 use super::shards::Dataset;
 use super::{Batch, BatchSource};
 use crate::bail_input;
-use crate::diffusion::loss::step_seed;
+use crate::rng::{step_seed, stream, SplitMix};
 use anyhow::Result;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-/// SplitMix64: a tiny, portable generator for the permutation (independent of
-/// libtorch's global generator, which the training thread uses).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, n) (Lemire's multiply-shift; the bias is below 2^-32 for n < 2^32).
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next() as u128 * n as u128) >> 64) as u64
-    }
-}
-
 /// The record order of `epoch`: a Fisher-Yates shuffle of `0..n`.
 pub fn permutation(n: i64, seed: u64, epoch: i64) -> Vec<i64> {
-    let mut rng = SplitMix(step_seed(seed, epoch as u64, 3) as u64);
+    let mut rng = SplitMix(step_seed(seed, epoch as u64, stream::EPOCH_PERMUTATION) as u64);
     let mut p: Vec<i64> = (0..n).collect();
     for i in (1..p.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;

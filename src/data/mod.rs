@@ -1,8 +1,8 @@
-//! Where training batches come from: the synthetic source now, precomputed shards later.
+//! Where training batches come from: precomputed shards (prepare, format, loader) or
+//! the synthetic source.
 
 pub mod crop;
 pub mod loader;
-pub mod npy;
 pub mod prepare;
 pub mod shards;
 pub mod synthetic;

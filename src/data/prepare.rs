@@ -5,8 +5,8 @@
 use super::crop::center_crop_adm;
 use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo};
 use crate::bail_input;
+use crate::encoders::{dinov2::Dinov2, vae::Vae};
 use crate::error::bad_input;
-use crate::model::{dinov2::Dinov2, vae::Vae};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -117,7 +117,7 @@ fn sidecar(out: &Path, i: usize) -> PathBuf {
 pub fn shard_done(out: &Path, i: usize) -> Option<ShardDone> {
     let done: ShardDone = serde_json::from_str(&std::fs::read_to_string(sidecar(out, i)).ok()?).ok()?;
     let bytes = std::fs::read(out.join(shard_name(i))).ok()?;
-    (crate::model::weights::sha256_hex(&bytes) == done.shard.sha256).then_some(done)
+    (crate::formats::weights::sha256_hex(&bytes) == done.shard.sha256).then_some(done)
 }
 
 /// Encodes `entries` into shard `i`; unreadable images are skipped and reported.
@@ -143,7 +143,7 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
         } else {
             let ms: Vec<Tensor> = ok
                 .iter()
-                .map(|(e, _)| super::npy::read_npy(e.moments.as_ref().expect("from-reg entry")).map(|t| t.to_kind(Kind::Float)))
+                .map(|(e, _)| crate::formats::npy::read_npy(e.moments.as_ref().expect("from-reg entry")).map(|t| t.to_kind(Kind::Float)))
                 .collect::<Result<_>>()?;
             Tensor::stack(&ms, 0)
         };
@@ -174,7 +174,7 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
     }
     let shard = super::shards::write_shard(out, i, &tensors)?;
     let done = ShardDone { shard, bad };
-    crate::model::weights::write_atomic(&sidecar(out, i), serde_json::to_string(&done)?.as_bytes())?;
+    crate::formats::weights::write_atomic(&sidecar(out, i), serde_json::to_string(&done)?.as_bytes())?;
     Ok(done)
 }
 

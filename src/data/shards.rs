@@ -173,7 +173,7 @@ impl Shard {
             let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
                 .map_err(|e| format!("{}: cannot map: {e}", self.path.display()))?;
             if verify {
-                let got = crate::model::weights::sha256_hex(&map[..]);
+                let got = crate::formats::weights::sha256_hex(&map[..]);
                 if got != self.sha256 {
                     return Err(format!("{}: SHA-256 mismatch (index {}, file {got})", self.path.display(), self.sha256));
                 }
@@ -225,14 +225,14 @@ impl Shard {
 /// Writes one shard (atomically) and returns its index entry.
 pub fn write_shard(dir: &Path, i: usize, tensors: &[(String, tch::Tensor)]) -> Result<ShardInfo> {
     let records = tensors.first().map(|(_, t)| t.size()[0]).unwrap_or(0);
-    let bytes = crate::model::weights::serialize(tensors, None)?;
+    let bytes = crate::formats::weights::serialize(tensors, None)?;
     let file = shard_name(i);
-    crate::model::weights::write_atomic(&dir.join(&file), &bytes).with_context(|| format!("writing {file}"))?;
-    let sha256 = crate::model::weights::sha256_hex(&bytes);
+    crate::formats::weights::write_atomic(&dir.join(&file), &bytes).with_context(|| format!("writing {file}"))?;
+    let sha256 = crate::formats::weights::sha256_hex(&bytes);
     Ok(ShardInfo { file, records, sha256 })
 }
 
 /// Writes `index.json` atomically (the dataset's commit point).
 pub fn write_index(dir: &Path, index: &Index) -> Result<()> {
-    crate::model::weights::write_atomic(&dir.join("index.json"), serde_json::to_string_pretty(index)?.as_bytes())
+    crate::formats::weights::write_atomic(&dir.join("index.json"), serde_json::to_string_pretty(index)?.as_bytes())
 }

@@ -9,7 +9,7 @@
 //! layout on one kind of device.
 
 use super::{Batch, BatchSource};
-use crate::diffusion::loss::step_seed;
+use crate::rng::{step_seed, stream};
 use tch::{Device, Kind, Tensor};
 
 pub struct Synthetic {
@@ -25,7 +25,7 @@ pub struct Synthetic {
 
 impl Synthetic {
     pub fn new(seed: u64, global_batch: i64, num_classes: i64, latent: [i64; 3], tokens: i64, z_dim: i64, device: Device) -> Self {
-        tch::manual_seed(step_seed(seed, u64::MAX, 1));
+        tch::manual_seed(step_seed(seed, u64::MAX, stream::SYNTHETIC_MEANS));
         let opts = (Kind::Float, Device::Cpu);
         let [c, h, w] = latent;
         // Smooth patterns (upsampled coarse noise) so the task has structure to learn.
@@ -49,7 +49,7 @@ impl BatchSource for Synthetic {
         for i in lo..lo + n {
             // Keyed by the global sample index: the same sample whatever the rank layout.
             let index = step * self.global_batch as u64 + i as u64;
-            tch::manual_seed(step_seed(self.seed, index, 2));
+            tch::manual_seed(step_seed(self.seed, index, stream::SYNTHETIC_SAMPLE));
             let y = Tensor::randint(self.num_classes, [1], (Kind::Int64, self.device));
             let proto = self.latent_proto.index_select(0, &y);
             let mean = &proto + proto.randn_like() * 0.5;

@@ -1,10 +1,10 @@
 //! Generating images for evaluation: the global image index decides the label and
 //! the noise, so the same seed gives the same images whatever the batch or rank.
 
-use crate::config::PathType;
-use crate::diffusion::sampler::{sample_ode, sample_sde, Guidance, NoiseSource, PerImageNoise};
+use crate::diffusion::path::PathType;
+use crate::diffusion::sampler::{NoiseSource, PerImageNoise, Sampler};
+use crate::encoders::vae::Vae;
 use crate::model::sit::SiT;
-use crate::model::vae::Vae;
 use tch::{Device, Kind, Tensor};
 
 /// How labels are assigned to image indices.
@@ -38,20 +38,18 @@ impl Labels {
 
     pub fn of(&self, seed: u64, index: u64, num_classes: i64) -> i64 {
         match self {
-            Labels::Random => (crate::diffusion::loss::step_seed(seed, index, 7) as u64 % num_classes as u64) as i64,
+            Labels::Random => (crate::rng::step_seed(seed, index, crate::rng::stream::SAMPLE_LABEL) as u64 % num_classes as u64) as i64,
             Labels::Balanced => (index % num_classes as u64) as i64,
             Labels::List(v) => v[(index % v.len() as u64) as usize],
         }
     }
 }
 
-/// Sampler settings.
+/// What decides a generated image besides the weights: the sampler, the model's path,
+/// the seed of its noise and labels, the compute precision.
 #[derive(Debug, Clone)]
 pub struct SampleSpec {
-    pub ode: bool,
-    pub heun: bool,
-    pub steps: i64,
-    pub guidance: Guidance,
+    pub sampler: Sampler,
     pub path: PathType,
     pub seed: u64,
     pub labels: Labels,
@@ -68,12 +66,7 @@ pub fn latents(model: &SiT, indices: &[u64], spec: &SampleSpec, device: Device) 
     let cls = noise.draw(&[b, d.z_dim]).to_device(device);
     let y: Vec<i64> = indices.iter().map(|&g| spec.labels.of(spec.seed, g, d.num_classes)).collect();
     let y = Tensor::from_slice(&y).to_device(device);
-    let x = if spec.ode {
-        sample_ode(model, &z, &cls, &y, spec.steps, spec.heun, spec.guidance, spec.kind)
-    } else {
-        sample_sde(model, &z, &cls, &y, spec.steps, spec.guidance, spec.path, spec.kind, &mut noise)
-    };
-    x.to_kind(Kind::Float)
+    spec.sampler.run(model, &z, &cls, &y, spec.path, spec.kind, &mut noise).to_kind(Kind::Float)
 }
 
 /// Images as `[B, H, W, 3]` u8: decoded by the VAE, or without one (synthetic data)

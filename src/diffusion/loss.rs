@@ -1,9 +1,30 @@
 //! The REG loss: velocity matching of latents and REG token, plus REPA alignment.
 
-use crate::config::{LossConfig, PathType, Weighting};
-use crate::diffusion::path::{expand_like, Interpolant};
+use crate::diffusion::path::{expand_like, Interpolant, PathType, Weighting};
 use crate::model::sit::SiT;
+use crate::rng::{step_seed, stream};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+/// The `loss` section of a run config: REG's loss terms and their weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    pub path: PathType,
+    pub weighting: Weighting,
+    /// Weight of the REPA projection (cosine) term.
+    pub proj_coeff: f64,
+    /// Weight of the REG-token velocity term.
+    pub cls_coeff: f64,
+    /// SD-VAE latent scale.
+    pub latent_scale: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig { path: PathType::Linear, weighting: Weighting::Uniform, proj_coeff: 0.5, cls_coeff: 0.03, latent_scale: 0.18215 }
+    }
+}
 
 /// Every random draw of one training step, for the whole global batch, from a
 /// generator keyed by (seed, step): a data-parallel rank takes its rows, and a
@@ -21,19 +42,10 @@ pub struct StepDraws {
     pub drop: Tensor,
 }
 
-/// Mixes (seed, step) into one 63-bit generator seed (SplitMix64 finaliser), so
-/// nearby steps get unrelated streams.
-pub fn step_seed(seed: u64, step: u64, stream: u64) -> i64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 1) as i64
-}
-
 impl StepDraws {
     /// Draws on the CPU (identical on every machine and device), in a fixed order.
     pub fn generate(seed: u64, step: u64, global_batch: i64, latent: [i64; 3], z_dim: i64, cfg: &LossConfig, class_dropout: f64) -> Self {
-        tch::manual_seed(step_seed(seed, step, 0));
+        tch::manual_seed(step_seed(seed, step, stream::STEP_DRAWS));
         let b = global_batch;
         let opts = (Kind::Float, Device::Cpu);
         let t = match cfg.weighting {

@@ -1,8 +1,24 @@
 //! Interpolants `x_t = alpha_t x + sigma_t n` and their time derivatives.
 
-use crate::config::PathType;
+use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 use tch::Tensor;
+
+/// Interpolant between data (t = 0) and noise (t = 1).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PathType {
+    Linear,
+    Cosine,
+}
+
+/// How training times are drawn.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Weighting {
+    Uniform,
+    Lognormal,
+}
 
 /// `alpha`, `sigma` and their derivatives at `t`, broadcastable against the data.
 pub struct Interpolant {

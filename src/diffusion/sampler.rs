@@ -3,14 +3,79 @@
 //! probability-flow ODE (Euler or Heun), with classifier-free guidance inside an
 //! interval and a separate scale for the token.
 
-use crate::config::PathType;
-use crate::diffusion::loss::step_seed;
-use crate::diffusion::path::{expand_like, Interpolant};
+use crate::diffusion::path::{expand_like, Interpolant, PathType};
 use crate::model::sit::SiT;
+use crate::rng::{step_seed, stream};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-/// Guidance settings. `cfg <= 1` means no guidance (no doubled batch).
+/// `sde`: Euler-Maruyama, the paper's sampler; `ode`: the probability-flow ODE.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerMode {
+    Sde,
+    Ode,
+}
+
+/// A sampler and its settings: what the `sample` and `eval` config sections, `reg-ddp
+/// sample`'s flags and `bench --sample` each describe.
 #[derive(Debug, Clone, Copy)]
+pub struct Sampler {
+    pub mode: SamplerMode,
+    /// With the ODE: Heun instead of Euler.
+    pub heun: bool,
+    pub steps: i64,
+    pub guidance: Guidance,
+}
+
+impl Sampler {
+    /// Guidance over the whole of [0, 1] and Heun for the ODE: the sampler of the
+    /// training-time grids and FID.
+    pub fn whole_interval(mode: SamplerMode, steps: i64, cfg: f64, cls_cfg: f64) -> Self {
+        Sampler { mode, heun: true, steps, guidance: Guidance { cfg, cls_cfg, low: 0.0, high: 1.0 } }
+    }
+
+    /// The paper's headline sampler: SDE, w = 2.3 for the image and the token, interval [0, 0.85].
+    pub fn paper(steps: i64) -> Self {
+        Sampler { mode: SamplerMode::Sde, heun: false, steps, guidance: Guidance { cfg: 2.3, cls_cfg: 2.3, low: 0.0, high: 0.85 } }
+    }
+
+    /// At least 2 steps, non-negative scales, `0 <= low < high <= 1`; the message names what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let g = &self.guidance;
+        if self.steps < 2 {
+            return Err(format!("steps: at least 2, got {}", self.steps));
+        }
+        if !(g.cfg >= 0.0 && g.cls_cfg >= 0.0) {
+            return Err("cfg / cls_cfg: guidance scales must not be negative".into());
+        }
+        if !((0.0..=1.0).contains(&g.low) && (0.0..=1.0).contains(&g.high) && g.low < g.high) {
+            return Err(format!("interval: {},{} must be low,high with 0 <= low < high <= 1", g.low, g.high));
+        }
+        Ok(())
+    }
+
+    /// Final latents [N, C, H, W] f64 from the start latents `z`, REG token `cls` and labels `y`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        model: &SiT,
+        z: &Tensor,
+        cls: &Tensor,
+        y: &Tensor,
+        path: PathType,
+        kind: Kind,
+        noise: &mut dyn NoiseSource,
+    ) -> Tensor {
+        match self.mode {
+            SamplerMode::Sde => sample_sde(model, z, cls, y, self.steps, self.guidance, path, kind, noise),
+            SamplerMode::Ode => sample_ode(model, z, cls, y, self.steps, self.heun, self.guidance, kind),
+        }
+    }
+}
+
+/// Guidance settings. `cfg <= 1` means no guidance (no doubled batch).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Guidance {
     pub cfg: f64,
     /// The REG token's scale; 0 takes the conditional drift alone.
@@ -56,7 +121,7 @@ impl NoiseSource for PerImageNoise {
             .indices
             .iter()
             .map(|&g| {
-                tch::manual_seed(step_seed(self.seed, g, 1000 + k));
+                tch::manual_seed(step_seed(self.seed, g, stream::SAMPLE_NOISE + k));
                 Tensor::randn(&shape[1..], (Kind::Double, Device::Cpu))
             })
             .collect();

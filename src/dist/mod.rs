@@ -31,17 +31,55 @@ impl LaunchInfo {
         LaunchInfo { rank, world, local_rank }
     }
 
-    /// This process's GPU when `device` is CUDA (`cuda:{local_rank}`, wrapping around
-    /// the visible devices); otherwise `device` itself.
+    /// Under a launcher, this process's GPU when `device` is CUDA (`cuda:{local_rank}`,
+    /// wrapping around the visible devices); otherwise `device` itself.
     pub fn local_device(&self, device: Device) -> Device {
         match device {
-            Device::Cuda(_) => Device::Cuda((self.local_rank % tch::Cuda::device_count().max(1)) as usize),
+            Device::Cuda(_) if self.world > 1 => Device::Cuda((self.local_rank % tch::Cuda::device_count().max(1)) as usize),
             d => d,
         }
     }
+}
 
-    pub fn single() -> Self {
-        LaunchInfo { rank: 0, world: 1, local_rank: 0 }
+/// The device a name stands for (`auto`: the first GPU when there is one).
+pub fn resolve_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        s => match s.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => Device::Cuda(i),
+            None => crate::bail_input!("train.device: unknown device {s:?} (auto, cpu, cuda, cuda:N)"),
+        },
+    })
+}
+
+/// Where collectives run: on the compute device (NCCL between GPUs: training moves
+/// gigabytes a step), or through host memory (MPI: sample, eval and prepare exchange
+/// a few results).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collectives {
+    OnDevice,
+    OnHost,
+}
+
+/// What every subcommand sets up first: the device this process computes on (its own
+/// GPU under a launcher) and its communicator.
+pub struct Launch {
+    pub device: Device,
+    pub comm: Box<dyn Comm>,
+}
+
+impl Launch {
+    /// Resolves `device` (`auto`, `cpu`, `cuda`, `cuda:N`) for this process and joins the
+    /// other ranks, if a launcher started any.
+    pub fn start(device: &str, collectives: Collectives) -> Result<Launch> {
+        let device = LaunchInfo::from_env().local_device(resolve_device(device)?);
+        let comm = init(match collectives {
+            Collectives::OnDevice => device,
+            Collectives::OnHost => Device::Cpu,
+        })?;
+        Ok(Launch { device, comm })
     }
 }
 

@@ -28,29 +28,35 @@ fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `$body` with `$s` (and `$r`) bound to typed slices over the tensors' memory.
+/// Runs `$body` with `$s` bound to a typed slice over the memory of `$t`, a tensor
+/// the caller has checked to be a contiguous CPU tensor that nothing else touches
+/// while `$body` runs.
 macro_rules! typed {
     ($t:expr, |$s:ident: $ty:ident| $body:expr) => {{
-        let n = $t.numel();
         match $t.kind() {
             Kind::Float => {
                 type $ty = f32;
-                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                // SAFETY: the arm's type is `$t`'s element type; contiguity, the CPU and
+                // exclusive use are the caller's checks (see the macro's doc).
+                let $s: &mut [$ty] = unsafe { view(&$t) };
                 $body
             }
             Kind::Double => {
                 type $ty = f64;
-                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                // SAFETY: as in the f32 arm.
+                let $s: &mut [$ty] = unsafe { view(&$t) };
                 $body
             }
             Kind::Int64 => {
                 type $ty = i64;
-                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                // SAFETY: as in the f32 arm.
+                let $s: &mut [$ty] = unsafe { view(&$t) };
                 $body
             }
             Kind::Uint8 => {
                 type $ty = u8;
-                let $s = unsafe { std::slice::from_raw_parts_mut($t.data_ptr() as *mut $ty, n) };
+                // SAFETY: as in the f32 arm.
+                let $s: &mut [$ty] = unsafe { view(&$t) };
                 $body
             }
             k => bail!("MPI: unsupported dtype {k:?}"),
@@ -64,7 +70,8 @@ macro_rules! typed {
 /// `t` is a contiguous CPU tensor of element type `T` that outlives the slice, and
 /// nothing else reads or writes it meanwhile.
 unsafe fn view<'a, T>(t: &Tensor) -> &'a mut [T] {
-    std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel())
+    // SAFETY: the function's contract: `numel` elements of `T` at `data_ptr`.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
 }
 
 impl Comm for MpiComm {

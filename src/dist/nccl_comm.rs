@@ -4,29 +4,10 @@
 
 use super::mpi_comm::MpiComm;
 use super::Comm;
+use crate::shim;
 use anyhow::{bail, Context, Result};
 use cudarc::nccl::{result as nccl, sys};
-use std::ffi::c_void;
 use tch::{Device, Kind, Tensor};
-
-extern "C" {
-    fn reg_cuda_current_stream(device: i32) -> *mut c_void;
-    fn reg_cuda_set_device(device: i32);
-    fn reg_cuda_stream_sync(device: i32);
-    fn reg_cuda_peak_allocated(device: i32) -> i64;
-    fn reg_cuda_reset_peak(device: i32);
-}
-
-/// Peak bytes held by tensors on a GPU since the last reset.
-pub fn cuda_peak_allocated(device: usize) -> i64 {
-    // SAFETY: only called with a valid CUDA device index.
-    unsafe { reg_cuda_peak_allocated(device as i32) }
-}
-
-pub fn cuda_reset_peak(device: usize) {
-    // SAFETY: as above.
-    unsafe { reg_cuda_reset_peak(device as i32) }
-}
 
 pub struct NcclComm {
     mpi: MpiComm,
@@ -54,8 +35,7 @@ impl NcclComm {
         if !unsafe { sys::is_culib_present() } {
             bail!("NCCL library not found: libnccl.so must be on the loader path (launch/setup.sh links it next to libnccl.so.2)");
         }
-        // SAFETY: a valid device index of this machine.
-        unsafe { reg_cuda_set_device(index as i32) };
+        shim::cuda_set_device(index)?;
         let mut id = [0u8; 128];
         if mpi.rank() == 0 {
             let uid = nccl::get_uniqueid().map_err(|e| anyhow::anyhow!("ncclGetUniqueId: {e:?}"))?;
@@ -79,14 +59,34 @@ impl NcclComm {
         Ok(NcclComm { mpi, comm, index })
     }
 
-    fn stream(&self) -> sys::cudaStream_t {
-        // SAFETY: valid device index; the stream handle is owned by libtorch.
-        unsafe { reg_cuda_current_stream(self.index as i32) as sys::cudaStream_t }
+    fn stream(&self) -> Result<sys::cudaStream_t> {
+        Ok(shim::cuda_current_stream(self.index)? as sys::cudaStream_t)
     }
 
+    /// What every call's safety rests on: NCCL reads and writes `count` elements of
+    /// the dtype at the raw pointers we hand it, so each buffer must be a live,
+    /// contiguous tensor on this rank's GPU.
     fn check(&self, t: &Tensor, what: &str) -> Result<()> {
         if t.device() != Device::Cuda(self.index) || !t.is_contiguous() {
             bail!("NCCL {what}: needs a contiguous tensor on cuda:{}, got {:?}", self.index, t.device());
+        }
+        Ok(())
+    }
+
+    /// As the MPI backend: `big` holds `world` x `small` elements of the same dtype,
+    /// so a wrong call is an error here rather than an out-of-bounds GPU write.
+    fn check_pair(&self, small: &Tensor, big: &Tensor, what: &str) -> Result<()> {
+        self.check(small, what)?;
+        self.check(big, what)?;
+        if small.kind() != big.kind() || small.numel().checked_mul(self.world() as usize) != Some(big.numel()) {
+            bail!(
+                "NCCL {what}: needs [world x n] and [n] tensors of one dtype, got {} {:?} and {} {:?} elements with {} ranks",
+                big.numel(),
+                big.kind(),
+                small.numel(),
+                small.kind(),
+                self.world()
+            );
         }
         Ok(())
     }
@@ -105,49 +105,48 @@ impl Comm for NcclComm {
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
         self.check(t, "all-reduce")?;
-        let p = t.data_ptr();
-        // SAFETY: in-place all-reduce over a live contiguous device buffer.
-        unsafe { nccl::all_reduce(p, p, t.numel(), dtype(t.kind())?, sys::ncclRedOp_t::ncclSum, self.comm, self.stream()) }
-            .map_err(nccl_err("all-reduce"))?;
+        let (p, dt, stream) = (t.data_ptr(), dtype(t.kind())?, self.stream()?);
+        // SAFETY: in place over `t.numel()` elements of `t`'s dtype: `t` is live,
+        // contiguous and on this rank's GPU (checked above).
+        unsafe { nccl::all_reduce(p, p, t.numel(), dt, sys::ncclRedOp_t::ncclSum, self.comm, stream) }.map_err(nccl_err("all-reduce"))?;
         Ok(())
     }
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        self.check(input, "reduce-scatter")?;
-        self.check(output, "reduce-scatter")?;
-        // SAFETY: input holds world x output elements (checked by the caller's layout).
+        self.check_pair(output, input, "reduce-scatter")?;
+        let (dt, stream) = (dtype(input.kind())?, self.stream()?);
+        // SAFETY: NCCL reads world x `output.numel()` elements of `input` and writes
+        // `output.numel()` of `output`; both are live, contiguous, on this GPU and of
+        // that size and dtype (checked above).
         unsafe {
-            nccl::reduce_scatter(
-                input.data_ptr(),
-                output.data_ptr(),
-                output.numel(),
-                dtype(input.kind())?,
-                sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                self.stream(),
-            )
+            nccl::reduce_scatter(input.data_ptr(), output.data_ptr(), output.numel(), dt, sys::ncclRedOp_t::ncclSum, self.comm, stream)
         }
         .map_err(nccl_err("reduce-scatter"))?;
         Ok(())
     }
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        self.check(input, "all-gather")?;
-        self.check(output, "all-gather")?;
-        // SAFETY: NCCL allows the send buffer to be the rank's own slice of the output.
-        unsafe { nccl::all_gather(input.data_ptr(), output.data_ptr(), input.numel(), dtype(input.kind())?, self.comm, self.stream()) }
+        self.check_pair(input, output, "all-gather")?;
+        let (dt, stream) = (dtype(input.kind())?, self.stream()?);
+        // SAFETY: NCCL reads `input.numel()` elements of `input` and writes world x that
+        // many of `output`, both live, contiguous, on this GPU and of that size and dtype
+        // (checked above). The send buffer may be this rank's own slice of the output:
+        // NCCL allows exactly that aliasing.
+        unsafe { nccl::all_gather(input.data_ptr(), output.data_ptr(), input.numel(), dt, self.comm, stream) }
             .map_err(nccl_err("all-gather"))?;
         Ok(())
     }
     fn broadcast(&self, t: &Tensor, root: i64) -> Result<()> {
         self.check(t, "broadcast")?;
-        let p = t.data_ptr();
-        // SAFETY: in-place broadcast.
-        unsafe { nccl::broadcast(p, p, t.numel(), dtype(t.kind())?, root as i32, self.comm, self.stream()) }
-            .map_err(nccl_err("broadcast"))?;
+        if !(0..self.world()).contains(&root) {
+            bail!("NCCL broadcast: root {root} is not a rank of {}", self.world());
+        }
+        let (p, dt, stream) = (t.data_ptr(), dtype(t.kind())?, self.stream()?);
+        // SAFETY: in place over `t.numel()` elements of `t`, live, contiguous and on this
+        // GPU (checked above); every rank passes a buffer of the same size.
+        unsafe { nccl::broadcast(p, p, t.numel(), dt, root as i32, self.comm, stream) }.map_err(nccl_err("broadcast"))?;
         Ok(())
     }
     fn barrier(&self) -> Result<()> {
-        // SAFETY: valid device index.
-        unsafe { reg_cuda_stream_sync(self.index as i32) };
+        shim::cuda_stream_sync(self.index)?;
         self.mpi.barrier()
     }
     fn device(&self) -> Device {

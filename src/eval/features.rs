@@ -2,10 +2,10 @@
 //! of the images, and one all-gather puts every rank's features back in image order.
 
 use crate::bail_input;
-use crate::data::npy::NpzArray;
 use crate::dist::{all_ok, Comm};
+use crate::encoders::inception::{Inception, InceptionOutput};
 use crate::error::bad_input;
-use crate::model::inception::{Inception, InceptionOutput};
+use crate::formats::npy::NpzArray;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};

@@ -7,11 +7,11 @@
 use super::features::{check_images, features_of, ImageSet};
 use super::{frechet_distance, inception_score, Stats};
 use crate::bail_input;
-use crate::data::npy::NpzArray;
 use crate::dist::{agree, all_ok, Comm};
+use crate::encoders::inception::{Inception, InceptionOutput};
 use crate::error::bad_input;
-use crate::model::inception::{Inception, InceptionOutput};
-use crate::model::weights;
+use crate::formats::npy::NpzArray;
+use crate::formats::weights;
 use anyhow::Result;
 use std::collections::HashMap;
 use std::io::Read;

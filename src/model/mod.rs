@@ -1,15 +1,12 @@
-//! Pure modules over tch, named like upstream: SiT + REG, and the flat parameter store.
+//! The trained network: SiT + REG (named like the REG checkpoints), its dimensions and
+//! presets, and the flat parameter store its weights live in.
 
-pub mod dinov2;
-pub mod inception;
+pub mod dims;
 pub mod params;
 pub mod sit;
-pub mod torchfile;
-pub mod vae;
-pub mod weights;
 
-use crate::config::SitDims;
 use anyhow::Result;
+pub use dims::SitDims;
 use tch::Device;
 
 pub use params::Params;

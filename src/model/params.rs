@@ -2,7 +2,7 @@
 //! so that clipping, AdamW, EMA and gradient reduction are a handful of large kernels.
 
 use crate::bail_input;
-use crate::model::weights;
+use crate::formats::weights;
 use crate::shim;
 use anyhow::Result;
 use std::collections::HashMap;

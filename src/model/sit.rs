@@ -1,6 +1,6 @@
 //! SiT with the REG token (Wu et al. 2025): names and layout mirror the REG `state_dict`.
 
-use crate::config::SitDims;
+use crate::model::dims::SitDims;
 use crate::model::params::{Init, ParamBuilder};
 use tch::{Kind, Tensor};
 

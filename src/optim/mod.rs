@@ -1,8 +1,28 @@
 //! AdamW, global-norm clipping and EMA over a contiguous slice of the flat fp32
 //! parameter buffer: a data-parallel rank hands in just its own slice (ZeRO-1).
 
-use crate::config::OptimConfig;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+/// The `optim` section of a run config: AdamW, clipping and EMA.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    pub ema_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, max_grad_norm: 1.0, ema_decay: 0.9999 }
+    }
+}
 
 /// AdamW (decoupled weight decay) with the update of `torch.optim.AdamW`.
 pub struct AdamW {

@@ -9,7 +9,7 @@ use super::Trainer;
 use crate::bail_input;
 use crate::config::Config;
 use crate::error::bad_input;
-use crate::model::weights;
+use crate::formats::weights;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -105,11 +105,11 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
     });
     let meta = HashMap::from([("reg_ddp".to_string(), info.to_string())]);
     let path = dir.join(shard_file(rank, world));
-    let slow_ms: u64 = std::env::var("REG_DDP_TEST_SLOW_WRITE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let slow_ms = t.faults.slow_write_ms;
     let handle = std::thread::Builder::new().name("ckpt-writer".into()).spawn(move || -> Result<[u8; 32]> {
         let bytes = weights::serialize(&tensors, Some(meta))?;
         if slow_ms > 0 {
-            // Test hook: a partly written temporary file sits on disk for a while.
+            // Injected fault: a partly written temporary file sits on disk for a while.
             let tmp = path.with_extension("partial");
             std::fs::write(&tmp, &bytes[..bytes.len() / 2])?;
             std::thread::sleep(std::time::Duration::from_millis(slow_ms));
@@ -299,7 +299,7 @@ pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
 /// The weights (`ema`: the EMA) of a checkpoint under the REG names, the fixed position
 /// table included: what `export` writes and `sample` loads.
 pub fn read_named(dir: &Path, m: &Manifest, ema: bool) -> Result<Vec<(String, Tensor)>> {
-    let dims = m.config.model.dims(&dir.join("manifest.json").display().to_string())?;
+    let dims = m.config.dims();
     let flat = read_full(dir, m, if ema { "ema" } else { "weights" })?;
     let mut named: Vec<(String, Tensor)> =
         m.layout.iter().map(|e| (e.name.clone(), flat.narrow(0, e.offset, e.shape.iter().product()).view(e.shape.as_slice()))).collect();

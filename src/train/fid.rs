@@ -4,11 +4,10 @@
 use super::Trainer;
 use crate::config::Config;
 use crate::diffusion::generate::{latents, to_images, Labels, SampleSpec};
-use crate::diffusion::sampler::Guidance;
+use crate::encoders::inception::Inception;
+use crate::encoders::vae::Vae;
 use crate::eval::features::features_by_rank;
 use crate::eval::reference::{Reference, Scores};
-use crate::model::inception::Inception;
-use crate::model::vae::Vae;
 use anyhow::Result;
 use std::path::Path;
 
@@ -45,16 +44,7 @@ impl FidProbe {
         }
         let net = Inception::load(Path::new(inception), t.device)?;
         let reference = Reference::load(Path::new(reference), &net, Path::new(inception), e.batch, t.comm.as_ref())?;
-        let spec = SampleSpec {
-            ode: e.mode == "ode",
-            heun: true,
-            steps: e.steps,
-            guidance: Guidance { cfg: e.cfg, cls_cfg: e.cls_cfg, low: 0.0, high: 1.0 },
-            path: cfg.loss.path,
-            seed: e.seed,
-            labels: Labels::Random,
-            kind: t.kind,
-        };
+        let spec = t.sample_spec(e.sampler(), e.seed, Labels::Random);
         Ok(Some(FidProbe { net, vae, reference, spec, num: e.fid_num, batch: e.batch }))
     }
 

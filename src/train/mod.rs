@@ -1,44 +1,26 @@
-//! The training loop: data, forward, REG loss, backward, gradient reduce-scatter,
-//! clip, AdamW and EMA on this rank's shard (ZeRO-1), weight all-gather, metrics.
-//! It talks to other ranks only through the `Comm` trait.
+//! Training: the step (data, forward, REG loss, backward, gradient reduce-scatter,
+//! clip, AdamW and EMA on this rank's shard (ZeRO-1), weight all-gather, metrics), the
+//! run loop around it, checkpoints and FID. It talks to other ranks only through the
+//! `Comm` trait.
 
 pub mod checkpoint;
+pub mod faults;
 pub mod fid;
-pub mod tboard;
+pub mod run;
 
-use crate::config::{Config, DataSource, EncoderMode, Precision, SitDims};
+use crate::config::{Config, DataSource, EncoderMode, SitDims};
 use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, BatchSource};
+use crate::diffusion::generate::{Labels, SampleSpec};
 use crate::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs, StepDraws};
-use crate::dist::Comm;
-use crate::model::dinov2::Dinov2;
+use crate::diffusion::sampler::Sampler;
+use crate::dist::{Comm, Launch};
+use crate::encoders::dinov2::Dinov2;
 use crate::model::{build_sit_padded, Params, SiT};
 use crate::optim::{clip_factor, sq_sum, AdamW, Ema};
 use anyhow::Result;
+use faults::Faults;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
-
-/// Picks the device named in the config (`auto`: the first GPU when there is one).
-pub fn resolve_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        s => match s.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(i) => Device::Cuda(i),
-            None => crate::bail_input!("train.device: unknown device {s:?} (auto, cpu, cuda, cuda:N)"),
-        },
-    })
-}
-
-/// bf16 compute on CUDA, fp32 on the CPU, unless the config says otherwise.
-pub fn resolve_kind(p: Precision, device: Device) -> Kind {
-    match p {
-        Precision::Bf16 => Kind::BFloat16,
-        Precision::Fp32 => Kind::Float,
-        Precision::Auto if device.is_cuda() => Kind::BFloat16,
-        Precision::Auto => Kind::Float,
-    }
-}
 
 /// A dataset must hold what the model expects: latent shape, encoder tokens and
 /// width, class count. Input errors name `index.json` and the field.
@@ -84,11 +66,11 @@ pub struct StepStats {
 /// synchronised at every boundary, so the phases add up to the step but lose their
 /// overlap; off (no synchronisation) unless enabled.
 #[derive(Debug, Default)]
-pub struct Phases {
-    pub enabled: bool,
+struct Phases {
+    enabled: bool,
     last: Option<std::time::Instant>,
     /// (phase, total ms, times timed) in step order.
-    pub ms: Vec<(&'static str, f64, u32)>,
+    ms: Vec<(&'static str, f64, u32)>,
 }
 
 impl Phases {
@@ -117,48 +99,50 @@ impl Phases {
 
 /// Model, optimiser shard and data of one rank of a run.
 pub struct Trainer {
-    pub cfg: Config,
-    pub dims: SitDims,
-    pub device: Device,
-    pub kind: Kind,
-    pub model: SiT,
+    cfg: Config,
+    dims: SitDims,
+    device: Device,
+    kind: Kind,
+    model: SiT,
     /// Full working weights and gradients (every rank holds all of them).
-    pub params: Params,
+    params: Params,
     /// AdamW moments of this rank's shard only.
-    pub opt: AdamW,
+    opt: AdamW,
     /// EMA of this rank's shard only.
-    pub ema: Ema,
-    pub comm: Box<dyn Comm>,
+    ema: Ema,
+    comm: Box<dyn Comm>,
     source: Box<dyn BatchSource>,
     /// DINOv2 for `model.encoder: online`.
     online: Option<Dinov2>,
     /// Steps completed.
-    pub step: i64,
+    step: i64,
     /// Non-finite steps skipped so far, and how many in a row just now.
-    pub skipped: i64,
-    pub consecutive_skips: i64,
-    /// Test switch: make the loss non-finite at this (step, rank).
-    fault_nan: Option<(i64, i64)>,
+    skipped: i64,
+    consecutive_skips: i64,
+    faults: Faults,
     /// This rank's rows of the global batch: `[row_lo, row_lo + rows)`.
     row_lo: i64,
     rows: i64,
     /// This rank's slice of the flat buffers: `[shard_lo, shard_lo + shard_len)`.
-    pub shard_lo: i64,
-    pub shard_len: i64,
+    shard_lo: i64,
+    shard_len: i64,
     /// Reduced (averaged) gradients of the shard.
     shard_grad: Tensor,
     /// Elements per rank in one reduce-scatter bucket.
     bucket: i64,
-    pub phases: Phases,
+    phases: Phases,
 }
 
 impl Trainer {
-    /// A fresh run (weights from the seed) on the communicator's device.
-    pub fn new(cfg: Config, file: &str, comm: Box<dyn Comm>) -> Result<Self> {
-        let (rank, world, device) = (comm.rank(), comm.world(), comm.device());
-        let dims = cfg.model.dims(file)?;
-        let kind = resolve_kind(cfg.train.precision, device);
-        let rows = cfg.local_batch(world, file)?;
+    /// A fresh run (weights from the seed) on the launch's device. The caller has
+    /// checked that the global batch splits over the ranks (`Config::local_batch`).
+    pub fn new(cfg: Config, launch: Launch, faults: Faults) -> Result<Self> {
+        let Launch { device, comm } = launch;
+        let (rank, world) = (comm.rank(), comm.world());
+        let dims = cfg.dims();
+        let kind = cfg.train.precision.kind_on(device);
+        let rows = cfg.train.global_batch / world;
+        debug_assert_eq!(rows * world, cfg.train.global_batch, "Config::local_batch was not checked");
         // The encoder sees the image at the resolution that gives one token per patch.
         let online = match (cfg.model.encoder, &cfg.data.encoder_path) {
             (EncoderMode::Online, Some(p)) => {
@@ -207,10 +191,7 @@ impl Trainer {
             step: 0,
             skipped: 0,
             consecutive_skips: 0,
-            fault_nan: std::env::var("REG_DDP_TEST_NAN_AT").ok().and_then(|v| {
-                let (s, r) = v.split_once(':')?;
-                Some((s.parse().ok()?, r.parse().ok()?))
-            }),
+            faults,
             row_lo: rank * rows,
             rows,
             shard_lo,
@@ -219,6 +200,44 @@ impl Trainer {
             bucket,
             phases: Phases::default(),
         })
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The compute dtype (bf16 or f32).
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> i64 {
+        self.step
+    }
+
+    /// Parameters, the fixed position table included.
+    pub fn num_params(&self) -> i64 {
+        self.params.numel() + self.params.buffer_numel()
+    }
+
+    /// Times every phase of the following steps (synchronising the device at each boundary).
+    pub fn profile_phases(&mut self) {
+        self.phases.enabled = true;
+    }
+
+    /// Mean wall milliseconds per step of each phase timed since `profile_phases`, in step order.
+    pub fn phase_ms(&self) -> Vec<(&'static str, f64)> {
+        self.phases.ms.iter().map(|(n, ms, count)| (*n, ms / *count as f64)).collect()
+    }
+
+    /// How the model generates images with this run's path and precision.
+    pub fn sample_spec(&self, sampler: Sampler, seed: u64, labels: Labels) -> SampleSpec {
+        SampleSpec { sampler, path: self.cfg.loss.path, seed, labels, kind: self.kind }
     }
 
     pub fn rank(&self) -> i64 {
@@ -230,7 +249,7 @@ impl Trainer {
     }
 
     /// This rank's slice of the live weights.
-    pub fn shard(&self) -> Tensor {
+    fn shard(&self) -> Tensor {
         self.params.flat.narrow(0, self.shard_lo, self.shard_len)
     }
 
@@ -266,7 +285,7 @@ impl Trainer {
         let cls0 = feat.select(1, 0);
         let inputs = LossInputs { x0: &x0, feat: &feat, cls0: &cls0, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
         let mut terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
-        if self.fault_nan == Some((self.step, self.rank())) {
+        if self.faults.nan_at == Some((self.step, self.rank())) {
             terms.total = &terms.total * f64::NAN;
         }
         self.phases.mark(device, "forward");
@@ -313,12 +332,12 @@ impl Trainer {
     }
 
     /// Global samples consumed so far (the data position a checkpoint records).
-    pub fn samples_seen(&self) -> i64 {
+    fn samples_seen(&self) -> i64 {
         self.step * self.cfg.train.global_batch
     }
 
     /// Element-wise sum over ranks of a few host values (agreement at step boundaries).
-    pub fn agree(&self, values: &[f64]) -> Result<Vec<f64>> {
+    fn agree(&self, values: &[f64]) -> Result<Vec<f64>> {
         crate::dist::agree(self.comm.as_ref(), values)
     }
 
@@ -342,7 +361,7 @@ impl Trainer {
     }
 
     /// The full flat buffer of a per-rank shard (weights layout), on every rank.
-    pub fn gather(&self, shard: &Tensor) -> Result<Tensor> {
+    fn gather(&self, shard: &Tensor) -> Result<Tensor> {
         if self.world() == 1 {
             return Ok(shard.shallow_clone());
         }
@@ -353,7 +372,7 @@ impl Trainer {
 
     /// Runs `f` with the EMA weights in the model (gathered from all ranks; every rank
     /// must call this), then puts the live weights back.
-    pub fn with_ema_weights<R>(&mut self, f: impl FnOnce(&Trainer) -> R) -> Result<R> {
+    fn with_ema_weights<R>(&mut self, f: impl FnOnce(&Trainer) -> R) -> Result<R> {
         let ema = self.gather(&self.ema.shadow)?.copy();
         let _g = tch::no_grad_guard();
         let live = self.params.flat.copy();
@@ -364,7 +383,7 @@ impl Trainer {
     }
 
     /// Starts from weights saved under the REG names (EMA restarts as a copy).
-    pub fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
+    fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
         self.params.load_file(path)?;
         let _g = tch::no_grad_guard();
         self.ema.shadow.copy_(&self.shard());

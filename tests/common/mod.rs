@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests that drive the binary.
 #![allow(dead_code)]
 
-use reg::model::weights;
+use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -19,7 +19,7 @@
 //! reg-ddp import pt_inception-2015-12-05-6726825d.pth --out inception.safetensors
 //! ```
 
-use crate::model::weights::{self, Loader};
+use crate::formats::weights::{self, Loader};
 use anyhow::Result;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};

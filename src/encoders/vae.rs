@@ -2,7 +2,7 @@
 
 use crate::bail_input;
 use crate::error::bad_input;
-use crate::model::weights;
+use crate::formats::weights;
 use anyhow::Result;
 use serde_json::{Map, Value};
 use std::collections::HashMap;

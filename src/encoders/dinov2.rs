@@ -2,7 +2,7 @@
 
 use crate::bail_input;
 use crate::error::bad_input;
-use crate::model::weights::{self, Loader};
+use crate::formats::weights::{self, Loader};
 use anyhow::Result;
 use serde_json::Value;
 use std::path::Path;

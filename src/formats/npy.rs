@@ -1,9 +1,10 @@
 //! NumPy `.npy` arrays and `.npz` archives (what REG/EDM2 and the ADM evaluator use):
-//! little-endian u8, f32, f64 and i64 in C order.
+//! little-endian u8, f32, f64 and i64 in C order; and a streaming `.npz` writer of u8 images.
 
 use crate::error::bad_input;
+use anyhow::Context;
 use anyhow::Result;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -129,5 +130,48 @@ impl Backing {
             Backing::Mapped(m, r) => &m[r.clone()],
             Backing::Owned(v) => v,
         }
+    }
+}
+
+/// Writes one u8 array `arr_0` of a known shape into an `.npz`, row by row, so that
+/// 50K images never sit in memory at once. Stored (uncompressed, zip64), as `np.savez`
+/// writes it and as `NpzArray` maps it; written under a temporary name and renamed on
+/// `finish`, so a killed writer leaves no half archive.
+pub struct NpzWriter {
+    zip: zip::ZipWriter<std::io::BufWriter<std::fs::File>>,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl NpzWriter {
+    pub fn create(path: &Path, shape: &[u64]) -> Result<NpzWriter> {
+        let tmp = path.with_extension("npz.tmp");
+        let f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(f));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).large_file(true);
+        zip.start_file("arr_0.npy", opts)?;
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        let mut header = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({}), }}", dims.join(", "));
+        // Version 1.0 header: magic, version, u16 length; data aligned to 64 bytes.
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        zip.write_all(b"\x93NUMPY\x01\x00")?;
+        zip.write_all(&(header.len() as u16).to_le_bytes())?;
+        zip.write_all(header.as_bytes())?;
+        Ok(NpzWriter { zip, tmp, path: path.to_path_buf() })
+    }
+
+    /// Appends the next rows' bytes, in C order.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        Ok(self.zip.write_all(bytes)?)
+    }
+
+    /// Completes the archive and moves it into place.
+    pub fn finish(self) -> Result<()> {
+        self.zip.finish()?.flush()?;
+        std::fs::rename(&self.tmp, &self.path).with_context(|| format!("{}: cannot rename into place", self.path.display()))?;
+        Ok(())
     }
 }
