@@ -1,4 +1,4 @@
-//! reg-ddp: train, bench (and later prepare, sample, eval) SiT + REG from one binary.
+//! reg-ddp: prepare data, train, sample, score and benchmark SiT + REG from one binary.
 
 mod cmd;
 

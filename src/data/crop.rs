@@ -275,6 +275,8 @@ mod avx2 {
 
     use super::{Coeffs, View, HALF, PRECISION_BITS};
 
+    /// # Safety
+    /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn vertical(src: &View, cols: Range<usize>, c: &Coeffs) -> Vec<u8> {
         super::vertical_body(src, cols, c)
@@ -286,6 +288,9 @@ mod avx2 {
     /// channel. The compiler does not find this itself (it scalarises the unused X
     /// lane). An odd tap count gets one zero tap, which may read the zero pixel
     /// appended to the row.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn horizontal(src: &View, rows: Range<usize>, c: &Coeffs, out: &mut [u8]) {
         // A constant pair count unrolls the tap loop.

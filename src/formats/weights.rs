@@ -1,4 +1,5 @@
-//! Safetensors I/O: the only weight format we read or write. Errors name the file and tensor.
+//! Safetensors I/O, the only weight format we write or trust (pickles go through the
+//! restricted `torchfile` reader). Errors name the file and tensor.
 
 use crate::bail_input;
 use crate::error::bad_input;

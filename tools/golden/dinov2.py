@@ -1,4 +1,4 @@
-"""Golden outputs for src/model/dinov2.rs (checked by tests/dinov2.rs).
+"""Golden outputs for src/encoders/dinov2.rs (checked by tests/dinov2.rs).
 
 Builds a tiny random transformers `Dinov2Model` (hidden 32, 2 layers, 2 heads, patch 14,
 image_size 518 so its position table is 37x37 like facebook/dinov2-base), saves it with

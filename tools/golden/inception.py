@@ -1,4 +1,4 @@
-"""Golden outputs for src/model/inception.rs (checked by tests/inception.rs).
+"""Golden outputs for src/encoders/inception.rs (checked by tests/inception.rs).
 
 Builds pytorch-fid's FID Inception-v3 (`pytorch_fid.inception.InceptionV3([3], resize_input=True,
 normalize_input=True)`, i.e. `fid_inception_v3()`: torchvision's Inception3 with 1008 classes and

@@ -1,4 +1,4 @@
-"""Golden vectors for the VAE (src/model/vae.rs) from diffusers' own AutoencoderKL.
+"""Golden vectors for the VAE (src/encoders/vae.rs) from diffusers' own AutoencoderKL.
 
 Builds a tiny random AutoencoderKL (four blocks, so it is a true f8 like the
 Stable Diffusion VAE, with channel changes so the shortcut convs are exercised),
