@@ -206,18 +206,9 @@ impl Trainer {
         &self.cfg
     }
 
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
     /// The compute dtype (bf16 or f32).
     pub fn kind(&self) -> Kind {
         self.kind
-    }
-
-    /// Steps completed.
-    pub fn step(&self) -> i64 {
-        self.step
     }
 
     /// Parameters, the fixed position table included.
