@@ -1,8 +1,8 @@
 //! DINOv2 ViT/14 encoder in the layout of transformers' `Dinov2Model` (`facebook/dinov2-*`), frozen.
 
 use crate::bail_input;
+use crate::encoders::layers::{Conv2d, LayerNorm, Linear, Loader};
 use crate::error::bad_input;
-use crate::formats::weights::{self, Loader};
 use anyhow::Result;
 use serde_json::Value;
 use std::path::Path;
@@ -147,69 +147,22 @@ impl Dinov2Config {
     }
 }
 
-impl Loader {
-    fn linear(&mut self, name: &str, d_in: i64, d_out: i64, bias: bool) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.get(&format!("{name}.weight"), &[d_out, d_in])?,
-            bias: if bias { Some(self.get(&format!("{name}.bias"), &[d_out])?) } else { None },
-        })
-    }
-
-    fn layer_norm(&mut self, name: &str, dim: i64, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm { weight: self.get(&format!("{name}.weight"), &[dim])?, bias: self.get(&format!("{name}.bias"), &[dim])?, eps })
-    }
-}
-
-/// `nn.Linear`. weight: [out, in], bias: [out]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// Computes in the dtype of `x`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        x.linear(&self.weight.to_kind(k), self.bias.as_ref().map(|b| b.to_kind(k)))
-    }
-}
-
-/// `nn.LayerNorm(D)` with the config's eps.
-pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        let d = *x.size().last().expect("LayerNorm input has a last dimension");
-        x.layer_norm([d], Some(self.weight.to_kind(k)), Some(self.bias.to_kind(k)), self.eps, true)
-    }
-}
-
 /// `embeddings`: patch projection, class token, position table (already at the run's grid).
 pub struct Embeddings {
     /// [1, 1, D]
     pub cls_token: Tensor,
     /// The table resampled to `input_size / patch`, class row first. [1, 1 + T, D] f32
     pub position_embeddings: Tensor,
-    /// `patch_embeddings.projection.weight` [D, 3, p, p]
-    pub projection_weight: Tensor,
-    /// `patch_embeddings.projection.bias` [D]
-    pub projection_bias: Tensor,
-    patch: i64,
+    /// `patch_embeddings.projection`: p x p, stride p.
+    pub projection: Conv2d,
 }
 
 impl Embeddings {
     /// x: [N, 3, H, W] -> [N, 1 + T, D] in x's dtype
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
-        let p = self.patch;
         let n = x.size()[0];
-        let w = self.projection_weight.to_kind(k);
-        let patches = x.conv2d(&w, Some(self.projection_bias.to_kind(k)), [p, p], [0, 0], [1, 1], 1).flatten(2, -1).transpose(1, 2);
+        let patches = self.projection.forward(x).flatten(2, -1).transpose(1, 2);
         let cls = self.cls_token.to_kind(k).expand([n, 1, -1], false);
         Tensor::cat(&[cls, patches], 1) + self.position_embeddings.to_kind(k)
     }
@@ -272,30 +225,30 @@ impl Layer {
         let (d, eps) = (c.hidden_size, c.layer_norm_eps);
         let a = format!("{name}.attention");
         let attention = Attention {
-            query: ld.linear(&format!("{a}.attention.query"), d, d, c.qkv_bias)?,
-            key: ld.linear(&format!("{a}.attention.key"), d, d, c.qkv_bias)?,
-            value: ld.linear(&format!("{a}.attention.value"), d, d, c.qkv_bias)?,
-            output_dense: ld.linear(&format!("{a}.output.dense"), d, d, true)?,
+            query: Linear::load(ld, &format!("{a}.attention.query"), d, d, c.qkv_bias)?,
+            key: Linear::load(ld, &format!("{a}.attention.key"), d, d, c.qkv_bias)?,
+            value: Linear::load(ld, &format!("{a}.attention.value"), d, d, c.qkv_bias)?,
+            output_dense: Linear::load(ld, &format!("{a}.output.dense"), d, d, true)?,
             heads: c.num_attention_heads,
         };
         let h = c.mlp_hidden();
         let mlp = if c.use_swiglu_ffn {
             Mlp::SwiGlu {
-                weights_in: ld.linear(&format!("{name}.mlp.weights_in"), d, 2 * h, true)?,
-                weights_out: ld.linear(&format!("{name}.mlp.weights_out"), h, d, true)?,
+                weights_in: Linear::load(ld, &format!("{name}.mlp.weights_in"), d, 2 * h, true)?,
+                weights_out: Linear::load(ld, &format!("{name}.mlp.weights_out"), h, d, true)?,
             }
         } else {
             Mlp::Plain {
-                fc1: ld.linear(&format!("{name}.mlp.fc1"), d, h, true)?,
-                fc2: ld.linear(&format!("{name}.mlp.fc2"), h, d, true)?,
+                fc1: Linear::load(ld, &format!("{name}.mlp.fc1"), d, h, true)?,
+                fc2: Linear::load(ld, &format!("{name}.mlp.fc2"), h, d, true)?,
                 act: c.hidden_act,
             }
         };
         Ok(Layer {
-            norm1: ld.layer_norm(&format!("{name}.norm1"), d, eps)?,
+            norm1: LayerNorm::load(ld, &format!("{name}.norm1"), d, eps)?,
             attention,
             layer_scale1: ld.get(&format!("{name}.layer_scale1.lambda1"), &[d])?,
-            norm2: ld.layer_norm(&format!("{name}.norm2"), d, eps)?,
+            norm2: LayerNorm::load(ld, &format!("{name}.norm2"), d, eps)?,
             mlp,
             layer_scale2: ld.get(&format!("{name}.layer_scale2.lambda1"), &[d])?,
         })
@@ -351,21 +304,17 @@ impl Dinov2 {
         if input_size <= 0 || input_size % p != 0 {
             bail_input!("{cfg_file}: input size {input_size} is not a positive multiple of patch_size {p}");
         }
-        let st_path = dir.join("model.safetensors");
-        let map = weights::read_map(&st_path)?;
-        let mut ld = Loader { map, file: st_path.display().to_string(), device };
+        let mut ld = Loader::open(&dir.join("model.safetensors"), device)?;
         let d = config.hidden_size;
         let g0 = config.image_size / p;
         let table = ld.get("embeddings.position_embeddings", &[1, 1 + g0 * g0, d])?;
         let embeddings = Embeddings {
             cls_token: ld.get("embeddings.cls_token", &[1, 1, d])?,
             position_embeddings: resample_pos_embed(&table, input_size / p),
-            projection_weight: ld.get("embeddings.patch_embeddings.projection.weight", &[d, config.num_channels, p, p])?,
-            projection_bias: ld.get("embeddings.patch_embeddings.projection.bias", &[d])?,
-            patch: p,
+            projection: Conv2d::load(&mut ld, "embeddings.patch_embeddings.projection", config.num_channels, d, [p, p], true)?.stride(p),
         };
         let layers = (0..config.num_hidden_layers).map(|i| Layer::load(&mut ld, i, &config)).collect::<Result<_>>()?;
-        let layernorm = ld.layer_norm("layernorm", d, config.layer_norm_eps)?;
+        let layernorm = LayerNorm::load(&mut ld, "layernorm", d, config.layer_norm_eps)?;
         // Tensors left over (mask_token, pooler heads) are not used by the forward pass.
         Ok(Dinov2 { config, embeddings, layers, layernorm, input_size, device })
     }

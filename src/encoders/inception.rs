@@ -19,7 +19,7 @@
 //! reg-ddp import pt_inception-2015-12-05-6726825d.pth --out inception.safetensors
 //! ```
 
-use crate::formats::weights::{self, Loader};
+use crate::encoders::layers::{Conv2d, Linear, Loader};
 use anyhow::Result;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -38,18 +38,6 @@ pub const SPATIAL_DIM: i64 = 17 * 17 * SPATIAL_CHANNELS;
 /// BatchNorm eps of `BasicConv2d`.
 const BN_EPS: f64 = 0.001;
 
-impl Loader {
-    /// `{name}.conv.weight` [c_out, c_in, kh, kw] and `{name}.bn.*` [c_out].
-    fn conv(&mut self, name: &str, c_in: i64, c_out: i64, kernel: [i64; 2], stride: i64, padding: [i64; 2]) -> Result<BasicConv2d> {
-        let conv_weight = self.get(&format!("{name}.conv.weight"), &[c_out, c_in, kernel[0], kernel[1]])?;
-        let mut bn = |p: &str| self.get(&format!("{name}.bn.{p}"), &[c_out]);
-        let bn = BatchNorm { weight: bn("weight")?, bias: bn("bias")?, running_mean: bn("running_mean")?, running_var: bn("running_var")? };
-        let scale = &bn.weight / (&bn.running_var + BN_EPS).sqrt();
-        let shift = &bn.bias - &bn.running_mean * &scale;
-        Ok(BasicConv2d { conv_weight, bn, scale: scale.reshape([1, c_out, 1, 1]), shift: shift.reshape([1, c_out, 1, 1]), stride, padding })
-    }
-}
-
 /// `nn.BatchNorm2d(C, eps=0.001)` in eval mode. All [C] f32.
 pub struct BatchNorm {
     pub weight: Tensor,
@@ -60,23 +48,29 @@ pub struct BatchNorm {
 
 /// `BasicConv2d`: `conv` (no bias) -> `bn` -> ReLU.
 pub struct BasicConv2d {
-    /// `conv.weight` [C_out, C_in, kh, kw]
-    pub conv_weight: Tensor,
+    pub conv: Conv2d,
     pub bn: BatchNorm,
     /// `bn.weight / sqrt(running_var + eps)` [1, C_out, 1, 1] f32
     scale: Tensor,
     /// `bn.bias - running_mean * scale` [1, C_out, 1, 1] f32
     shift: Tensor,
-    stride: i64,
-    padding: [i64; 2],
 }
 
 impl BasicConv2d {
+    /// `{name}.conv.weight` [c_out, c_in, kh, kw] and `{name}.bn.*` [c_out].
+    fn load(ld: &mut Loader, name: &str, c_in: i64, c_out: i64, kernel: [i64; 2], stride: i64, padding: [i64; 2]) -> Result<Self> {
+        let conv = Conv2d::load(ld, &format!("{name}.conv"), c_in, c_out, kernel, false)?.stride(stride).padding(padding);
+        let mut bn = |p: &str| ld.get(&format!("{name}.bn.{p}"), &[c_out]);
+        let bn = BatchNorm { weight: bn("weight")?, bias: bn("bias")?, running_mean: bn("running_mean")?, running_var: bn("running_var")? };
+        let scale = &bn.weight / (&bn.running_var + BN_EPS).sqrt();
+        let shift = &bn.bias - &bn.running_mean * &scale;
+        Ok(BasicConv2d { conv, bn, scale: scale.reshape([1, c_out, 1, 1]), shift: shift.reshape([1, c_out, 1, 1]) })
+    }
+
     /// [N, C_in, H, W] -> [N, C_out, H', W'] in x's dtype.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
-        let y = x.conv2d(&self.conv_weight.to_kind(k), None::<Tensor>, [self.stride, self.stride], self.padding, [1, 1], 1);
-        (y * self.scale.to_kind(k) + self.shift.to_kind(k)).relu()
+        (self.conv.forward(x) * self.scale.to_kind(k) + self.shift.to_kind(k)).relu()
     }
 }
 
@@ -105,13 +99,13 @@ impl InceptionA {
     fn load(ld: &mut Loader, name: &str, c: i64, pool_features: i64) -> Result<Self> {
         let n = |b: &str| format!("{name}.{b}");
         Ok(InceptionA {
-            branch1x1: ld.conv(&n("branch1x1"), c, 64, [1, 1], 1, [0, 0])?,
-            branch5x5_1: ld.conv(&n("branch5x5_1"), c, 48, [1, 1], 1, [0, 0])?,
-            branch5x5_2: ld.conv(&n("branch5x5_2"), 48, 64, [5, 5], 1, [2, 2])?,
-            branch3x3dbl_1: ld.conv(&n("branch3x3dbl_1"), c, 64, [1, 1], 1, [0, 0])?,
-            branch3x3dbl_2: ld.conv(&n("branch3x3dbl_2"), 64, 96, [3, 3], 1, [1, 1])?,
-            branch3x3dbl_3: ld.conv(&n("branch3x3dbl_3"), 96, 96, [3, 3], 1, [1, 1])?,
-            branch_pool: ld.conv(&n("branch_pool"), c, pool_features, [1, 1], 1, [0, 0])?,
+            branch1x1: BasicConv2d::load(ld, &n("branch1x1"), c, 64, [1, 1], 1, [0, 0])?,
+            branch5x5_1: BasicConv2d::load(ld, &n("branch5x5_1"), c, 48, [1, 1], 1, [0, 0])?,
+            branch5x5_2: BasicConv2d::load(ld, &n("branch5x5_2"), 48, 64, [5, 5], 1, [2, 2])?,
+            branch3x3dbl_1: BasicConv2d::load(ld, &n("branch3x3dbl_1"), c, 64, [1, 1], 1, [0, 0])?,
+            branch3x3dbl_2: BasicConv2d::load(ld, &n("branch3x3dbl_2"), 64, 96, [3, 3], 1, [1, 1])?,
+            branch3x3dbl_3: BasicConv2d::load(ld, &n("branch3x3dbl_3"), 96, 96, [3, 3], 1, [1, 1])?,
+            branch_pool: BasicConv2d::load(ld, &n("branch_pool"), c, pool_features, [1, 1], 1, [0, 0])?,
         })
     }
 
@@ -136,10 +130,10 @@ impl InceptionB {
     fn load(ld: &mut Loader, name: &str, c: i64) -> Result<Self> {
         let n = |b: &str| format!("{name}.{b}");
         Ok(InceptionB {
-            branch3x3: ld.conv(&n("branch3x3"), c, 384, [3, 3], 2, [0, 0])?,
-            branch3x3dbl_1: ld.conv(&n("branch3x3dbl_1"), c, 64, [1, 1], 1, [0, 0])?,
-            branch3x3dbl_2: ld.conv(&n("branch3x3dbl_2"), 64, 96, [3, 3], 1, [1, 1])?,
-            branch3x3dbl_3: ld.conv(&n("branch3x3dbl_3"), 96, 96, [3, 3], 2, [0, 0])?,
+            branch3x3: BasicConv2d::load(ld, &n("branch3x3"), c, 384, [3, 3], 2, [0, 0])?,
+            branch3x3dbl_1: BasicConv2d::load(ld, &n("branch3x3dbl_1"), c, 64, [1, 1], 1, [0, 0])?,
+            branch3x3dbl_2: BasicConv2d::load(ld, &n("branch3x3dbl_2"), 64, 96, [3, 3], 1, [1, 1])?,
+            branch3x3dbl_3: BasicConv2d::load(ld, &n("branch3x3dbl_3"), 96, 96, [3, 3], 2, [0, 0])?,
         })
     }
 
@@ -169,16 +163,16 @@ impl InceptionC {
         let n = |b: &str| format!("{name}.{b}");
         let (row, col) = (([1, 7], [0, 3]), ([7, 1], [3, 0]));
         Ok(InceptionC {
-            branch1x1: ld.conv(&n("branch1x1"), c, 192, [1, 1], 1, [0, 0])?,
-            branch7x7_1: ld.conv(&n("branch7x7_1"), c, c7, [1, 1], 1, [0, 0])?,
-            branch7x7_2: ld.conv(&n("branch7x7_2"), c7, c7, row.0, 1, row.1)?,
-            branch7x7_3: ld.conv(&n("branch7x7_3"), c7, 192, col.0, 1, col.1)?,
-            branch7x7dbl_1: ld.conv(&n("branch7x7dbl_1"), c, c7, [1, 1], 1, [0, 0])?,
-            branch7x7dbl_2: ld.conv(&n("branch7x7dbl_2"), c7, c7, col.0, 1, col.1)?,
-            branch7x7dbl_3: ld.conv(&n("branch7x7dbl_3"), c7, c7, row.0, 1, row.1)?,
-            branch7x7dbl_4: ld.conv(&n("branch7x7dbl_4"), c7, c7, col.0, 1, col.1)?,
-            branch7x7dbl_5: ld.conv(&n("branch7x7dbl_5"), c7, 192, row.0, 1, row.1)?,
-            branch_pool: ld.conv(&n("branch_pool"), c, 192, [1, 1], 1, [0, 0])?,
+            branch1x1: BasicConv2d::load(ld, &n("branch1x1"), c, 192, [1, 1], 1, [0, 0])?,
+            branch7x7_1: BasicConv2d::load(ld, &n("branch7x7_1"), c, c7, [1, 1], 1, [0, 0])?,
+            branch7x7_2: BasicConv2d::load(ld, &n("branch7x7_2"), c7, c7, row.0, 1, row.1)?,
+            branch7x7_3: BasicConv2d::load(ld, &n("branch7x7_3"), c7, 192, col.0, 1, col.1)?,
+            branch7x7dbl_1: BasicConv2d::load(ld, &n("branch7x7dbl_1"), c, c7, [1, 1], 1, [0, 0])?,
+            branch7x7dbl_2: BasicConv2d::load(ld, &n("branch7x7dbl_2"), c7, c7, col.0, 1, col.1)?,
+            branch7x7dbl_3: BasicConv2d::load(ld, &n("branch7x7dbl_3"), c7, c7, row.0, 1, row.1)?,
+            branch7x7dbl_4: BasicConv2d::load(ld, &n("branch7x7dbl_4"), c7, c7, col.0, 1, col.1)?,
+            branch7x7dbl_5: BasicConv2d::load(ld, &n("branch7x7dbl_5"), c7, 192, row.0, 1, row.1)?,
+            branch_pool: BasicConv2d::load(ld, &n("branch_pool"), c, 192, [1, 1], 1, [0, 0])?,
         })
     }
 
@@ -208,12 +202,12 @@ impl InceptionD {
     fn load(ld: &mut Loader, name: &str, c: i64) -> Result<Self> {
         let n = |b: &str| format!("{name}.{b}");
         Ok(InceptionD {
-            branch3x3_1: ld.conv(&n("branch3x3_1"), c, 192, [1, 1], 1, [0, 0])?,
-            branch3x3_2: ld.conv(&n("branch3x3_2"), 192, 320, [3, 3], 2, [0, 0])?,
-            branch7x7x3_1: ld.conv(&n("branch7x7x3_1"), c, 192, [1, 1], 1, [0, 0])?,
-            branch7x7x3_2: ld.conv(&n("branch7x7x3_2"), 192, 192, [1, 7], 1, [0, 3])?,
-            branch7x7x3_3: ld.conv(&n("branch7x7x3_3"), 192, 192, [7, 1], 1, [3, 0])?,
-            branch7x7x3_4: ld.conv(&n("branch7x7x3_4"), 192, 192, [3, 3], 2, [0, 0])?,
+            branch3x3_1: BasicConv2d::load(ld, &n("branch3x3_1"), c, 192, [1, 1], 1, [0, 0])?,
+            branch3x3_2: BasicConv2d::load(ld, &n("branch3x3_2"), 192, 320, [3, 3], 2, [0, 0])?,
+            branch7x7x3_1: BasicConv2d::load(ld, &n("branch7x7x3_1"), c, 192, [1, 1], 1, [0, 0])?,
+            branch7x7x3_2: BasicConv2d::load(ld, &n("branch7x7x3_2"), 192, 192, [1, 7], 1, [0, 3])?,
+            branch7x7x3_3: BasicConv2d::load(ld, &n("branch7x7x3_3"), 192, 192, [7, 1], 1, [3, 0])?,
+            branch7x7x3_4: BasicConv2d::load(ld, &n("branch7x7x3_4"), 192, 192, [3, 3], 2, [0, 0])?,
         })
     }
 
@@ -254,15 +248,15 @@ impl InceptionE {
     fn load(ld: &mut Loader, name: &str, c: i64, pool: EPool) -> Result<Self> {
         let n = |b: &str| format!("{name}.{b}");
         Ok(InceptionE {
-            branch1x1: ld.conv(&n("branch1x1"), c, 320, [1, 1], 1, [0, 0])?,
-            branch3x3_1: ld.conv(&n("branch3x3_1"), c, 384, [1, 1], 1, [0, 0])?,
-            branch3x3_2a: ld.conv(&n("branch3x3_2a"), 384, 384, [1, 3], 1, [0, 1])?,
-            branch3x3_2b: ld.conv(&n("branch3x3_2b"), 384, 384, [3, 1], 1, [1, 0])?,
-            branch3x3dbl_1: ld.conv(&n("branch3x3dbl_1"), c, 448, [1, 1], 1, [0, 0])?,
-            branch3x3dbl_2: ld.conv(&n("branch3x3dbl_2"), 448, 384, [3, 3], 1, [1, 1])?,
-            branch3x3dbl_3a: ld.conv(&n("branch3x3dbl_3a"), 384, 384, [1, 3], 1, [0, 1])?,
-            branch3x3dbl_3b: ld.conv(&n("branch3x3dbl_3b"), 384, 384, [3, 1], 1, [1, 0])?,
-            branch_pool: ld.conv(&n("branch_pool"), c, 192, [1, 1], 1, [0, 0])?,
+            branch1x1: BasicConv2d::load(ld, &n("branch1x1"), c, 320, [1, 1], 1, [0, 0])?,
+            branch3x3_1: BasicConv2d::load(ld, &n("branch3x3_1"), c, 384, [1, 1], 1, [0, 0])?,
+            branch3x3_2a: BasicConv2d::load(ld, &n("branch3x3_2a"), 384, 384, [1, 3], 1, [0, 1])?,
+            branch3x3_2b: BasicConv2d::load(ld, &n("branch3x3_2b"), 384, 384, [3, 1], 1, [1, 0])?,
+            branch3x3dbl_1: BasicConv2d::load(ld, &n("branch3x3dbl_1"), c, 448, [1, 1], 1, [0, 0])?,
+            branch3x3dbl_2: BasicConv2d::load(ld, &n("branch3x3dbl_2"), 448, 384, [3, 3], 1, [1, 1])?,
+            branch3x3dbl_3a: BasicConv2d::load(ld, &n("branch3x3dbl_3a"), 384, 384, [1, 3], 1, [0, 1])?,
+            branch3x3dbl_3b: BasicConv2d::load(ld, &n("branch3x3dbl_3b"), 384, 384, [3, 1], 1, [1, 0])?,
+            branch_pool: BasicConv2d::load(ld, &n("branch_pool"), c, 192, [1, 1], 1, [0, 0])?,
             pool,
         })
     }
@@ -316,24 +310,21 @@ pub struct Inception {
     pub mixed_7a: InceptionD,
     pub mixed_7b: InceptionE,
     pub mixed_7c: InceptionE,
-    /// `fc.weight` [1008, 2048] f32
-    pub fc_weight: Tensor,
-    /// `fc.bias` [1008] f32
-    pub fc_bias: Tensor,
+    /// `fc`: 2048 -> 1008
+    pub fc: Linear,
     device: Device,
 }
 
 impl Inception {
     /// Loads a safetensors file with pytorch-fid's parameter names onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Inception> {
-        let map = weights::read_map(path)?;
-        let ld = &mut Loader { map, file: path.display().to_string(), device };
+        let ld = &mut Loader::open(path, device)?;
         let model = Inception {
-            conv2d_1a_3x3: ld.conv("Conv2d_1a_3x3", 3, 32, [3, 3], 2, [0, 0])?,
-            conv2d_2a_3x3: ld.conv("Conv2d_2a_3x3", 32, 32, [3, 3], 1, [0, 0])?,
-            conv2d_2b_3x3: ld.conv("Conv2d_2b_3x3", 32, 64, [3, 3], 1, [1, 1])?,
-            conv2d_3b_1x1: ld.conv("Conv2d_3b_1x1", 64, 80, [1, 1], 1, [0, 0])?,
-            conv2d_4a_3x3: ld.conv("Conv2d_4a_3x3", 80, 192, [3, 3], 1, [0, 0])?,
+            conv2d_1a_3x3: BasicConv2d::load(ld, "Conv2d_1a_3x3", 3, 32, [3, 3], 2, [0, 0])?,
+            conv2d_2a_3x3: BasicConv2d::load(ld, "Conv2d_2a_3x3", 32, 32, [3, 3], 1, [0, 0])?,
+            conv2d_2b_3x3: BasicConv2d::load(ld, "Conv2d_2b_3x3", 32, 64, [3, 3], 1, [1, 1])?,
+            conv2d_3b_1x1: BasicConv2d::load(ld, "Conv2d_3b_1x1", 64, 80, [1, 1], 1, [0, 0])?,
+            conv2d_4a_3x3: BasicConv2d::load(ld, "Conv2d_4a_3x3", 80, 192, [3, 3], 1, [0, 0])?,
             mixed_5b: InceptionA::load(ld, "Mixed_5b", 192, 32)?,
             mixed_5c: InceptionA::load(ld, "Mixed_5c", 256, 64)?,
             mixed_5d: InceptionA::load(ld, "Mixed_5d", 288, 64)?,
@@ -345,8 +336,7 @@ impl Inception {
             mixed_7a: InceptionD::load(ld, "Mixed_7a", 768)?,
             mixed_7b: InceptionE::load(ld, "Mixed_7b", 1280, EPool::Avg)?,
             mixed_7c: InceptionE::load(ld, "Mixed_7c", 2048, EPool::Max)?,
-            fc_weight: ld.get("fc.weight", &[NUM_CLASSES, POOL_DIM])?,
-            fc_bias: ld.get("fc.bias", &[NUM_CLASSES])?,
+            fc: Linear::load(ld, "fc", POOL_DIM, NUM_CLASSES, true)?,
             device,
         };
         // Left over: BatchNorm's num_batches_tracked (and an aux head, if a torchvision file):
@@ -380,7 +370,7 @@ impl Inception {
             let x = self.mixed_6e.forward(&x);
             let x = self.mixed_7c.forward(&self.mixed_7b.forward(&self.mixed_7a.forward(&x)));
             let pool = x.adaptive_avg_pool2d([1, 1]).flatten(1, -1).to_kind(Kind::Float);
-            let probs = pool.linear(&self.fc_weight, Some(&self.fc_bias)).softmax(-1, Kind::Float);
+            let probs = self.fc.forward(&pool).softmax(-1, Kind::Float);
             InceptionOutput { pool, spatial, probs }
         })
     }

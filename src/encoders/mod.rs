@@ -3,4 +3,5 @@
 
 pub mod dinov2;
 pub mod inception;
+pub mod layers;
 pub mod vae;

@@ -1,11 +1,10 @@
 //! Stable Diffusion KL-f8 VAE (diffusers `AutoencoderKL`): names and layout mirror its safetensors keys.
 
 use crate::bail_input;
+use crate::encoders::layers::{Conv2d, GroupNorm, Linear, Loader};
 use crate::error::bad_input;
-use crate::formats::weights;
 use anyhow::Result;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -176,128 +175,26 @@ fn rename_legacy(name: &str) -> String {
     name.to_string()
 }
 
-/// Hands out the tensors of one weights file by name, checking shapes, and notices leftovers.
-struct Loader {
-    file: String,
-    tensors: HashMap<String, Tensor>,
-    device: Device,
+/// A VAE conv (each has a bias): `k`x`k`, the same stride and padding along H and W.
+fn conv(w: &mut Loader, name: &str, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> Result<Conv2d> {
+    Ok(Conv2d::load(w, name, c_in, c_out, [k, k], true)?.stride(stride).padding([padding, padding]))
 }
 
-impl Loader {
-    fn new(path: &Path, device: Device) -> Result<Loader> {
-        let file = path.display().to_string();
-        let mut tensors = HashMap::new();
-        for (name, t) in weights::read(path)? {
-            let new = rename_legacy(&name);
-            if tensors.insert(new.clone(), t).is_some() {
-                bail_input!("{file}: tensor {new} is stored twice (under its old and its new name)");
-            }
-        }
-        Ok(Loader { file, tensors, device })
-    }
-
-    /// The tensor `name` as f32 on the device; it must have exactly `shape`.
-    fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let file = &self.file;
-        let Some(t) = self.tensors.remove(name) else { bail_input!("{file}: tensor {name} is missing") };
-        if !t.is_floating_point() {
-            bail_input!("{file}: tensor {name}: dtype {:?}, expected a floating-point type", t.kind());
-        }
-        if t.size() != shape {
-            bail_input!("{file}: tensor {name}: shape {:?}, expected {shape:?}", t.size());
-        }
-        Ok(t.to_kind(Kind::Float).to_device(self.device))
-    }
-
-    /// Every tensor must have been used: a leftover means config.json describes another
-    /// network than the one stored (say a different layers_per_block), which would
-    /// otherwise run with silently missing layers.
-    fn finish(self) -> Result<()> {
-        let mut left: Vec<&String> = self.tensors.keys().collect();
-        left.sort();
-        if let Some(name) = left.first() {
-            bail_input!("{}: tensor {name} is not part of the VAE that config.json describes ({} such tensors)", self.file, left.len());
-        }
-        Ok(())
-    }
+/// 3x3, stride 1, same padding.
+fn conv3(w: &mut Loader, name: &str, c_in: i64, c_out: i64) -> Result<Conv2d> {
+    conv(w, name, c_in, c_out, 3, 1, 1)
 }
 
-/// `nn.Conv2d` with bias (every VAE convolution has one).
-pub struct Conv2d {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    stride: i64,
-    padding: i64,
+/// A VAE norm: affine, eps 1e-6.
+fn norm(w: &mut Loader, name: &str, channels: i64, groups: i64) -> Result<GroupNorm> {
+    GroupNorm::load(w, name, channels, groups, EPS)
 }
 
-impl Conv2d {
-    fn load(w: &mut Loader, name: &str, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64) -> Result<Self> {
-        Ok(Conv2d {
-            weight: w.take(&format!("{name}.weight"), &[c_out, c_in, k, k])?,
-            bias: w.take(&format!("{name}.bias"), &[c_out])?,
-            stride,
-            padding,
-        })
-    }
-
-    /// 3x3, stride 1, same padding.
-    fn load3(w: &mut Loader, name: &str, c_in: i64, c_out: i64) -> Result<Self> {
-        Self::load(w, name, c_in, c_out, 3, 1, 1)
-    }
-
-    /// x: [N, C_in, H, W] -> [N, C_out, H', W'], in the dtype of `x`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        let (s, p) = (self.stride, self.padding);
-        x.conv2d(&self.weight.to_kind(k), Some(self.bias.to_kind(k)), [s, s], [p, p], [1, 1], 1)
-    }
-}
-
-/// `nn.Linear` (the mid-block attention projections).
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Tensor,
-}
-
-impl Linear {
-    fn load(w: &mut Loader, name: &str, c_in: i64, c_out: i64) -> Result<Self> {
-        let wname = format!("{name}.weight");
-        // The original LDM layout stores these as 1x1 convolutions; the numbers are the same.
-        if w.tensors.get(&wname).is_some_and(|t| t.size() == [c_out, c_in, 1, 1]) {
-            let t = w.tensors.remove(&wname).expect("just seen");
-            w.tensors.insert(wname.clone(), t.reshape([c_out, c_in]));
-        }
-        Ok(Linear { weight: w.take(&wname, &[c_out, c_in])?, bias: w.take(&format!("{name}.bias"), &[c_out])? })
-    }
-
-    /// x: [..., C_in] -> [..., C_out]
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        x.linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
-    }
-}
-
-/// `nn.GroupNorm(groups, C, eps=1e-6)` with affine parameters.
-pub struct GroupNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    groups: i64,
-}
-
-impl GroupNorm {
-    fn load(w: &mut Loader, name: &str, channels: i64, groups: i64) -> Result<Self> {
-        Ok(GroupNorm {
-            weight: w.take(&format!("{name}.weight"), &[channels])?,
-            bias: w.take(&format!("{name}.bias"), &[channels])?,
-            groups,
-        })
-    }
-
-    /// x: [N, C, ...]
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        x.group_norm(self.groups, Some(self.weight.to_kind(k)), Some(self.bias.to_kind(k)), EPS, true)
-    }
+/// A mid-block attention projection, `c` -> `c` with bias.
+fn proj(w: &mut Loader, name: &str, c: i64) -> Result<Linear> {
+    // The original LDM layout stores these as 1x1 convolutions; the numbers are the same.
+    let weight = w.get_or_reshape(&format!("{name}.weight"), &[c, c], &[c, c, 1, 1])?;
+    Ok(Linear { weight, bias: Some(w.get(&format!("{name}.bias"), &[c])?) })
 }
 
 /// diffusers `ResnetBlock2D` without time embedding: norm, SiLU, conv, twice, plus a
@@ -313,15 +210,11 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     fn load(w: &mut Loader, name: &str, c_in: i64, c_out: i64, groups: i64) -> Result<Self> {
         Ok(ResnetBlock2D {
-            norm1: GroupNorm::load(w, &format!("{name}.norm1"), c_in, groups)?,
-            conv1: Conv2d::load3(w, &format!("{name}.conv1"), c_in, c_out)?,
-            norm2: GroupNorm::load(w, &format!("{name}.norm2"), c_out, groups)?,
-            conv2: Conv2d::load3(w, &format!("{name}.conv2"), c_out, c_out)?,
-            conv_shortcut: if c_in != c_out {
-                Some(Conv2d::load(w, &format!("{name}.conv_shortcut"), c_in, c_out, 1, 1, 0)?)
-            } else {
-                None
-            },
+            norm1: norm(w, &format!("{name}.norm1"), c_in, groups)?,
+            conv1: conv3(w, &format!("{name}.conv1"), c_in, c_out)?,
+            norm2: norm(w, &format!("{name}.norm2"), c_out, groups)?,
+            conv2: conv3(w, &format!("{name}.conv2"), c_out, c_out)?,
+            conv_shortcut: if c_in != c_out { Some(conv(w, &format!("{name}.conv_shortcut"), c_in, c_out, 1, 1, 0)?) } else { None },
         })
     }
 
@@ -349,11 +242,11 @@ pub struct Attention {
 impl Attention {
     fn load(w: &mut Loader, name: &str, c: i64, groups: i64) -> Result<Self> {
         Ok(Attention {
-            group_norm: GroupNorm::load(w, &format!("{name}.group_norm"), c, groups)?,
-            to_q: Linear::load(w, &format!("{name}.to_q"), c, c)?,
-            to_k: Linear::load(w, &format!("{name}.to_k"), c, c)?,
-            to_v: Linear::load(w, &format!("{name}.to_v"), c, c)?,
-            to_out_0: Linear::load(w, &format!("{name}.to_out.0"), c, c)?,
+            group_norm: norm(w, &format!("{name}.group_norm"), c, groups)?,
+            to_q: proj(w, &format!("{name}.to_q"), c)?,
+            to_k: proj(w, &format!("{name}.to_k"), c)?,
+            to_v: proj(w, &format!("{name}.to_v"), c)?,
+            to_out_0: proj(w, &format!("{name}.to_out.0"), c)?,
         })
     }
 
@@ -467,7 +360,7 @@ pub struct Encoder {
 impl Encoder {
     fn load(w: &mut Loader, cfg: &VaeConfig) -> Result<Self> {
         let (ch, g) = (&cfg.block_out_channels, cfg.norm_num_groups);
-        let conv_in = Conv2d::load3(w, "encoder.conv_in", cfg.in_channels, ch[0])?;
+        let conv_in = conv3(w, "encoder.conv_in", cfg.in_channels, ch[0])?;
         let mut down_blocks = Vec::with_capacity(ch.len());
         let mut c_prev = ch[0];
         for (i, &c) in ch.iter().enumerate() {
@@ -478,7 +371,7 @@ impl Encoder {
                 resnets.push(ResnetBlock2D::load(w, &format!("{name}.resnets.{j}"), c_in, c, g)?);
             }
             let downsamplers_0 = if i + 1 < ch.len() {
-                let conv = Conv2d::load(w, &format!("{name}.downsamplers.0.conv"), c, c, 3, 2, 0)?;
+                let conv = conv(w, &format!("{name}.downsamplers.0.conv"), c, c, 3, 2, 0)?;
                 Some(Downsample2D { conv })
             } else {
                 None
@@ -491,8 +384,8 @@ impl Encoder {
             conv_in,
             down_blocks,
             mid_block: MidBlock::load(w, "encoder.mid_block", last, cfg)?,
-            conv_norm_out: GroupNorm::load(w, "encoder.conv_norm_out", last, g)?,
-            conv_out: Conv2d::load3(w, "encoder.conv_out", last, 2 * cfg.latent_channels)?,
+            conv_norm_out: norm(w, "encoder.conv_norm_out", last, g)?,
+            conv_out: conv3(w, "encoder.conv_out", last, 2 * cfg.latent_channels)?,
         })
     }
 
@@ -517,7 +410,7 @@ impl Decoder {
     fn load(w: &mut Loader, cfg: &VaeConfig) -> Result<Self> {
         let g = cfg.norm_num_groups;
         let rev: Vec<i64> = cfg.block_out_channels.iter().rev().copied().collect();
-        let conv_in = Conv2d::load3(w, "decoder.conv_in", cfg.latent_channels, rev[0])?;
+        let conv_in = conv3(w, "decoder.conv_in", cfg.latent_channels, rev[0])?;
         let mid_block = MidBlock::load(w, "decoder.mid_block", rev[0], cfg)?;
         let mut up_blocks = Vec::with_capacity(rev.len());
         let mut c_prev = rev[0];
@@ -528,11 +421,8 @@ impl Decoder {
                 let c_in = if j == 0 { c_prev } else { c };
                 resnets.push(ResnetBlock2D::load(w, &format!("{name}.resnets.{j}"), c_in, c, g)?);
             }
-            let upsamplers_0 = if i + 1 < rev.len() {
-                Some(Upsample2D { conv: Conv2d::load3(w, &format!("{name}.upsamplers.0.conv"), c, c)? })
-            } else {
-                None
-            };
+            let upsamplers_0 =
+                if i + 1 < rev.len() { Some(Upsample2D { conv: conv3(w, &format!("{name}.upsamplers.0.conv"), c, c)? }) } else { None };
             up_blocks.push(UpDecoderBlock2D { resnets, upsamplers_0 });
             c_prev = c;
         }
@@ -540,8 +430,8 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(w, "decoder.conv_norm_out", c_prev, g)?,
-            conv_out: Conv2d::load3(w, "decoder.conv_out", c_prev, cfg.out_channels)?,
+            conv_norm_out: norm(w, "decoder.conv_norm_out", c_prev, g)?,
+            conv_out: conv3(w, "decoder.conv_out", c_prev, cfg.out_channels)?,
         })
     }
 
@@ -579,15 +469,15 @@ impl Vae {
             .ok_or_else(|| {
             bad_input(format!("{}: not found (nor model.safetensors beside it)", dir.join("diffusion_pytorch_model.safetensors").display()))
         })?;
-        let mut w = Loader::new(&weights_path, device)?;
+        let mut w = Loader::open_renamed(&weights_path, device, rename_legacy)?;
         let two_c = 2 * cfg.latent_channels;
         let vae = Vae {
             encoder: Encoder::load(&mut w, &cfg)?,
             decoder: Decoder::load(&mut w, &cfg)?,
-            quant_conv: if cfg.use_quant_conv { Some(Conv2d::load(&mut w, "quant_conv", two_c, two_c, 1, 1, 0)?) } else { None },
+            quant_conv: if cfg.use_quant_conv { Some(conv(&mut w, "quant_conv", two_c, two_c, 1, 1, 0)?) } else { None },
             post_quant_conv: if cfg.use_post_quant_conv {
                 let c = cfg.latent_channels;
-                Some(Conv2d::load(&mut w, "post_quant_conv", c, c, 1, 1, 0)?)
+                Some(conv(&mut w, "post_quant_conv", c, c, 1, 1, 0)?)
             } else {
                 None
             },
@@ -595,7 +485,7 @@ impl Vae {
             scaling_factor: cfg.scaling_factor,
             device,
         };
-        w.finish()?;
+        w.finish("the VAE that config.json describes")?;
         Ok(vae)
     }
 

@@ -132,29 +132,3 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
-
-/// Takes tensors out of a loaded safetensors map, checking names and shapes, so a
-/// wrong file fails at load with the tensor named rather than mid-forward. Model
-/// modules add their own builders (`linear`, `conv`, ...) in `impl Loader` blocks.
-pub struct Loader {
-    pub map: HashMap<String, Tensor>,
-    pub file: String,
-    pub device: tch::Device,
-}
-
-impl Loader {
-    /// The tensor `name` with exactly `shape`, as f32 on the device (weights are kept in
-    /// f32 and cast per forward, so one load serves f32 and bf16).
-    pub fn get(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let Some(t) = self.map.remove(name) else {
-            bail_input!("{}: tensor {name}: missing", self.file);
-        };
-        if t.size() != shape {
-            bail_input!("{}: tensor {name}: expected shape {shape:?}, found {:?}", self.file, t.size());
-        }
-        if !matches!(t.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
-            bail_input!("{}: tensor {name}: expected a floating-point dtype, found {:?}", self.file, t.kind());
-        }
-        Ok(t.to_kind(Kind::Float).to_device(self.device))
-    }
-}
