@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{Device, Kind};
 
-pub use crate::diffusion::sampler::{Guidance, Sampler, SamplerMode};
+use crate::diffusion::sampler::Sampler;
+pub use crate::diffusion::sampler::SamplerMode;
 pub use crate::diffusion::{LossConfig, PathType, Weighting};
 pub use crate::model::SitDims;
 pub use crate::optim::OptimConfig;

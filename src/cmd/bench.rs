@@ -5,7 +5,7 @@ use anyhow::Result;
 use reg::config::Config;
 use reg::diffusion::generate::{latents, Labels, SampleSpec};
 use reg::diffusion::sampler::Sampler;
-use reg::dist::{resolve_device, Collectives, LaunchInfo};
+use reg::dist::{Collectives, LaunchInfo};
 use reg::model::build_sit;
 use reg::train::{faults::Faults, Trainer};
 use std::time::Instant;
@@ -139,7 +139,7 @@ pub fn run(a: Args) -> Result<()> {
 /// Images per second of `reg-ddp sample`'s generation step (the transformer's share of it)
 /// on one device with the configured model's shapes and random weights.
 fn bench_sampler(a: &Args, cfg: &Config) -> Result<()> {
-    let device = LaunchInfo::from_env().local_device(resolve_device(&cfg.train.device)?);
+    let device = LaunchInfo::from_env().device(&cfg.train.device)?;
     let (model, _params) = build_sit(&cfg.dims(), device, cfg.train.seed)?;
     let kind = cfg.train.precision.kind_on(device);
     let batch = cfg.train.global_batch;

@@ -39,10 +39,15 @@ impl LaunchInfo {
             d => d,
         }
     }
+
+    /// The device named `name` (`auto`, `cpu`, `cuda`, `cuda:N`) as this process uses it.
+    pub fn device(&self, name: &str) -> Result<Device> {
+        Ok(self.local_device(resolve_device(name)?))
+    }
 }
 
 /// The device a name stands for (`auto`: the first GPU when there is one).
-pub fn resolve_device(name: &str) -> Result<Device> {
+fn resolve_device(name: &str) -> Result<Device> {
     Ok(match name {
         "auto" => Device::cuda_if_available(),
         "cpu" => Device::Cpu,
@@ -74,11 +79,15 @@ impl Launch {
     /// Resolves `device` (`auto`, `cpu`, `cuda`, `cuda:N`) for this process and joins the
     /// other ranks, if a launcher started any.
     pub fn start(device: &str, collectives: Collectives) -> Result<Launch> {
-        let device = LaunchInfo::from_env().local_device(resolve_device(device)?);
-        let comm = init(match collectives {
-            Collectives::OnDevice => device,
-            Collectives::OnHost => Device::Cpu,
-        })?;
+        let info = LaunchInfo::from_env();
+        let device = info.device(device)?;
+        let comm = communicator(
+            &info,
+            match collectives {
+                Collectives::OnDevice => device,
+                Collectives::OnHost => Device::Cpu,
+            },
+        )?;
         Ok(Launch { device, comm })
     }
 }
@@ -157,9 +166,8 @@ pub fn all_ok<T>(local: Result<T>, comm: &dyn Comm) -> Result<T> {
 
 /// The process's communicator. Without a launcher (world size 1) this never touches
 /// MPI and computes on `device`. Under one, it initialises MPI and, when `device` is
-/// a GPU, uses `cuda:{local_rank}` with NCCL; otherwise the CPU with MPI.
-pub fn init(device: Device) -> Result<Box<dyn Comm>> {
-    let info = LaunchInfo::from_env();
+/// this rank's GPU, uses NCCL on it; otherwise the CPU with MPI.
+fn communicator(info: &LaunchInfo, device: Device) -> Result<Box<dyn Comm>> {
     if info.world <= 1 {
         return Ok(Box::new(SingleComm { device }));
     }
@@ -168,7 +176,7 @@ pub fn init(device: Device) -> Result<Box<dyn Comm>> {
         anyhow::bail!("the launcher says {} ranks but MPI has {}", info.world, mpi.world());
     }
     if device.is_cuda() {
-        let nccl = nccl_comm::NcclComm::init(mpi, info.local_device(device))?;
+        let nccl = nccl_comm::NcclComm::init(mpi, device)?;
         return Ok(Box::new(nccl));
     }
     Ok(Box::new(mpi))

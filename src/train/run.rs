@@ -109,7 +109,6 @@ fn resume_from(run: &Path, spec: &str, t: &mut Trainer) -> Result<Option<PathBuf
 
 /// Trains `cfg` on this process's part of the launch until `train.steps` or a stop signal.
 pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
-    let stop = opts.stop.clone();
     let mut t = Trainer::new(cfg, launch, opts.faults)?;
     let (rank, world) = (t.rank(), t.world());
     let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
@@ -272,7 +271,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
         // Step boundary: do all ranks agree to stop (a signal on any rank), and has
         // every rank finished writing the checkpoint in flight?
         let written = pending.as_ref().map(|p| p.is_written()).unwrap_or(false);
-        let votes = t.agree(&[stop.load(Ordering::Relaxed) as i64 as f64, written as i64 as f64])?;
+        let votes = t.agree(&[opts.stop.load(Ordering::Relaxed) as i64 as f64, written as i64 as f64])?;
         if votes[1] as i64 == world {
             let dir = checkpoint::finish(pending.take().expect("a save is in flight"), &t)?;
             if rank == 0 {
