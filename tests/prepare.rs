@@ -115,63 +115,117 @@ fn unreadable_images_are_listed_and_too_many_fail() {
     assert!(!strict.join("index.json").exists());
 }
 
-/// A `.npy` of float32 in C order.
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", dims.join(", "));
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
+/// The files of one tree of REG's preprocessing output (a folder or a `.zip`), by name.
+fn upstream_files(tree: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    if tree.extension().is_some_and(|e| e == "zip") {
+        let mut z = zip::ZipArchive::new(std::fs::File::open(tree).unwrap()).unwrap();
+        for i in 0..z.len() {
+            let mut e = z.by_index(i).unwrap();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+            out.insert(e.name().to_string(), bytes);
+        }
+    } else {
+        let mut todo = vec![tree.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    todo.push(e.path());
+                } else {
+                    let rel = e.path().strip_prefix(tree).unwrap().to_string_lossy().replace('\\', "/");
+                    out.insert(rel, std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
     }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    for v in data {
-        bytes.extend(v.to_le_bytes());
-    }
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, bytes).unwrap();
+    out
+}
+
+/// The data bytes of a version-1 `.npy` (after its header).
+fn npy_data(bytes: &[u8]) -> &[u8] {
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    &bytes[10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize..]
+}
+
+fn prepare_from_reg(root: &Path, out: &Path) -> Output {
+    let enc = repo().join("tests/data/dinov2_tiny");
+    bin()
+        .args(["prepare", "--from-reg"])
+        .arg(root)
+        .arg("--out")
+        .arg(out)
+        .arg("--encoder")
+        .arg(enc)
+        .args(["--shard-size", "4"])
+        .output()
+        .unwrap()
 }
 
 #[test]
-fn reg_preprocessed_layout_is_imported_with_its_moments() {
+fn reg_preprocessing_output_is_imported_exactly_from_folders_and_zips() {
+    // Made by REG's own dataset_tools.py convert + encode (tools/golden/reg_preprocess.py).
+    let data = repo().join("tests/data/reg_preprocessed");
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("reg");
-    let mut labels = Vec::new();
-    for i in 0..6usize {
-        let npy = format!("00000/img-mean-std-{i:08}.npy");
-        let data: Vec<f32> = (0..8 * 8 * 8).map(|k| (i * 1000 + k) as f32 * 0.001).collect();
-        write_npy(&root.join("vae-sd").join(&npy), &[8, 8, 8], &data);
-        let png = root.join(format!("imagenet_256_vae/00000/img-{i:08}.png"));
-        std::fs::create_dir_all(png.parent().unwrap()).unwrap();
-        image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 4) as u8, (y * 4) as u8, (i * 40) as u8])).save(&png).unwrap();
-        labels.push(serde_json::json!([npy, i % 3]));
+    let mut latents_of = Vec::new();
+    for (form, ext) in [("folder", ""), ("zip", ".zip")] {
+        let root = data.join(form);
+        let out = tmp.path().join(form);
+        let o = prepare_from_reg(&root, &out);
+        assert!(o.status.success(), "{form}: {}", String::from_utf8_lossy(&o.stderr));
+        let moments = upstream_files(&root.join(format!("vae-sd{ext}")));
+        let meta: serde_json::Value = serde_json::from_slice(&moments["dataset.json"]).unwrap();
+        let labels: std::collections::HashMap<&str, i64> =
+            meta["labels"].as_array().unwrap().iter().map(|l| (l[0].as_str().unwrap(), l[1].as_i64().unwrap())).collect();
+        // REG's dataset.py order: the sorted .npy names (BTreeMap order), paired with the sorted images.
+        let npys: Vec<(&String, &Vec<u8>)> = moments.iter().filter(|(n, _)| n.ends_with(".npy")).collect();
+        assert_eq!(npys.len(), 9);
+        let ds = reg::data::shards::Dataset::open(&out, true).unwrap();
+        assert_eq!(ds.len(), 9, "{form}");
+        assert_eq!(ds.index.num_classes(), 3, "{form}");
+        // The resolution came from the images: 32 px, so 4x4 latents of 4 channels.
+        assert_eq!(ds.index.latent_shape, vec![8, 4, 4], "{form}");
+        let mut all = Vec::new();
+        for (i, (name, bytes)) in npys.iter().enumerate() {
+            let (s, row) = ds.locate(i as i64);
+            let lat = ds.record_bytes(s, "latents", row).unwrap();
+            assert!(lat == npy_data(bytes), "{form}: record {i}: latents differ from {name}");
+            let y = i64::from_le_bytes(ds.record_bytes(s, "labels", row).unwrap().try_into().unwrap());
+            assert_eq!(y, labels[name.as_str()], "{form}: record {i} ({name})");
+            all.extend_from_slice(lat);
+        }
+        latents_of.push(all);
     }
-    std::fs::write(root.join("vae-sd/dataset.json"), serde_json::json!({ "labels": labels }).to_string()).unwrap();
-    let out = tmp.path().join("out");
-    let r = repo();
-    let o = bin()
-        .args(["prepare", "--from-reg"])
-        .arg(&root)
-        .arg("--out")
-        .arg(&out)
-        .arg("--encoder")
-        .arg(r.join("tests/data/dinov2_tiny"))
-        .args(["--resolution", "64", "--shard-size", "4"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ds = reg::data::shards::Dataset::open(&out, true).unwrap();
-    assert_eq!(ds.len(), 6);
-    assert_eq!(ds.index.num_classes(), 3);
-    // Record 5's moments are exactly the .npy's.
-    let (s, row) = ds.locate(5);
-    let bytes = ds.record_bytes(s, "latents", row).unwrap();
-    let first = f32::from_le_bytes(bytes[..4].try_into().unwrap());
-    let last = f32::from_le_bytes(bytes[bytes.len() - 4..].try_into().unwrap());
-    assert_eq!((first, last), (5000.0 * 0.001, (5000 + 511) as f32 * 0.001));
-    let y = i64::from_le_bytes(ds.record_bytes(s, "labels", row).unwrap().try_into().unwrap());
-    assert_eq!(y, 2);
+    assert_eq!(latents_of[0], latents_of[1], "the folder and the zip hold the same dataset");
+}
+
+#[test]
+fn broken_reg_layouts_exit_2_naming_the_file() {
+    let data = repo().join("tests/data/reg_preprocessed");
+    let tmp = tempfile::tempdir().unwrap();
+    // Images converted without classes: dataset.json says "labels": null.
+    let o = prepare_from_reg(&data.join("nolabels"), &tmp.path().join("o1"));
+    common::assert_bad_input(&o, &["vae-sd/dataset.json", "labels: null"]);
+    // A copy of the upstream folders with one moments file gone: the counts differ.
+    let copy = |name: &str| {
+        let dst = tmp.path().join(name);
+        for (rel, bytes) in upstream_files(&data.join("folder")) {
+            std::fs::create_dir_all(dst.join(&rel).parent().unwrap()).unwrap();
+            std::fs::write(dst.join(&rel), bytes).unwrap();
+        }
+        dst
+    };
+    let short = copy("short");
+    std::fs::remove_file(short.join("vae-sd/00000/img-mean-std-00000004.npy")).unwrap();
+    common::assert_bad_input(&prepare_from_reg(&short, &tmp.path().join("o2")), &["imagenet_256_vae", "9 images", "8 moment files"]);
+    // An image and its moments gone: dataset.json names a file that is not there.
+    let gone = copy("gone");
+    std::fs::remove_file(gone.join("vae-sd/00000/img-mean-std-00000004.npy")).unwrap();
+    std::fs::remove_file(gone.join("imagenet_256_vae/00000/img00000004.png")).unwrap();
+    common::assert_bad_input(&prepare_from_reg(&gone, &tmp.path().join("o3")), &["dataset.json", "00000/img-mean-std-00000004.npy"]);
+    // Neither form of a tree.
+    let o = prepare_from_reg(tmp.path(), &tmp.path().join("o4"));
+    common::assert_bad_input(&o, &["imagenet_256_vae/ nor imagenet_256_vae.zip"]);
 }
 
 fn train_json(data: &Path, out: &Path, extra: &[&str]) -> Vec<f64> {

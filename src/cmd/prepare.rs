@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use reg::data::prepare::{finish, list_image_tree, list_reg, make_shard, shard_done, Encoders, Options};
+use reg::data::prepare::{finish, image_size, list_image_tree, list_reg, make_shard, read_moments, shard_done, Encoders, Options};
 use reg::dist::{Collectives, Launch};
 use reg::encoders::{dinov2::Dinov2, vae::Vae};
 use std::path::{Path, PathBuf};
@@ -14,7 +14,8 @@ pub struct Args {
     /// ImageNet-style tree: one folder per class (class index = sorted folder names).
     #[arg(long, conflicts_with = "from_reg", required_unless_present = "from_reg")]
     pub images: Option<PathBuf>,
-    /// REG/EDM2 preprocessed data (`vae-sd/`, `imagenet_256_vae/`): reuse its VAE moments.
+    /// REG/EDM2 preprocessed data, as `dataset_tools.py convert` / `encode` write it:
+    /// `imagenet_256_vae/` and `vae-sd/`, each a folder or a `.zip`; reuses its VAE moments.
     #[arg(long = "from-reg")]
     pub from_reg: Option<PathBuf>,
     /// Output dataset folder.
@@ -26,9 +27,10 @@ pub struct Args {
     /// DINOv2 model folder (transformers layout); needed unless --no-features.
     #[arg(long)]
     pub encoder: Option<PathBuf>,
-    /// Image side after the ADM center crop (256 or 512 for ImageNet).
-    #[arg(long, default_value_t = 256)]
-    pub resolution: u32,
+    /// Image side after the ADM center crop (256 or 512 for ImageNet; default 256). With
+    /// --from-reg, the side of its images unless given.
+    #[arg(long)]
+    pub resolution: Option<u32>,
     #[arg(long, default_value_t = 4096)]
     pub shard_size: usize,
     /// Images per encoder batch.
@@ -59,9 +61,6 @@ fn folder_name(p: &Path) -> String {
 
 pub fn run(a: Args) -> Result<()> {
     super::set_threads(a.threads);
-    if !a.resolution.is_multiple_of(32) {
-        reg::bail_input!("--resolution: {} is not a multiple of 32", a.resolution);
-    }
     if a.no_features && !a.store_images {
         reg::bail_input!("--no-features: a dataset needs features or --store-images");
     }
@@ -73,6 +72,17 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(dir)) => (list_reg(dir)?, true),
         _ => unreachable!("clap requires one"),
     };
+    let resolution = match (a.resolution, entries.first()) {
+        (Some(r), _) => r,
+        (None, Some(first)) if from_reg => match image_size(&first.image)? {
+            (w, h) if w == h => w,
+            (w, h) => reg::bail_input!("{}: {w}x{h} image; the REG layout holds square crops", first.image.name()),
+        },
+        _ => 256,
+    };
+    if !resolution.is_multiple_of(32) {
+        reg::bail_input!("--resolution: {resolution} is not a multiple of 32");
+    }
     let vae = match (&a.vae, from_reg) {
         (Some(v), _) => Some(Vae::load(v, device)?),
         (None, false) => reg::bail_input!("--vae: needed to encode images (a diffusers AutoencoderKL folder)"),
@@ -80,18 +90,22 @@ pub fn run(a: Args) -> Result<()> {
     };
     let encoder = match (&a.encoder, a.no_features) {
         (_, true) => None,
-        (Some(e), false) => Some((folder_name(e), Dinov2::load(e, device, a.resolution as i64 * 224 / 256)?)),
+        (Some(e), false) => Some((folder_name(e), Dinov2::load(e, device, resolution as i64 * 224 / 256)?)),
         (None, false) => reg::bail_input!("--encoder: needed for features (a transformers Dinov2Model folder), or --no-features"),
     };
-    let latent_shape = {
-        let c = vae.as_ref().map(|v| v.latent_channels()).unwrap_or(4);
-        let s = a.resolution as i64 / 8;
-        vec![2 * c, s, s]
+    let latent_shape = match (&vae, entries.first().and_then(|e| e.moments.as_ref())) {
+        // The stored moments say their own shape.
+        (None, Some(first)) => read_moments(first)?.size(),
+        _ => {
+            let c = vae.as_ref().map(|v| v.latent_channels()).unwrap_or(4);
+            let s = resolution as i64 / 8;
+            vec![2 * c, s, s]
+        }
     };
     let vae_name = a.vae.as_deref().map(folder_name).unwrap_or_else(|| "from-reg:vae-sd".into());
     let models = Encoders { vae, encoder, device, kind };
     let opts = Options {
-        resolution: a.resolution,
+        resolution,
         latent_bf16: a.latent_bf16,
         store_features: !a.no_features,
         store_images: a.store_images,

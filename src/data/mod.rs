@@ -4,6 +4,7 @@
 pub mod crop;
 pub mod loader;
 pub mod prepare;
+pub mod reg_layout;
 pub mod shards;
 pub mod synthetic;
 

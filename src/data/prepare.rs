@@ -3,6 +3,7 @@
 //! a rerun skips the shards already finished (verified by checksum).
 
 use super::crop::center_crop_adm;
+use super::reg_layout::{self, Blob};
 use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo};
 use crate::bail_input;
 use crate::encoders::{dinov2::Dinov2, vae::Vae};
@@ -17,9 +18,9 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// The image (a JPEG/PNG of any size, or an already-cropped PNG for `--from-reg`).
-    pub image: PathBuf,
+    pub image: Blob,
     /// Precomputed VAE moments (`img-mean-std-*.npy`), for `--from-reg`.
-    pub moments: Option<PathBuf>,
+    pub moments: Option<Blob>,
     pub label: i64,
 }
 
@@ -42,32 +43,39 @@ pub fn list_image_tree(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
             .filter(|p| p.extension().map(|x| IMAGE_EXT.contains(&x.to_string_lossy().as_ref())).unwrap_or(false))
             .collect();
         files.sort();
-        entries.extend(files.into_iter().map(|image| Entry { image, moments: None, label: label as i64 }));
+        entries.extend(files.into_iter().map(|image| Entry { image: Blob::File(image), moments: None, label: label as i64 }));
     }
     Ok((classes, entries))
 }
 
-#[derive(Deserialize)]
-struct RegLabels {
-    labels: Vec<(String, i64)>,
+/// REG/EDM2's preprocessed data (`reg_layout`): its records with their moments, and
+/// class names `0000`, `0001`, ... up to the largest label.
+pub fn list_reg(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
+    let records = reg_layout::list(root)?;
+    let k = records.iter().map(|r| r.label + 1).max().unwrap_or(0);
+    let entries = records.into_iter().map(|r| Entry { image: r.image, moments: Some(r.moments), label: r.label }).collect();
+    Ok(((0..k).map(|c| format!("{c:04}")).collect(), entries))
 }
 
-/// The layout REG/EDM2 publish: `vae-sd/dataset.json` (labels by moments file),
-/// `vae-sd/NNNNN/img-mean-std-NNNNNNNN.npy`, `imagenet_256_vae/NNNNN/img-NNNNNNNN.png`.
-pub fn list_reg(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
-    let lpath = root.join("vae-sd/dataset.json");
-    let text = std::fs::read_to_string(&lpath).map_err(|e| bad_input(format!("{}: cannot read: {e}", lpath.display())))?;
-    let labels: RegLabels = serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: labels: {e}", lpath.display())))?;
-    let mut rows = labels.labels;
-    rows.sort();
-    let mut entries = Vec::with_capacity(rows.len());
-    let mut k = 0;
-    for (npy, label) in rows {
-        let png = npy.replace("img-mean-std-", "img-").replace(".npy", ".png");
-        entries.push(Entry { image: root.join("imagenet_256_vae").join(png), moments: Some(root.join("vae-sd").join(&npy)), label });
-        k = k.max(label + 1);
-    }
-    Ok(((0..k).map(|c| format!("{c:04}")).collect(), entries))
+/// Width and height of an image, from its header.
+pub fn image_size(blob: &Blob) -> Result<(u32, u32)> {
+    let r = match blob {
+        Blob::File(p) => image::image_dimensions(p),
+        Blob::Zipped(..) => {
+            let bytes = blob.bytes()?;
+            image::ImageReader::new(std::io::Cursor::new(&bytes[..])).with_guessed_format()?.into_dimensions()
+        }
+    };
+    r.map_err(|e| bad_input(format!("{}: cannot read: {e}", blob.name())))
+}
+
+/// The precomputed moments of a `--from-reg` record. [2C, H, W] f32
+pub fn read_moments(blob: &Blob) -> Result<Tensor> {
+    let t = match blob {
+        Blob::File(p) => crate::formats::npy::read_npy(p)?,
+        Blob::Zipped(..) => crate::formats::npy::parse(&blob.bytes()?, &blob.name())?,
+    };
+    Ok(t.to_kind(Kind::Float))
 }
 
 /// The models preparation runs, on one device.
@@ -95,8 +103,12 @@ pub struct Options {
 }
 
 /// Decodes and crops one image: [3, R, R] u8, or why it failed.
-fn load_image(path: &Path, resolution: u32, crop: bool) -> std::result::Result<Tensor, String> {
-    let img = image::open(path).map_err(|e| e.to_string())?.to_rgb8();
+fn load_image(blob: &Blob, resolution: u32, crop: bool) -> std::result::Result<Tensor, String> {
+    let img = match blob {
+        Blob::File(path) => image::open(path),
+        Blob::Zipped(..) => image::load_from_memory(&blob.bytes().map_err(|e| e.to_string())?),
+    };
+    let img = img.map_err(|e| e.to_string())?.to_rgb8();
     let img = if crop {
         center_crop_adm(&img, resolution)
     } else if img.width() == resolution && img.height() == resolution {
@@ -130,7 +142,7 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
         for (e, r) in chunk.iter().zip(loaded) {
             match r {
                 Ok(t) => ok.push((e, t)),
-                Err(why) => bad.push((e.image.display().to_string(), why)),
+                Err(why) => bad.push((e.image.name(), why)),
             }
         }
         if ok.is_empty() {
@@ -141,10 +153,8 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
         let moments = if let Some(vae) = &m.vae {
             vae.encode_moments(&on_dev, m.kind).to_device(Device::Cpu)
         } else {
-            let ms: Vec<Tensor> = ok
-                .iter()
-                .map(|(e, _)| crate::formats::npy::read_npy(e.moments.as_ref().expect("from-reg entry")).map(|t| t.to_kind(Kind::Float)))
-                .collect::<Result<_>>()?;
+            let ms: Vec<Tensor> =
+                ok.iter().map(|(e, _)| read_moments(e.moments.as_ref().expect("from-reg entry"))).collect::<Result<_>>()?;
             Tensor::stack(&ms, 0)
         };
         lat.push(if o.latent_bf16 { moments.to_kind(Kind::BFloat16) } else { moments });

@@ -1,7 +1,8 @@
 //! File formats that know no model: safetensors weights, the restricted `torch.save`
-//! reader, NumPy npy/npz, TensorBoard event files.
+//! reader, NumPy npy/npz, zip archives of stored entries, TensorBoard event files.
 
 pub mod npy;
+pub mod stored_zip;
 pub mod tboard;
 pub mod torchfile;
 pub mod weights;
