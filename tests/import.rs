@@ -26,8 +26,9 @@ fn python(script: &str, dir: &Path) {
     assert!(out.status.success(), "fixture script failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A REG-shaped checkpoint saved as the original code does (and with newer pickle protocols), a bare state dict,
-/// and the expected values of every tensor as JSON.
+/// What a torch.save reader meets beyond REG's own checkpoints (tests/reg_interop.rs reads one written by REG's
+/// train.py): views sharing storage, every dtype, prefixes, memoized dicts, pickle protocols 2, 4 and 5, the legacy
+/// format, a bare state dict; and the expected values of every tensor as JSON.
 const FIXTURES: &str = r#"
 import argparse, json, os, struct, sys
 from collections import OrderedDict
@@ -157,7 +158,7 @@ fn fixtures() -> &'static (PathBuf, serde_json::Value) {
 }
 
 #[test]
-fn reg_checkpoint_imports_exactly() {
+fn torch_save_variants_import_exactly() {
     let (src, expected) = fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
