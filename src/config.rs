@@ -347,6 +347,13 @@ pub struct TrainConfig {
     #[serde(default = "d_output_dir")]
     pub output_dir: String,
     pub global_batch: i64,
+    /// Samples per forward/backward pass; a rank's batch is processed in
+    /// `local batch / micro_batch` passes whose gradients are summed (gradient
+    /// accumulation). Unset: the whole local batch in one pass. With a power-of-two
+    /// number of passes and ranks, training is bit-identical across world sizes that
+    /// keep `micro_batch` (the sums form the same tree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<i64>,
     pub steps: i64,
     #[serde(default)]
     pub seed: u64,
@@ -465,6 +472,9 @@ impl Config {
         if t.global_batch <= 0 {
             bail_input!("train.global_batch: must be positive, got {}", t.global_batch);
         }
+        if let Some(m) = t.micro_batch.filter(|m| *m <= 0) {
+            bail_input!("train.micro_batch: must be positive, got {m}");
+        }
         if t.steps < 0 {
             bail_input!("train.steps: must not be negative");
         }
@@ -541,7 +551,17 @@ impl Config {
         if self.train.global_batch % world != 0 {
             bail_input!("train.global_batch: {} is not divisible by the world size {world}", self.train.global_batch);
         }
-        Ok(self.train.global_batch / world)
+        let local = self.train.global_batch / world;
+        if let Some(m) = self.train.micro_batch.filter(|m| local % m != 0) {
+            bail_input!("train.micro_batch: {m} does not divide the local batch {local} (train.global_batch over {world} ranks)");
+        }
+        Ok(local)
+    }
+
+    /// Samples per forward/backward pass on each of `world` ranks (checked by
+    /// `local_batch`).
+    pub fn micro_batch(&self, world: i64) -> i64 {
+        self.train.micro_batch.unwrap_or(self.train.global_batch / world)
     }
 }
 
@@ -620,5 +640,15 @@ mod tests {
         assert!(format!("{e:#}").contains("model.patch_size"));
         let e = Config::from_yaml(TINY, "t.yaml", &["model.encoder_depth=3".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("model.encoder_depth"));
+    }
+
+    #[test]
+    fn micro_batch_divides_the_local_batch() {
+        let c = Config::from_yaml(TINY, "t.yaml", &["train.micro_batch=2".into()]).unwrap();
+        assert_eq!((c.local_batch(2).unwrap(), c.micro_batch(2)), (2, 2));
+        assert!(format!("{:#}", c.local_batch(4).unwrap_err()).contains("train.micro_batch: 2 does not divide the local batch 1"));
+        assert_eq!(Config::from_yaml(TINY, "t.yaml", &[]).unwrap().micro_batch(2), 2, "unset: the whole local batch");
+        let e = Config::from_yaml(TINY, "t.yaml", &["train.micro_batch=0".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("train.micro_batch: must be positive"));
     }
 }

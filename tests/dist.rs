@@ -3,11 +3,16 @@
 
 mod common;
 
-use common::{assert_same_model, export, json_lines, mpirun, train_args};
+use common::{assert_identical_model, export, json_lines, mpirun, train_args};
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+/// With the micro-batch fixed (4 samples per pass: 4 passes on 1 rank, 2 on each of
+/// 2, 1 on each of 4), the gradient sums form the same tree and training is bit for
+/// bit the same. Without it each rank sums its whole batch in one pass, the float sums
+/// round differently, and gradients at Adam's eps scale (zero-initialised gates) turn
+/// that into differences of up to ~4e-5 within those tensors.
 #[test]
 fn one_two_and_four_ranks_train_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -15,7 +20,7 @@ fn one_two_and_four_ranks_train_the_same_model() {
     let mut runs = Vec::new();
     for np in [1usize, 2, 4] {
         let name = format!("np{np}");
-        let args = train_args(&out, &name, &["--set", "train.steps=20", "--set", "train.log_every=1"]);
+        let args = train_args(&out, &name, &["--set", "train.steps=20", "--set", "train.log_every=1", "--set", "train.micro_batch=4"]);
         let o = mpirun(np, &args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
         assert!(o.status.success(), "np={np}: {}", String::from_utf8_lossy(&o.stderr));
         let lines = json_lines(&o.stdout);
@@ -39,7 +44,7 @@ fn one_two_and_four_ranks_train_the_same_model() {
         for (step, (a, b)) in losses.iter().zip(ref_losses).enumerate() {
             assert!(((a - b) / b).abs() <= 1e-5, "np={np} step {}: loss {a} vs {b}", step + 1);
         }
-        assert_same_model(&format!("np={np}"), w, ema, ref_w, ref_ema);
+        assert_identical_model(&format!("np={np}"), w, ema, ref_w, ref_ema);
     }
     // The weights did move (the comparison is not between two copies of the init).
     assert!(ref_losses[19] < ref_losses[0]);

@@ -97,11 +97,21 @@ impl Comm for MpiComm {
         if input.kind() != output.kind() || input.numel() != output.numel() * self.world() as usize {
             bail!("MPI reduce-scatter: input must be world x output of the same dtype");
         }
+        // Every rank's chunk `rank` comes here (an all-to-all moves the same bytes as a
+        // ring reduce-scatter), then they are added in rank order as a balanced tree:
+        // MPI's own reduction order is unspecified and may change with the rank count.
+        let world = self.world();
+        let received = input.empty_like();
         typed!(input, |s: T| {
-            // SAFETY: checked CPU + contiguous + same kind above.
-            let r: &mut [T] = unsafe { view(output) };
-            self.world_comm.reduce_scatter_block_into(&s[..], r, SystemOperation::sum());
+            // SAFETY: `received` is a fresh contiguous CPU tensor of `input`'s kind.
+            let r: &mut [T] = unsafe { view(&received) };
+            self.world_comm.all_to_all_into(&s[..], r);
         });
+        let mut sum = super::PairwiseSum::default();
+        for chunk in received.view([world, -1]).unbind(0) {
+            sum.push(chunk);
+        }
+        output.shallow_clone().copy_(&sum.finish().expect("world >= 1"));
         Ok(())
     }
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {

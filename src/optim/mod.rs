@@ -98,9 +98,13 @@ pub fn clip_factor(sq_sum: &Tensor, max_norm: f64) -> (Tensor, Tensor) {
     (norm, factor)
 }
 
-/// Sum of squares of a gradient slice: one pass (a vector norm), then squared.
+/// Sum of squares of a gradient slice, accumulated in f64: the slices differ with the
+/// rank count, and at f64 the clip factor they give rounds to the same f32 whatever
+/// the split. Chunked, so the f64 temporaries stay small.
 pub fn sq_sum(grad: &Tensor) -> Tensor {
-    grad.norm().square()
+    let chunks = grad.split(1 << 24, 0);
+    let parts: Vec<Tensor> = chunks.iter().map(|c| c.norm_scalaropt_dtype(2.0, Kind::Double).square()).collect();
+    Tensor::stack(&parts, 0).sum(Kind::Double)
 }
 
 /// Exponential moving average of the weights: `ema = decay * ema + (1 - decay) * w`.

@@ -13,7 +13,7 @@ use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, Ba
 use crate::diffusion::generate::{Labels, SampleSpec};
 use crate::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs, StepDraws};
 use crate::diffusion::sampler::Sampler;
-use crate::dist::{Comm, Launch};
+use crate::dist::{Comm, Launch, PairwiseSum};
 use crate::encoders::dinov2::Dinov2;
 use crate::model::{build_sit_padded, Params, SiT};
 use crate::optim::{clip_factor, sq_sum, AdamW, Ema};
@@ -97,6 +97,12 @@ impl Phases {
     }
 }
 
+/// Every shard starts and ends on a multiple of this many elements (512 bytes): the
+/// vectorised element-wise kernels (AdamW, EMA, clipping) then cut any shard into the
+/// same lanes as one whole buffer, with no scalar tail inside the weights, so the
+/// update of an element does not depend on the rank count.
+const SHARD_ALIGN: i64 = 128;
+
 /// Model, optimiser shard and data of one rank of a run.
 pub struct Trainer {
     cfg: Config,
@@ -123,6 +129,8 @@ pub struct Trainer {
     /// This rank's rows of the global batch: `[row_lo, row_lo + rows)`.
     row_lo: i64,
     rows: i64,
+    /// Rows per forward/backward pass (`train.micro_batch`).
+    micro: i64,
     /// This rank's slice of the flat buffers: `[shard_lo, shard_lo + shard_len)`.
     shard_lo: i64,
     shard_len: i64,
@@ -142,6 +150,7 @@ impl Trainer {
         let dims = cfg.dims();
         let kind = cfg.train.precision.kind_on(device);
         let rows = cfg.train.global_batch / world;
+        let micro = cfg.micro_batch(world);
         debug_assert_eq!(rows * world, cfg.train.global_batch, "Config::local_batch was not checked");
         // The encoder sees the image at the resolution that gives one token per patch.
         let online = match (cfg.model.encoder, &cfg.data.encoder_path) {
@@ -150,7 +159,7 @@ impl Trainer {
             }
             _ => None,
         };
-        let (model, params) = build_sit_padded(&dims, device, cfg.train.seed, world)?;
+        let (model, params) = build_sit_padded(&dims, device, cfg.train.seed, world * SHARD_ALIGN)?;
         let shard_len = params.padded_len() / world;
         let shard_lo = rank * shard_len;
         let shard = params.flat.narrow(0, shard_lo, shard_len);
@@ -194,6 +203,7 @@ impl Trainer {
             faults,
             row_lo: rank * rows,
             rows,
+            micro,
             shard_lo,
             shard_len,
             shard_grad,
@@ -250,7 +260,8 @@ impl Trainer {
         self.phases.mark(device, "between_steps");
         let d = &self.dims;
         let step = self.step as u64;
-        // Draws for the whole global batch, then this rank's rows: independent of the world size.
+        // Draws for the whole global batch, then each pass takes its rows: independent of
+        // the world size.
         let draws = StepDraws::generate(
             self.cfg.train.seed,
             step,
@@ -259,37 +270,59 @@ impl Trainer {
             d.z_dim,
             &self.cfg.loss,
             self.cfg.model.class_dropout_prob,
-        )
-        .rows(self.row_lo, self.rows, self.device);
+        );
         self.phases.mark(device, "draws");
         let batch = self.source.batch(step, self.row_lo, self.rows)?;
-        let moments = batch.moments.to_device(self.device);
-        let feat = match (&self.online, &batch.images) {
-            (Some(enc), Some(images)) => enc.features(&images.to_device(self.device), self.kind),
-            _ => batch.feat.to_device(self.device).to_kind(Kind::Float),
-        };
-        let x0 = sample_posterior(&moments, &draws.eps, self.cfg.loss.latent_scale);
-        let y = drop_labels(&batch.y.to_device(self.device), &draws.drop, d.num_classes);
         self.phases.mark(device, "data");
 
+        let passes = self.rows / self.micro;
+        let mut grads = PairwiseSum::default();
+        let (mut metrics, mut local_bad) = (Vec::new(), Vec::new());
         self.params.zero_grad();
-        let cls0 = feat.select(1, 0);
-        let inputs = LossInputs { x0: &x0, feat: &feat, cls0: &cls0, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
-        let mut terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
-        if self.faults.nan_at == Some((self.step, self.rank())) {
-            terms.total = &terms.total * f64::NAN;
+        for pass in 0..passes {
+            let lo = pass * self.micro;
+            let rows = |x: &Tensor| x.narrow(0, lo, self.micro).to_device(device);
+            let draws = draws.rows(self.row_lo + lo, self.micro, device);
+            let feat = match (&self.online, &batch.images) {
+                (Some(enc), Some(images)) => enc.features(&rows(images), self.kind),
+                _ => rows(&batch.feat).to_kind(Kind::Float),
+            };
+            let x0 = sample_posterior(&rows(&batch.moments), &draws.eps, self.cfg.loss.latent_scale);
+            let y = drop_labels(&rows(&batch.y), &draws.drop, d.num_classes);
+            let cls0 = feat.select(1, 0);
+            let inputs =
+                LossInputs { x0: &x0, feat: &feat, cls0: &cls0, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
+            let mut terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
+            if self.faults.nan_at == Some((self.step, self.rank())) {
+                terms.total = &terms.total * f64::NAN;
+            }
+            self.phases.mark(device, "forward");
+            terms.total.backward();
+            if passes > 1 {
+                // Each pass's gradient is a leaf of the sum tree (see `PairwiseSum`).
+                grads.push(self.params.grad.copy());
+                self.params.zero_grad();
+            }
+            self.phases.mark(device, "backward");
+            let _g = tch::no_grad_guard();
+            local_bad.push(terms.total.isfinite().logical_not().to_kind(Kind::Float));
+            metrics.push(Tensor::stack(
+                &[terms.total.detach(), terms.denoise.mean(Kind::Float), terms.proj.detach(), terms.cls.mean(Kind::Float)],
+                0,
+            ));
         }
-        self.phases.mark(device, "forward");
-        terms.total.backward();
-        self.phases.mark(device, "backward");
+        if let Some(sum) = grads.finish() {
+            // A power-of-two count divides exactly: the mean rounds as the sum did.
+            self.params.grad.shallow_clone().copy_(&(sum / passes as f64));
+        }
 
         let _g = tch::no_grad_guard();
         self.reduce_scatter_grads()?;
         self.phases.mark(device, "reduce_scatter");
         // One all-reduce carries the gradient's sum of squares and "my loss is not
         // finite": every rank then agrees, on the device, whether to skip this update.
-        let local_bad = terms.total.isfinite().logical_not().to_kind(Kind::Float);
-        let control = Tensor::stack(&[sq_sum(&self.shard_grad), local_bad], 0);
+        let local_bad = Tensor::stack(&local_bad, 0).max();
+        let control = Tensor::stack(&[sq_sum(&self.shard_grad), local_bad.to_kind(Kind::Double)], 0);
         self.comm.all_reduce_sum(&control)?;
         let (norm, factor) = clip_factor(&control.get(0), self.cfg.optim.max_grad_norm);
         let skip = control.get(1).gt(0.0).logical_or(&norm.isfinite().logical_not()).to_kind(Kind::Float);
@@ -304,9 +337,7 @@ impl Trainer {
         self.phases.mark(device, "all_gather");
         self.step += 1;
 
-        let metrics =
-            Tensor::stack(&[terms.total.detach(), terms.denoise.mean(Kind::Float), terms.proj.detach(), terms.cls.mean(Kind::Float)], 0)
-                .to_kind(Kind::Float);
+        let metrics = Tensor::stack(&metrics, 0).mean_dim(0, false, Kind::Float);
         self.comm.all_reduce_sum(&metrics)?;
         let m: Vec<f64> = Vec::<f64>::try_from((metrics / self.world() as f64).to_kind(Kind::Double).to_device(Device::Cpu))?;
         let skipped = skip.double_value(&[]) != 0.0;
