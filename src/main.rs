@@ -34,6 +34,10 @@ enum Command {
 }
 
 fn main() {
+    // A file-size limit (`ulimit -f`) then fails the write with EFBIG, reported and
+    // cleaned up like a full disk, instead of killing the process mid-write.
+    // SAFETY: sets one signal's disposition before any other thread exists.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => cmd::train::run(a),

@@ -225,11 +225,9 @@ impl Shard {
 /// Writes one shard (atomically) and returns its index entry.
 pub fn write_shard(dir: &Path, i: usize, tensors: &[(String, tch::Tensor)]) -> Result<ShardInfo> {
     let records = tensors.first().map(|(_, t)| t.size()[0]).unwrap_or(0);
-    let bytes = crate::formats::weights::serialize(tensors, None)?;
     let file = shard_name(i);
-    crate::formats::weights::write_atomic(&dir.join(&file), &bytes).with_context(|| format!("writing {file}"))?;
-    let sha256 = crate::formats::weights::sha256_hex(&bytes);
-    Ok(ShardInfo { file, records, sha256 })
+    let sha = crate::formats::weights::write_hashed(&dir.join(&file), tensors, None).with_context(|| format!("writing {file}"))?;
+    Ok(ShardInfo { file, records, sha256: crate::formats::weights::hex(&sha) })
 }
 
 /// Writes `index.json` atomically (the dataset's commit point).

@@ -84,51 +84,111 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&sha2::Sha256::digest(bytes))
 }
 
-/// Raw little-endian bytes of a tensor (moved to the CPU, made contiguous).
-pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let t = t.to_device(tch::Device::Cpu).contiguous();
-    let kind = t.kind();
-    let numel = t.numel();
-    let mut buf = vec![0u8; numel * kind.elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut buf, numel)?;
-    Ok(buf)
-}
-
 /// Writes tensors atomically: a temporary file in the same folder, fsync, rename,
 /// fsync of the folder. A crash leaves either the old file or the new one.
 pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
-    write_atomic(path, &serialize(tensors, metadata)?)
+    write_hashed(path, tensors, metadata).map(|_| ())
 }
 
-/// The safetensors bytes of `tensors` (copied to the host).
-pub fn serialize(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
-    let mut owned = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
+/// A tensor's memory as a safetensors view, without a copy.
+struct HostView<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: &'a [u8],
+}
+
+impl safetensors::View for HostView<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// As `write`, streaming: the tensors' memory goes to the file through a small buffer
+/// (no serialised copy of the whole file in memory, which for a large checkpoint
+/// shard would double the host memory of a save). Returns the file's SHA-256, read
+/// back from what was written. The temporary file is removed on any failure.
+pub fn write_hashed(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<[u8; 32]> {
+    let host: Vec<Tensor> = tensors.iter().map(|(_, t)| t.to_device(tch::Device::Cpu).contiguous()).collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, _), t) in tensors.iter().zip(&host) {
         let Some(dtype) = dtype_of(t.kind()) else {
             anyhow::bail!("tensor {name}: dtype {:?} cannot be stored", t.kind());
         };
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), dtype, shape, tensor_bytes(t)?));
+        let len = t.numel() * t.kind().elt_size_in_bytes();
+        // SAFETY: `t` is a contiguous CPU tensor of `len` bytes that `host` keeps alive
+        // and nothing writes while the views exist.
+        let bytes = if len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) } };
+        views.push((name.clone(), HostView { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), bytes }));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        owned.iter().map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?))).collect::<Result<_>>()?;
-    Ok(safetensors::serialize(views, &metadata)?)
+    replace_atomically(path, |tmp| {
+        safetensors::serialize_to_file(views, &metadata, tmp).with_context(|| format!("{}: write failed", tmp.display()))
+    })
+}
+
+/// Makes `path` by `fill`ing a temporary file next to it, then fsync, hash, rename and
+/// fsync of the folder; on failure the temporary file is removed and `path` untouched.
+fn replace_atomically(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<[u8; 32]> {
+    use sha2::Digest;
+    use std::io::Read;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    let tmp = temp_name(path)?;
+    let made = (|| -> Result<[u8; 32]> {
+        fill(&tmp)?;
+        let mut f = std::fs::File::open(&tmp).with_context(|| format!("{}: cannot reopen", tmp.display()))?;
+        f.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).with_context(|| format!("{}: cannot read back", tmp.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        Ok(hasher.finalize().into())
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    made
+}
+
+/// The temporary name `write_atomic` and `write_hashed` use for `path` in this process.
+fn temp_name(path: &Path) -> Result<std::path::PathBuf> {
+    let name = path.file_name().context("path has no file name")?.to_string_lossy();
+    Ok(path.with_file_name(format!(".{name}.tmp-{}", std::process::id())))
+}
+
+/// Removes temporary files that earlier processes left for `path` (killed mid-write).
+pub fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    for e in std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Atomic replace of `path` by `bytes`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    let name = path.file_name().context("path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("{}: write failed", tmp.display()))?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    replace_atomically(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("{}: write failed", tmp.display()))
+    })
+    .map(|_| ())
 }

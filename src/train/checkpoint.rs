@@ -12,7 +12,6 @@ use crate::error::bad_input;
 use crate::formats::weights;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -58,6 +57,14 @@ pub struct Manifest {
     pub layout: Vec<LayoutEntry>,
     pub shards: Vec<ShardEntry>,
     pub config: Config,
+    /// The run this checkpoint belongs to (`run.json` of its run folder); empty in
+    /// checkpoints written before runs had an identity.
+    #[serde(default)]
+    pub run_id: String,
+    /// SHA-256 of `config` as JSON: which settings wrote it (a resumed run may change
+    /// steps or logging; only a change of model is refused).
+    #[serde(default)]
+    pub config_sha256: String,
 }
 
 pub fn step_dir(run: &Path, step: i64) -> PathBuf {
@@ -105,19 +112,11 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
     });
     let meta = HashMap::from([("reg_ddp".to_string(), info.to_string())]);
     let path = dir.join(shard_file(rank, world));
-    let slow_ms = t.faults.slow_write_ms;
-    let handle = std::thread::Builder::new().name("ckpt-writer".into()).spawn(move || -> Result<[u8; 32]> {
-        let bytes = weights::serialize(&tensors, Some(meta))?;
-        if slow_ms > 0 {
-            // Injected fault: a partly written temporary file sits on disk for a while.
-            let tmp = path.with_extension("partial");
-            std::fs::write(&tmp, &bytes[..bytes.len() / 2])?;
-            std::thread::sleep(std::time::Duration::from_millis(slow_ms));
-            std::fs::remove_file(&tmp)?;
-        }
-        weights::write_atomic(&path, &bytes)?;
-        Ok(Sha256::digest(&bytes).into())
-    })?;
+    // A run killed while writing this step before left its temporary file behind.
+    weights::remove_stale_temps(&path);
+    let handle =
+        std::thread::Builder::new().name("ckpt-writer".into()).spawn(move || weights::write_hashed(&path, &tensors, Some(meta)))?;
+
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         step: t.step,
@@ -130,6 +129,8 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
         layout: t.params.entries.iter().map(|e| LayoutEntry { name: e.name.clone(), shape: e.shape.clone(), offset: e.offset }).collect(),
         shards: Vec::new(),
         config: t.cfg.clone(),
+        run_id: t.run_id.clone(),
+        config_sha256: weights::sha256_hex(serde_json::to_string(&t.cfg)?.as_bytes()),
     };
     Ok(PendingSave { step: t.step, dir, handle, manifest })
 }
@@ -137,7 +138,24 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
 /// Waits for this rank's file, gathers every rank's checksum, and on rank 0 writes
 /// the manifest (the commit point) and prunes old checkpoints. Collective.
 pub fn finish(p: PendingSave, t: &Trainer) -> Result<PathBuf> {
-    let sha = p.handle.join().map_err(|_| anyhow::anyhow!("checkpoint writer thread panicked"))??;
+    let written = p.handle.join().map_err(|_| anyhow::anyhow!("checkpoint writer thread panicked")).and_then(|r| r);
+    // Every rank learns whether all files are on disk before anyone waits on the
+    // checksums: a full disk on one rank stops all of them, at once, and nobody commits.
+    let failed = t.agree(&[written.is_err() as i64 as f64])?[0];
+    if failed > 0.0 {
+        let run = p.dir.parent().expect("step folder has a parent");
+        if t.rank() == 0 {
+            // No manifest was written: the folder would never be used; do not leave it.
+            let _ = std::fs::remove_dir_all(&p.dir);
+        }
+        let last = complete_steps(run).first().map(|(_, d)| d.display().to_string()).unwrap_or_else(|| "none".into());
+        let what = format!("checkpoint {} not written (the last complete one stays in use: {last})", p.dir.display());
+        return Err(match written {
+            Err(e) => e.context(what),
+            Ok(_) => anyhow::anyhow!("{what}: {failed} other rank(s) could not write their shard; see their messages"),
+        });
+    }
+    let sha = written?;
     let (world, device) = (t.world(), t.comm.device());
     let mine = Tensor::from_slice(&sha).to_device(device);
     let all = Tensor::zeros([32 * world], (Kind::Uint8, device));

@@ -5,22 +5,31 @@
 /// Faults to inject into a run; `Faults::default()` is none.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Faults {
-    /// Make the loss non-finite at this (step, rank).
-    pub nan_at: Option<(i64, i64)>,
-    /// Before each checkpoint shard is written: leave half of it on disk as
-    /// `*.partial` for this long (a kill then lands mid-write).
-    pub slow_write_ms: u64,
+    /// Make the loss non-finite on one rank for a range of steps.
+    pub nan: Option<NanSteps>,
+}
+
+/// Steps `first..=last` (counted from 0, before the update) on `rank`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NanSteps {
+    pub first: i64,
+    pub last: i64,
+    pub rank: i64,
 }
 
 impl Faults {
-    /// `REG_DDP_TEST_NAN_AT=step:rank`, `REG_DDP_TEST_SLOW_WRITE_MS=ms`.
+    /// `REG_DDP_TEST_NAN_AT=step:rank` or `first-last:rank`.
     pub fn from_env() -> Faults {
-        Faults {
-            nan_at: std::env::var("REG_DDP_TEST_NAN_AT").ok().and_then(|v| {
-                let (s, r) = v.split_once(':')?;
-                Some((s.parse().ok()?, r.parse().ok()?))
-            }),
-            slow_write_ms: std::env::var("REG_DDP_TEST_SLOW_WRITE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
-        }
+        let nan = std::env::var("REG_DDP_TEST_NAN_AT").ok().and_then(|v| {
+            let (steps, rank) = v.split_once(':')?;
+            let (first, last) = steps.split_once('-').unwrap_or((steps, steps));
+            Some(NanSteps { first: first.parse().ok()?, last: last.parse().ok()?, rank: rank.parse().ok()? })
+        });
+        Faults { nan }
+    }
+
+    /// Whether the loss of `step` on `rank` is to be made non-finite.
+    pub fn nan_at(&self, step: i64, rank: i64) -> bool {
+        self.nan.is_some_and(|n| n.rank == rank && (n.first..=n.last).contains(&step))
     }
 }

@@ -122,6 +122,8 @@ pub struct Trainer {
     online: Option<Dinov2>,
     /// Steps completed.
     step: i64,
+    /// The run's identity (`run.json`), recorded in the manifests rank 0 writes.
+    run_id: String,
     /// Non-finite steps skipped so far, and how many in a row just now.
     skipped: i64,
     consecutive_skips: i64,
@@ -198,6 +200,7 @@ impl Trainer {
             source,
             online,
             step: 0,
+            run_id: String::new(),
             skipped: 0,
             consecutive_skips: 0,
             faults,
@@ -293,7 +296,7 @@ impl Trainer {
             let inputs =
                 LossInputs { x0: &x0, feat: &feat, cls0: &cls0, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
             let mut terms = reg_loss(&self.model, &inputs, &self.cfg.loss, self.kind);
-            if self.faults.nan_at == Some((self.step, self.rank())) {
+            if self.faults.nan_at(self.step, self.rank()) {
                 terms.total = &terms.total * f64::NAN;
             }
             self.phases.mark(device, "forward");

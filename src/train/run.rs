@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::diffusion::generate::{grid, latents, to_images, Labels};
 use crate::dist::{watchdog::Watchdog, Launch};
 use crate::encoders::vae::Vae;
+use crate::error::bad_input;
 use crate::formats::tboard::EventWriter;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -88,9 +89,13 @@ fn sample_grid(t: &Trainer, vae: Option<&Vae>) -> (Result<Vec<u8>>, i32, i32) {
     (r, h, w)
 }
 
-/// Rank 0 picks (and checksums) the checkpoint; every rank learns which by broadcast.
-fn resume_from(run: &Path, spec: &str, t: &mut Trainer) -> Result<Option<PathBuf>> {
+/// Rank 0 picks (and checksums) the checkpoint and checks that it continues this run;
+/// every rank learns which by broadcast. Returns the folder and the manifest's run id.
+fn resume_from(run: &Path, spec: &str, t: &mut Trainer) -> Result<Option<(PathBuf, String)>> {
     let chosen = if t.rank() == 0 { checkpoint::choose(run, spec)? } else { None };
+    if let Some((dir, m)) = &chosen {
+        check_same_run(run, dir, m, &t.cfg)?;
+    }
     let step = t.agree(&[chosen.as_ref().map(|(_, m)| m.step as f64 + 1.0).unwrap_or(0.0)])?[0] as i64 - 1;
     if step < 0 {
         return Ok(None);
@@ -104,7 +109,90 @@ fn resume_from(run: &Path, spec: &str, t: &mut Trainer) -> Result<Option<PathBuf
         }
     };
     checkpoint::load(&dir, &manifest, t)?;
-    Ok(Some(dir))
+    Ok(Some((dir, manifest.run_id)))
+}
+
+/// The identity in a run folder's `run.json`, if it has one.
+fn run_id_of(run: &Path) -> Result<Option<String>> {
+    let path = run.join("run.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let j: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not JSON: {e}", path.display())))?;
+    match j["run_id"].as_str() {
+        Some(id) if !id.is_empty() => Ok(Some(id.to_string())),
+        _ => crate::bail_input!("{}: run_id: missing", path.display()),
+    }
+}
+
+/// A fresh identity: the start time and 64 random bits.
+fn new_run_id() -> Result<String> {
+    use std::io::Read;
+    let mut bits = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bits)?;
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    Ok(format!("{secs:x}-{}", crate::formats::weights::hex(&bits)))
+}
+
+/// Resuming continues the same model of the same run: a checkpoint of another model,
+/// or one whose run id is not this run folder's, is refused (`--init` starts from
+/// foreign weights). A run folder without `run.json` adopts the checkpoint's run.
+fn check_same_run(run: &Path, dir: &Path, m: &checkpoint::Manifest, cfg: &Config) -> Result<()> {
+    let manifest = dir.join("manifest.json");
+    // The fields of the two `SitDims`, as `name: value` pairs in the same order.
+    let fields = |d: crate::config::SitDims| format!("{d:?}").split_once('{').map(|(_, f)| f.trim_end_matches('}').trim().to_string());
+    let (theirs, ours) = (fields(m.config.dims()).unwrap_or_default(), fields(cfg.dims()).unwrap_or_default());
+    if theirs != ours {
+        let differ = theirs.split(", ").zip(ours.split(", ")).find(|(a, b)| a != b).map(|(a, b)| format!("{a} there, {b} here"));
+        crate::bail_input!(
+            "{}: config.model: another model ({}); to start from its weights use --init",
+            manifest.display(),
+            differ.unwrap_or_default()
+        );
+    }
+    if let Some(here) = run_id_of(run)? {
+        if !m.run_id.is_empty() && m.run_id != here {
+            crate::bail_input!(
+                "{}: run_id {} is another run's (this run folder is {here}); to start from its weights use --init",
+                manifest.display(),
+                m.run_id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every rank can write into the run folder (a node may mount it read-only, or not
+/// at all): checked before the first step; rank 0 reports which ranks cannot.
+fn check_writable(run: &Path, t: &Trainer) -> Result<()> {
+    let local = probe_writable(run);
+    let mut flags = vec![0.0; t.world() as usize];
+    flags[t.rank() as usize] = local.is_err() as i64 as f64;
+    let failed: Vec<usize> = t.agree(&flags)?.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(r, _)| r).collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let why = match local {
+        Err(e) => format!("{e:#}"),
+        Ok(()) => "rank 0 can; see those nodes".into(),
+    };
+    crate::bail_input!("train.output_dir: {} cannot be written by rank(s) {failed:?} of {}: {why}", run.display(), t.world())
+}
+
+/// Creates and removes a file in the run folder, or in its nearest existing parent
+/// when the folder is yet to be made (it is only made once everything is validated).
+fn probe_writable(run: &Path) -> Result<()> {
+    let mut dir = run;
+    while !dir.exists() {
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+    }
+    if !dir.is_dir() {
+        anyhow::bail!("{} is not a folder", dir.display());
+    }
+    let probe = dir.join(format!(".reg-ddp-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("{}: cannot create a file", dir.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("{}: cannot remove {}", dir.display(), probe.display()))
 }
 
 /// Trains `cfg` on this process's part of the launch until `train.steps` or a stop signal.
@@ -112,12 +200,17 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
     let mut t = Trainer::new(cfg, launch, opts.faults)?;
     let (rank, world) = (t.rank(), t.world());
     let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
+    check_writable(&run_dir, &t)?;
     if let Some(init) = &opts.init {
         t.init_from(init)?;
     }
+    let mut resumed_run = None;
     if let Some(spec) = &opts.resume {
         match resume_from(&run_dir, spec, &mut t)? {
-            Some(dir) if rank == 0 => eprintln!("reg-ddp: resumed from {} (step {})", dir.display(), t.step),
+            Some((dir, id)) if rank == 0 => {
+                eprintln!("reg-ddp: resumed from {} (step {})", dir.display(), t.step);
+                resumed_run = Some(id).filter(|id| !id.is_empty());
+            }
             None if rank == 0 => eprintln!("reg-ddp: no complete checkpoint in {}: starting fresh", run_dir.display()),
             _ => {}
         }
@@ -141,6 +234,15 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
     let mut tb = None;
     if rank == 0 {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run folder", run_dir.display()))?;
+        t.run_id = match run_id_of(&run_dir)? {
+            Some(id) => id,
+            None => {
+                let id = resumed_run.map(Ok).unwrap_or_else(new_run_id)?;
+                let text = serde_json::to_string_pretty(&serde_json::json!({"run_id": id}))?;
+                crate::formats::weights::write_atomic(&run_dir.join("run.json"), text.as_bytes())?;
+                id
+            }
+        };
         std::fs::write(run_dir.join("config.yaml"), serde_yaml::to_string(&t.cfg)?)
             .with_context(|| format!("{}: cannot write config.yaml", run_dir.display()))?;
         tb = Some(EventWriter::create(&run_dir.join("tb"))?);
@@ -180,15 +282,6 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
             if rank == 0 {
                 bar.println(format!("warning: {msg}"));
             }
-            if t.consecutive_skips > t.cfg.train.max_consecutive_skips {
-                let last = checkpoint::complete_steps(&run_dir).first().map(|(_, d)| d.display().to_string());
-                anyhow::bail!(
-                    "{} consecutive non-finite steps (last at step {}): stopping; last good checkpoint: {}",
-                    t.consecutive_skips,
-                    t.step,
-                    last.unwrap_or_else(|| "none".into())
-                );
-            }
         }
         if rank == 0 && (t.step % log_every == 0 || t.step == steps) {
             t.sync();
@@ -222,6 +315,16 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
             }
             window = Window::default();
             tick = Instant::now();
+        }
+        // After the log line, so that the metrics show the step it stopped at.
+        if t.consecutive_skips > t.cfg.train.max_consecutive_skips {
+            let last = checkpoint::complete_steps(&run_dir).first().map(|(_, d)| d.display().to_string());
+            anyhow::bail!(
+                "{} consecutive non-finite steps (last at step {}): stopping; last good checkpoint: {}",
+                t.consecutive_skips,
+                t.step,
+                last.unwrap_or_else(|| "none".into())
+            );
         }
         if t.cfg.sample.every > 0 && t.step % t.cfg.sample.every == 0 {
             let started = Instant::now();

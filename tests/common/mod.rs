@@ -16,12 +16,19 @@ pub fn repo() -> PathBuf {
 pub fn mpirun(np: usize, args: &[&str]) -> Command {
     let mut c = Command::new("mpirun");
     c.args(["-np", &np.to_string(), env!("CARGO_BIN_EXE_reg-ddp")]).args(args);
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    for (k, v) in MPI_ENV {
+        c.env(k, v);
+    }
     c
 }
+
+/// What Open MPI needs to run as root, in a container, oversubscribed.
+pub const MPI_ENV: [(&str, &str); 4] = [
+    ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
+    ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+    ("OMPI_MCA_btl_vader_single_copy_mechanism", "none"),
+    ("OMPI_MCA_rmaps_base_oversubscribe", "1"),
+];
 
 pub fn train_args<'a>(out: &'a str, name: &'a str, extra: &[&'a str]) -> Vec<String> {
     let config = repo().join("configs/demo.yaml");
