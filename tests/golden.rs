@@ -1,49 +1,119 @@
-//! The model, loss, gradients and one AdamW + EMA step reproduce the original REG
-//! implementation's outputs in tests/data/reg_tiny.* (tolerances from its README).
+//! The model, loss, gradients and AdamW + EMA steps reproduce the original REG
+//! implementation on every case tests/data/reg_*.json describes (its outputs in the
+//! case's .safetensors, made by tools/golden/reg_step.py from REG's own code).
 
 use reg::config::{LossConfig, ModelConfig, OptimConfig, SitDims};
-use reg::diffusion::loss::{reg_loss, LossInputs};
+use reg::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs};
+use reg::diffusion::path::{PathType, Weighting};
 use reg::formats::weights;
 use reg::model::{build_sit, Params, SiT};
 use reg::optim::{clip_factor, sq_sum, AdamW, Ema};
+use serde_json::Value;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
-fn golden() -> HashMap<String, Tensor> {
-    weights::read_map(Path::new("tests/data/reg_tiny.safetensors")).unwrap()
+/// One golden case: its settings (the JSON) and REG's tensors.
+struct Case {
+    name: String,
+    json: Value,
+    g: HashMap<String, Tensor>,
 }
 
-fn tiny_dims() -> SitDims {
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string("tests/data/reg_tiny.json").unwrap()).unwrap();
-    let m = ModelConfig {
+/// Every `tests/data/reg_*.json` with its `.safetensors`, in name order.
+fn cases() -> Vec<Case> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir("tests/data")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json") && p.file_name().unwrap().to_string_lossy().starts_with("reg_"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| Case {
+            name: p.file_stem().unwrap().to_string_lossy().into_owned(),
+            json: serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap(),
+            g: weights::read_map(&p.with_extension("safetensors")).unwrap(),
+        })
+        .collect()
+}
+
+/// A setting the case must state: a missing key fails rather than falling back to a default.
+fn setting<'a>(c: &'a Case, key: &str) -> &'a Value {
+    c.json.get(key).unwrap_or_else(|| panic!("{}.json: no {key:?}", c.name))
+}
+
+fn num(c: &Case, key: &str) -> f64 {
+    setting(c, key).as_f64().unwrap_or_else(|| panic!("{}.json: {key:?} is not a number", c.name))
+}
+
+fn int(c: &Case, key: &str) -> i64 {
+    setting(c, key).as_i64().unwrap_or_else(|| panic!("{}.json: {key:?} is not an integer", c.name))
+}
+
+fn flag(c: &Case, key: &str) -> bool {
+    setting(c, key).as_bool().unwrap_or_else(|| panic!("{}.json: {key:?} is not a boolean", c.name))
+}
+
+fn model_config(c: &Case) -> ModelConfig {
+    // Our final layer reads the blocks' width: REG's separate decoder width must equal it.
+    assert_eq!(int(c, "decoder_hidden_size"), int(c, "hidden_size"), "{}: decoder_hidden_size", c.name);
+    let z_dims = setting(c, "z_dims").as_array().unwrap();
+    assert_eq!(z_dims.len(), 1, "{}: one encoder", c.name);
+    ModelConfig {
         arch: None,
-        depth: j["depth"].as_i64(),
-        hidden_size: j["hidden_size"].as_i64(),
-        num_heads: j["num_heads"].as_i64(),
-        patch_size: j["patch_size"].as_i64(),
-        input_size: j["input_size"].as_i64().unwrap(),
-        in_channels: j["in_channels"].as_i64().unwrap(),
-        num_classes: j["num_classes"].as_i64().unwrap(),
-        encoder_depth: j["encoder_depth"].as_i64(),
-        z_dim: j["z_dims"][0].as_i64().unwrap(),
-        projector_dim: j["projector_dim"].as_i64().unwrap(),
-        qk_norm: j["qk_norm"].as_bool().unwrap(),
-        mlp_ratio: 4.0,
-        class_dropout_prob: 0.1,
+        depth: Some(int(c, "depth")),
+        hidden_size: Some(int(c, "hidden_size")),
+        num_heads: Some(int(c, "num_heads")),
+        patch_size: Some(int(c, "patch_size")),
+        input_size: int(c, "input_size"),
+        in_channels: int(c, "in_channels"),
+        num_classes: int(c, "num_classes"),
+        encoder_depth: Some(int(c, "encoder_depth")),
+        z_dim: z_dims[0].as_i64().unwrap(),
+        projector_dim: int(c, "projector_dim"),
+        qk_norm: flag(c, "qk_norm"),
+        mlp_ratio: num(c, "mlp_ratio"),
+        class_dropout_prob: num(c, "class_dropout_prob"),
         encoder: Default::default(),
-    };
-    m.dims("reg_tiny.json").unwrap()
+    }
 }
 
-/// The tiny model with the golden weights, loaded from a safetensors file through
+fn dims(c: &Case) -> SitDims {
+    model_config(c).dims(&c.name).unwrap()
+}
+
+fn loss_config(c: &Case) -> LossConfig {
+    assert_eq!(setting(c, "prediction"), "v", "{}: we train v-prediction only", c.name);
+    LossConfig {
+        path: serde_json::from_value::<PathType>(setting(c, "path_type").clone()).unwrap(),
+        weighting: serde_json::from_value::<Weighting>(setting(c, "weighting").clone()).unwrap(),
+        proj_coeff: num(c, "proj_coeff"),
+        cls_coeff: num(c, "cls_coeff"),
+        latent_scale: num(c, "latent_scale"),
+    }
+}
+
+fn optim_config(c: &Case) -> OptimConfig {
+    OptimConfig {
+        lr: num(c, "learning_rate"),
+        beta1: num(c, "adam_beta1"),
+        beta2: num(c, "adam_beta2"),
+        eps: num(c, "adam_epsilon"),
+        weight_decay: num(c, "adam_weight_decay"),
+        max_grad_norm: num(c, "max_grad_norm"),
+        ema_decay: num(c, "ema_decay"),
+    }
+}
+
+/// The case's model with REG's weights, loaded from a safetensors file through
 /// the same path `train --init` and `sample --weights` use.
-fn golden_model(g: &HashMap<String, Tensor>) -> (SiT, Params) {
-    let (model, params) = build_sit(&tiny_dims(), tch::Device::Cpu, 0).unwrap();
+fn golden_model(c: &Case) -> (SiT, Params) {
+    let (model, params) = build_sit(&dims(c), tch::Device::Cpu, 0).unwrap();
     let names: Vec<String> = params.named(&params.flat).into_iter().map(|(n, _)| n).collect();
-    let subset: Vec<(String, Tensor)> = names.iter().map(|n| (n.clone(), g[n].shallow_clone())).collect();
+    let subset: Vec<(String, Tensor)> = names.iter().map(|n| (n.clone(), c.g[n].shallow_clone())).collect();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("reg_tiny_weights.safetensors");
+    let path = dir.path().join(format!("{}_weights.safetensors", c.name));
     weights::write(&path, &subset, None).unwrap();
     params.load_file(&path).unwrap();
     (model, params)
@@ -57,92 +127,147 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[]) / scale
 }
 
-fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
-    assert_eq!(a.size(), b.size(), "{what}: shape");
-    let r = rel(a, b);
-    assert!(r <= tol, "{what}: relative error {r:e} > {tol:e}");
-}
+/// The largest error of each kind of comparison over a case, for the report.
+#[derive(Default)]
+struct Worst(Vec<(&'static str, f64)>);
 
-#[test]
-fn position_table_matches_reference() {
-    let g = golden();
-    let (model, _) = build_sit(&tiny_dims(), tch::Device::Cpu, 0).unwrap();
-    assert_rel("pos_embed", &model.pos_embed, &g["pos_embed"], 1e-6);
-}
-
-#[test]
-fn forward_matches_reference() {
-    let g = golden();
-    let (model, _params) = golden_model(&g);
-    let _ng = tch::no_grad_guard();
-    let out = model.forward(&g["in.x"], &g["in.t"], &g["in.y"], &g["in.cls"], Kind::Float);
-    assert_rel("out.x", &out.x, &g["out.x"], 1e-5);
-    assert_rel("out.zs0", &out.zs, &g["out.zs0"], 1e-5);
-    assert_rel("out.cls", &out.cls, &g["out.cls"], 1e-5);
-}
-
-fn golden_loss(model: &SiT, g: &HashMap<String, Tensor>, kind: Kind) -> reg::diffusion::LossTerms {
-    let inp = LossInputs {
-        x0: &g["loss.x0"],
-        feat: &g["loss.feat"],
-        cls0: &g["loss.cls0"],
-        y: &g["in.y"],
-        t: &g["loss.time"],
-        noise: &g["loss.noise"],
-        noise_cls: &g["loss.noise_cls"],
-    };
-    reg_loss(model, &inp, &LossConfig::default(), kind)
-}
-
-#[test]
-fn loss_gradients_and_step_match_reference() {
-    let g = golden();
-    let (model, params) = golden_model(&g);
-    let terms = golden_loss(&model, &g, Kind::Float);
-    assert_rel("loss.denoise", &terms.denoise, &g["loss.denoise"], 1e-5);
-    assert_rel("loss.cls", &terms.cls, &g["loss.cls"], 1e-5);
-    assert_rel("loss.proj", &terms.proj, &g["loss.proj"], 1e-5);
-    assert_rel("loss.total", &terms.total, &g["loss.total"], 1e-5);
-
-    params.zero_grad();
-    terms.total.backward();
-    let mut checked = 0;
-    for (name, grad) in params.named(&params.grad) {
-        if let Some(want) = g.get(&format!("grad.{name}")) {
-            assert_rel(&format!("grad.{name}"), &grad, want, 1e-4);
-            checked += 1;
+impl Worst {
+    fn note(&mut self, kind: &'static str, err: f64) {
+        match self.0.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, e)) => *e = e.max(err),
+            None => self.0.push((kind, err)),
         }
     }
-    assert_eq!(checked, params.entries.len(), "every trainable parameter has a golden gradient");
 
-    // Clip at 1.0, AdamW, EMA started as a copy of the weights before the step.
-    let mut ema = Ema::new(0.9999, &params.flat);
-    let mut opt = AdamW::new(&OptimConfig::default(), &params.flat);
-    let (norm, factor) = clip_factor(&sq_sum(&params.grad), 1.0);
-    assert_rel("step.grad_norm", &norm, &g["step.grad_norm"], 1e-5);
-    let _ = params.grad.shallow_clone().g_mul_(&factor);
-    opt.update(&params.flat, &params.grad).unwrap();
-    ema.update(&params.flat);
-    for (kind, flat) in [("param", &params.flat), ("ema", &ema.shadow)] {
-        for (name, t) in params.named(flat) {
-            let Some(want) = g.get(&format!("step.{kind}.{name}")) else { continue };
-            let err = (&t - want).abs().max().double_value(&[]);
-            assert!(err <= 1e-6, "step.{kind}.{name}: absolute error {err:e}");
+    fn rel(&mut self, kind: &'static str, what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+        assert_eq!(a.size(), b.size(), "{what}: shape");
+        let r = rel(a, b);
+        self.note(kind, r);
+        assert!(r <= tol, "{what}: relative error {r:e} > {tol:e}");
+    }
+
+    fn abs(&mut self, kind: &'static str, what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+        assert_eq!(a.size(), b.size(), "{what}: shape");
+        let err = (a - b).abs().max().double_value(&[]);
+        self.note(kind, err);
+        assert!(err <= tol, "{what}: absolute error {err:e}");
+    }
+}
+
+/// Prefix of training step `step`'s tensors (1-based): the first has none.
+fn prefix(step: i64) -> String {
+    if step == 1 {
+        String::new()
+    } else {
+        format!("s{step}.")
+    }
+}
+
+/// REG's loss inputs for step `step`. The labels are the ones after REG's dropout where
+/// the case recorded REG's draws; reg_tiny's loss took the forward's labels.
+fn golden_loss(model: &SiT, c: &Case, step: i64, kind: Kind) -> reg::diffusion::LossTerms {
+    let p = prefix(step);
+    let g = |k: &str| &c.g[&format!("{p}{k}")];
+    let y = if flag(c, "reg_draws") { g("loss.y") } else { &c.g["in.y"] };
+    let inp = LossInputs {
+        x0: g("loss.x0"),
+        feat: g("loss.feat"),
+        cls0: g("loss.cls0"),
+        y,
+        t: g("loss.time"),
+        noise: g("loss.noise"),
+        noise_cls: g("loss.noise_cls"),
+    };
+    reg_loss(model, &inp, &loss_config(c), kind)
+}
+
+/// The step's time, latents and labels from REG's raw draws, as the trainer makes them.
+fn check_draws(c: &Case, step: i64, w: &mut Worst) {
+    let p = prefix(step);
+    let g = |k: &str| &c.g[&format!("{p}{k}")];
+    let name = |k: &str| format!("{}: {p}{k}", c.name);
+    let cfg = loss_config(c);
+    w.rel("draws", &name("loss.time"), &cfg.weighting.time(cfg.path, g("draw.time")), g("loss.time"), 1e-6);
+    w.rel("draws", &name("loss.x0"), &sample_posterior(g("draw.moments"), g("draw.eps"), cfg.latent_scale), g("loss.x0"), 1e-6);
+    let drop = g("draw.drop").lt(num(c, "class_dropout_prob"));
+    let y = drop_labels(g("draw.labels"), &drop, int(c, "num_classes"));
+    assert!(y.equal(g("loss.y")), "{}: labels after dropout {y} vs REG's {}", name("loss.y"), g("loss.y"));
+}
+
+#[test]
+fn every_reference_case_matches() {
+    let cases = cases();
+    assert!(cases.iter().any(|c| c.name == "reg_tiny"), "the original case is among them");
+    for c in &cases {
+        let mut w = Worst::default();
+        let (model, params) = golden_model(c);
+        w.rel("pos_embed", &format!("{}: pos_embed", c.name), &model.pos_embed, &c.g["pos_embed"], 1e-6);
+        {
+            let _ng = tch::no_grad_guard();
+            let g = &c.g;
+            let out = model.forward(&g["in.x"], &g["in.t"], &g["in.y"], &g["in.cls"], Kind::Float);
+            for (key, got) in [("out.x", &out.x), ("out.zs0", &out.zs), ("out.cls", &out.cls)] {
+                w.rel("forward", &format!("{}: {key}", c.name), got, &g[key], 1e-5);
+            }
         }
+
+        // Clip, AdamW, EMA started as a copy of the weights before the first step.
+        let o = optim_config(c);
+        let mut ema = Ema::new(o.ema_decay, &params.flat);
+        let mut opt = AdamW::new(&o, &params.flat);
+        for step in 1..=int(c, "steps") {
+            let p = prefix(step);
+            let key = |k: &str| format!("{p}{k}");
+            let name = |k: &str| format!("{}: {p}{k}", c.name);
+            if flag(c, "reg_draws") {
+                check_draws(c, step, &mut w);
+            }
+            let terms = golden_loss(&model, c, step, Kind::Float);
+            for (k, got) in
+                [("loss.denoise", &terms.denoise), ("loss.cls", &terms.cls), ("loss.proj", &terms.proj), ("loss.total", &terms.total)]
+            {
+                w.rel("loss", &name(k), got, &c.g[&key(k)], 1e-5);
+            }
+            params.zero_grad();
+            terms.total.backward();
+            // Every gradient of the first step (the position table is fixed: it has none);
+            // later steps' gradients show in their weights.
+            if step == 1 {
+                let trainable = params.named(&params.grad).into_iter().filter(|(n, _)| params.entries.iter().any(|e| &e.name == n));
+                for (n, grad) in trainable {
+                    let want = c.g.get(&key(&format!("grad.{n}"))).unwrap_or_else(|| panic!("{}: no gradient", name(&n)));
+                    w.rel("grad", &name(&format!("grad.{n}")), &grad, want, 1e-4);
+                }
+            }
+            let (norm, factor) = clip_factor(&sq_sum(&params.grad), o.max_grad_norm);
+            w.rel("grad_norm", &name("step.grad_norm"), &norm, &c.g[&key("step.grad_norm")], 1e-5);
+            let _ = params.grad.shallow_clone().g_mul_(&factor);
+            opt.update(&params.flat, &params.grad).unwrap();
+            ema.update(&params.flat);
+            for (kind, flat) in [("param", &params.flat), ("ema", &ema.shadow)] {
+                for (n, t) in params.named(flat) {
+                    let k = format!("step.{kind}.{n}");
+                    let want = c.g.get(&key(&k)).unwrap_or_else(|| panic!("{}: missing", name(&k)));
+                    w.abs("step (abs)", &name(&k), &t, want, 1e-6);
+                }
+            }
+        }
+        let report: Vec<String> = w.0.iter().map(|(k, e)| format!("{k} {e:.1e}")).collect();
+        eprintln!("{}: {}", c.name, report.join(", "));
     }
 }
 
 #[test]
 fn bf16_compute_keeps_f32_masters_and_close_loss() {
-    let g = golden();
-    let (model, params) = golden_model(&g);
-    let f32_loss = golden_loss(&model, &g, Kind::Float).total.double_value(&[]);
-    let terms = golden_loss(&model, &g, Kind::BFloat16);
+    let c = cases().into_iter().find(|c| c.name == "reg_tiny").unwrap();
+    let (model, params) = golden_model(&c);
+    let f32_loss = golden_loss(&model, &c, 1, Kind::Float).total.double_value(&[]);
+    let terms = golden_loss(&model, &c, 1, Kind::BFloat16);
     let bf16_loss = terms.total.double_value(&[]);
     assert!(((bf16_loss - f32_loss) / f32_loss).abs() <= 2e-2, "bf16 {bf16_loss} vs f32 {f32_loss}");
     params.zero_grad();
     terms.total.backward();
-    let mut opt = AdamW::new(&OptimConfig::default(), &params.flat);
+    let mut opt = AdamW::new(&optim_config(&c), &params.flat);
     opt.update(&params.flat, &params.grad).unwrap();
     assert_eq!(params.flat.kind(), Kind::Float);
     assert_eq!(params.grad.kind(), Kind::Float);

@@ -48,16 +48,11 @@ impl StepDraws {
         tch::manual_seed(step_seed(seed, step, stream::STEP_DRAWS));
         let b = global_batch;
         let opts = (Kind::Float, Device::Cpu);
-        let t = match cfg.weighting {
+        let u = match cfg.weighting {
             Weighting::Uniform => Tensor::rand([b], opts),
-            Weighting::Lognormal => {
-                let s = Tensor::randn([b], opts).exp();
-                match cfg.path {
-                    PathType::Linear => &s / (&s + 1.0),
-                    PathType::Cosine => s.atan() * (2.0 / std::f64::consts::PI),
-                }
-            }
+            Weighting::Lognormal => Tensor::randn([b], opts),
         };
+        let t = cfg.weighting.time(cfg.path, &u);
         let [c, h, w] = latent;
         let noise = Tensor::randn([b, c, h, w], opts);
         let noise_cls = Tensor::randn([b, z_dim], opts);

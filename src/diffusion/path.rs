@@ -20,6 +20,25 @@ pub enum Weighting {
     Lognormal,
 }
 
+impl Weighting {
+    /// Training times from the raw draw `u` of this weighting: `u` itself for uniform
+    /// (`rand`); for lognormal (`randn`, EDM's log-normal sigma `s = exp(u)`) the time
+    /// at which the path's noise-to-signal ratio is `s`: `s / (1 + s)` on the linear
+    /// path, `2 atan(s) / pi` on the cosine one.
+    pub fn time(self, path: PathType, u: &Tensor) -> Tensor {
+        match self {
+            Weighting::Uniform => u.shallow_clone(),
+            Weighting::Lognormal => {
+                let s = u.exp();
+                match path {
+                    PathType::Linear => &s / (&s + 1.0),
+                    PathType::Cosine => s.atan() * (2.0 / PI),
+                }
+            }
+        }
+    }
+}
+
 /// `alpha`, `sigma` and their derivatives at `t`, broadcastable against the data.
 pub struct Interpolant {
     pub alpha: Tensor,
