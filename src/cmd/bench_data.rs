@@ -96,7 +96,7 @@ pub fn run(a: Args) -> Result<()> {
         "images": images,
         "rows_per_rank": rows,
         "samples_per_s_per_rank": (rows * a.steps as i64) as f64 / secs,
-        "threads": 2,
+        "copy_threads": reg::data::loader::COPY_THREADS,
     });
     println!("{line}");
     Ok(())

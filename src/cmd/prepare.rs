@@ -51,6 +51,10 @@ pub struct Args {
     /// `auto`, `cpu`, `cuda` (each rank uses `cuda:{local rank}`).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute precision of the VAE encoder and DINOv2: `fp32` by default, as REG's
+    /// preprocessing encodes; `bf16` or `auto` (bf16 on CUDA) for speed.
+    #[arg(long, default_value = "fp32")]
+    pub precision: reg::config::Precision,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -66,7 +70,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     // Shards travel through files; the ranks only meet at the end (MPI on the host).
     let Launch { device, comm } = Launch::start(&a.device, Collectives::OnHost)?;
-    let kind = reg::config::Precision::Auto.kind_on(device);
+    let kind = a.precision.kind_on(device);
     let ((classes, entries), from_reg) = match (&a.images, &a.from_reg) {
         (Some(dir), _) => (list_image_tree(dir)?, false),
         (None, Some(dir)) => (list_reg(dir)?, true),

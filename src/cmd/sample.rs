@@ -61,6 +61,10 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute precision of SiT and the VAE decoder: `fp32` by default, as REG's
+    /// `generate.py` samples (no autocast); `bf16` or `auto` (bf16 on CUDA) for speed.
+    #[arg(long, default_value = "fp32")]
+    pub precision: reg::config::Precision,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -99,8 +103,12 @@ pub fn run(a: Args) -> Result<()> {
         "ode" => SamplerMode::Ode,
         m => bail_input!("--mode: {m:?} (sde or ode)"),
     };
-    let sampler =
-        Sampler { mode, heun: a.heun, steps: a.steps, guidance: Guidance { cfg: a.cfg, cls_cfg: a.cls_cfg, low: iv[0], high: iv[1] } };
+    let sampler = Sampler {
+        mode,
+        heun: a.heun,
+        steps: a.steps,
+        guidance: Guidance { cfg: a.cfg, cls_cfg: a.cls_cfg, low: iv[0], high: iv[1], force_doubled: false },
+    };
     sampler.check().map_err(|e| reg::error::bad_input(format!("--{e}")))?;
     // The model: from a checkpoint (its manifest has the config) or weights + config.
     let (cfg, named) = match (&a.ckpt, &a.weights) {
@@ -128,7 +136,7 @@ pub fn run(a: Args) -> Result<()> {
     if vae.latent_channels() != dims.in_channels {
         bail_input!("{}: latent_channels {} but the model has {} input channels", a.vae.display(), vae.latent_channels(), dims.in_channels);
     }
-    let kind = reg::config::Precision::Auto.kind_on(device);
+    let kind = a.precision.kind_on(device);
     let spec = SampleSpec { sampler, path: cfg.loss.path, seed: a.seed, labels, kind };
     std::fs::create_dir_all(&a.out)?;
     let (rank, world) = (comm.rank(), comm.world());

@@ -30,6 +30,10 @@ pub fn position(step: i64, records: i64, global_batch: i64) -> (i64, i64) {
     (step / per_epoch, (step % per_epoch) * global_batch)
 }
 
+/// Threads that copy the records of one batch (besides the prefetching thread, which
+/// waits for them).
+pub const COPY_THREADS: usize = 2;
+
 /// Assembles rows `[lo, lo + n)` of the global batch of `step` (on the CPU); with
 /// `latents_only`, features and images are not read.
 pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents_only: bool) -> Result<Batch> {
@@ -37,7 +41,7 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents
     let ix = &ds.index;
     let k = ix.num_classes();
     // Records are copied once, straight from the mapped shards into the batch tensor,
-    // by this thread and one helper (two threads in all), each filling half the rows.
+    // by `COPY_THREADS` threads, each filling a contiguous part of the rows.
     let gather = |name: &str, shape: &[i64], kind: Kind| -> Result<Tensor> {
         let t = Tensor::empty(shape, (kind, Device::Cpu));
         let bytes = t.numel() * kind.elt_size_in_bytes();
@@ -55,13 +59,14 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents
             }
             Ok(())
         };
-        let half = idx.len() / 2;
-        let (d0, d1) = dst.split_at_mut(half * per);
-        let (r0, r1) = idx.split_at(half);
+        if idx.is_empty() {
+            return Ok(t);
+        }
+        let rows_each = idx.len().div_ceil(COPY_THREADS);
         std::thread::scope(|sc| {
-            let other = sc.spawn(|| copy(r1, d1));
-            let mine = copy(r0, d0);
-            mine.and(other.join().unwrap_or_else(|_| Err(anyhow::anyhow!("loader helper thread panicked"))))
+            let parts: Vec<_> =
+                idx.chunks(rows_each).zip(dst.chunks_mut(rows_each * per)).map(|(rows, out)| sc.spawn(move || copy(rows, out))).collect();
+            parts.into_iter().try_for_each(|p| p.join().unwrap_or_else(|_| Err(anyhow::anyhow!("loader copy thread panicked"))))
         })?;
         Ok(t)
     };
