@@ -220,7 +220,8 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
         _ => None,
     };
     let fid = FidProbe::new(&t)?;
-    let watchdog = (world > 1).then(|| Watchdog::start(rank, std::time::Duration::from_secs_f64(t.cfg.dist.timeout_s)));
+    let timeout = std::time::Duration::from_secs_f64(t.cfg.dist.timeout_s);
+    let watchdog = (world > 1).then(|| Watchdog::start(rank, world, timeout, Some(run_dir.join(".heartbeat"))));
     if opts.json {
         // Every rank reports what it holds: the optimiser state is only its shard.
         println!(
@@ -401,6 +402,8 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
     let dir = if done { checkpoint::step_dir(&run_dir, t.step) } else { checkpoint::finish(checkpoint::start(&run_dir, &t)?, &t)? };
     bar.finish();
     if rank == 0 {
+        // The heartbeats only matter while the ranks wait on each other.
+        let _ = std::fs::remove_dir_all(run_dir.join(".heartbeat"));
         // Launch scripts read this to decide whether to requeue.
         let status = serde_json::json!({"state": if preempted { "preempted" } else { "done" }, "step": t.step,
             "steps": steps, "checkpoint": dir.display().to_string()});
