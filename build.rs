@@ -48,5 +48,10 @@ fn main() {
     println!("cargo:rustc-link-arg=-ltorch_cpu");
     println!("cargo:rustc-link-arg=-lc10");
     println!("cargo:rustc-link-arg=-lc10_cuda");
+    // The CUDA runtime of the same wheel (libtorch_cuda loads it anyway): the shim's
+    // CUDA events call it directly.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}/../../nvidia/cu13/lib");
+    println!("cargo:rustc-link-arg=-L{lib}/../../nvidia/cu13/lib");
+    println!("cargo:rustc-link-arg=-l:libcudart.so.13");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
 }

@@ -385,6 +385,11 @@ pub struct TrainConfig {
     /// Consecutive non-finite steps (skipped) tolerated before the run stops.
     #[serde(default = "d_max_skips")]
     pub max_consecutive_skips: i64,
+    /// On CUDA, copy a checkpoint's state to pinned host memory on a side stream,
+    /// overlapped with the next step, instead of a blocking copy. Off until it has
+    /// been measured on a card (README, "Checkpoints").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub async_checkpoint_copy: bool,
 }
 
 fn d_keep() -> i64 {

@@ -104,3 +104,64 @@ pub fn cuda_reset_peak(device: usize) -> Result<()> {
     // SAFETY: takes a plain integer; errors come back as a string.
     check(unsafe { reg_cuda_reset_peak(device as c_int) })
 }
+
+extern "C" {
+    fn reg_cuda_copy_to_host(
+        device: c_int,
+        src: *const *mut C_tensor,
+        dst: *const *mut C_tensor,
+        n: c_int,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn reg_cuda_copy_order(device: c_int, copy: *mut c_void) -> *mut c_char;
+    fn reg_cuda_copy_wait(copy: *mut c_void) -> *mut c_char;
+    fn reg_cuda_copy_free(copy: *mut c_void);
+}
+
+/// A copy of GPU tensors into pinned host tensors running on a side stream of GPU
+/// `device` (checkpoint saves overlap with the next step).
+pub struct HostCopy {
+    handle: *mut c_void,
+    device: usize,
+}
+
+// SAFETY: the handle is a CUDA event owned by this value; recording happened before it
+// was handed out, and waiting on or blocking a stream behind an event is thread-safe.
+unsafe impl Send for HostCopy {}
+// SAFETY: as for Send; `&self` methods only wait on the event.
+unsafe impl Sync for HostCopy {}
+
+impl HostCopy {
+    /// Queues `dst[i].copy_(src[i])` after the work queued so far on the current stream.
+    /// `src` must not be modified until `order_before_current`; `dst` not read before `wait`.
+    pub fn start(device: usize, src: &[Tensor], dst: &[Tensor]) -> Result<HostCopy> {
+        if src.len() != dst.len() {
+            bail!("host copy: {} sources for {} destinations", src.len(), dst.len());
+        }
+        let (s, d): (Vec<_>, Vec<_>) = src.iter().zip(dst).map(|(a, b)| (ptr(a), ptr(b))).unzip();
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: the pointer arrays hold `len` live tensors for the call; `handle` is a
+        // valid slot for the shim to write.
+        check(unsafe { reg_cuda_copy_to_host(device as c_int, s.as_ptr(), d.as_ptr(), s.len() as c_int, &mut handle) })?;
+        Ok(HostCopy { handle, device })
+    }
+
+    /// Work queued on the current stream from now on runs after the copy.
+    pub fn order_before_current(&self) -> Result<()> {
+        // SAFETY: `handle` is live until drop.
+        check(unsafe { reg_cuda_copy_order(self.device as c_int, self.handle) })
+    }
+
+    /// Blocks this thread until the copy is done.
+    pub fn wait(&self) -> Result<()> {
+        // SAFETY: `handle` is live until drop.
+        check(unsafe { reg_cuda_copy_wait(self.handle) })
+    }
+}
+
+impl Drop for HostCopy {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `reg_cuda_copy_to_host` and is freed once, here.
+        unsafe { reg_cuda_copy_free(self.handle) };
+    }
+}

@@ -81,6 +81,10 @@ pub struct PendingSave {
     pub dir: PathBuf,
     handle: JoinHandle<Result<[u8; 32]>>,
     manifest: Manifest,
+    /// When `start` was called and how long it held the step loop (the host copy, or
+    /// queueing the side-stream copy).
+    pub started: std::time::Instant,
+    pub blocking: std::time::Duration,
 }
 
 impl PendingSave {
@@ -93,17 +97,24 @@ impl PendingSave {
 /// Starts this rank's part of the checkpoint of the current step: copies the shard
 /// state to the host now, writes it in a thread. Training may continue at once;
 /// `finish` (collective) completes the checkpoint.
-pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
+pub fn start(run: &Path, t: &mut Trainer) -> Result<PendingSave> {
+    let started = std::time::Instant::now();
     let (rank, world) = (t.rank(), t.world());
     let dir = step_dir(run, t.step);
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let host = |x: &Tensor| x.to_device(Device::Cpu).copy();
-    let tensors: Vec<(String, Tensor)> = vec![
-        ("weights".into(), host(&t.shard())),
-        ("exp_avg".into(), host(&t.opt.exp_avg)),
-        ("exp_avg_sq".into(), host(&t.opt.exp_avg_sq)),
-        ("ema".into(), host(&t.ema.shadow)),
-    ];
+    let state = [t.shard(), t.opt.exp_avg.shallow_clone(), t.opt.exp_avg_sq.shallow_clone(), t.ema.shadow.shallow_clone()];
+    let (host, copy) = match t.device {
+        Device::Cuda(d) if t.cfg.train.async_checkpoint_copy => {
+            if t.staging.is_empty() {
+                t.staging = state.iter().map(|s| Tensor::empty(s.size(), (Kind::Float, Device::Cpu)).pin_memory(t.device)).collect();
+            }
+            let copy = std::sync::Arc::new(crate::shim::HostCopy::start(d, &state, &t.staging)?);
+            t.save_fence = Some(copy.clone());
+            (t.staging.iter().map(Tensor::shallow_clone).collect::<Vec<_>>(), Some(copy))
+        }
+        _ => (state.iter().map(|x| x.to_device(Device::Cpu).copy()).collect(), None),
+    };
+    let tensors: Vec<(String, Tensor)> = STATE.iter().map(|n| n.to_string()).zip(host).collect();
     // One metadata key holding a JSON object: a HashMap with several keys would be
     // serialised in random order, and identical states must give identical bytes.
     let info = serde_json::json!({
@@ -114,8 +125,12 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
     let path = dir.join(shard_file(rank, world));
     // A run killed while writing this step before left its temporary file behind.
     weights::remove_stale_temps(&path);
-    let handle =
-        std::thread::Builder::new().name("ckpt-writer".into()).spawn(move || weights::write_hashed(&path, &tensors, Some(meta)))?;
+    let handle = std::thread::Builder::new().name("ckpt-writer".into()).spawn(move || {
+        if let Some(copy) = copy {
+            copy.wait()?;
+        }
+        weights::write_hashed(&path, &tensors, Some(meta))
+    })?;
 
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -132,7 +147,7 @@ pub fn start(run: &Path, t: &Trainer) -> Result<PendingSave> {
         run_id: t.run_id.clone(),
         config_sha256: weights::sha256_hex(serde_json::to_string(&t.cfg)?.as_bytes()),
     };
-    Ok(PendingSave { step: t.step, dir, handle, manifest })
+    Ok(PendingSave { step: t.step, dir, handle, manifest, started, blocking: started.elapsed() })
 }
 
 /// Waits for this rank's file, gathers every rank's checksum, and on rank 0 writes

@@ -141,6 +141,11 @@ pub struct Trainer {
     /// Elements per rank in one reduce-scatter bucket.
     bucket: i64,
     phases: Phases,
+    /// A checkpoint copy in flight on a side stream (`train.async_checkpoint_copy`):
+    /// the next update waits for it on the GPU.
+    save_fence: Option<Arc<crate::shim::HostCopy>>,
+    /// Pinned host buffers of that copy, one per state tensor, reused by every save.
+    staging: Vec<Tensor>,
 }
 
 impl Trainer {
@@ -212,6 +217,8 @@ impl Trainer {
             shard_grad,
             bucket,
             phases: Phases::default(),
+            save_fence: None,
+            staging: Vec::new(),
         })
     }
 
@@ -331,6 +338,10 @@ impl Trainer {
         let skip = control.get(1).gt(0.0).logical_or(&norm.isfinite().logical_not()).to_kind(Kind::Float);
         let _ = self.shard_grad.g_mul_(&factor);
         let shard = self.shard();
+        if let Some(copy) = self.save_fence.take() {
+            // The checkpoint's copy reads the state this update overwrites.
+            copy.order_before_current()?;
+        }
         self.opt.update_unless(&shard, &self.shard_grad, Some(&skip))?;
         self.ema.update_unless(&shard, &skip);
         self.phases.mark(device, "clip_adamw_ema");

@@ -377,9 +377,19 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
         let written = pending.as_ref().map(|p| p.is_written()).unwrap_or(false);
         let votes = t.agree(&[opts.stop.load(Ordering::Relaxed) as i64 as f64, written as i64 as f64])?;
         if votes[1] as i64 == world {
-            let dir = checkpoint::finish(pending.take().expect("a save is in flight"), &t)?;
+            let p = pending.take().expect("a save is in flight");
+            let (step, started, blocking) = (p.step, p.started, p.blocking);
+            let dir = checkpoint::finish(p, &t)?;
             if rank == 0 {
                 bar.println(format!("checkpoint {}", dir.display()));
+                if opts.json {
+                    // How long the save held the step loop, and until it was committed.
+                    println!(
+                        "{}",
+                        serde_json::json!({"checkpoint_step": step, "blocking_ms": blocking.as_secs_f64() * 1e3,
+                            "committed_s": started.elapsed().as_secs_f64()})
+                    );
+                }
             }
         }
         if votes[0] > 0.0 {
@@ -390,7 +400,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
             if let Some(p) = pending.take() {
                 checkpoint::finish(p, &t)?;
             }
-            pending = Some(checkpoint::start(&run_dir, &t)?);
+            pending = Some(checkpoint::start(&run_dir, &mut t)?);
         }
     }
     // A save in flight is always of an earlier step: complete it, then save this one.
@@ -399,7 +409,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
     }
     // A resumed run that had nothing left to do already has this checkpoint.
     let done = t.agree(&[checkpoint::step_dir(&run_dir, t.step).join("manifest.json").exists() as i64 as f64])?[0] > 0.0;
-    let dir = if done { checkpoint::step_dir(&run_dir, t.step) } else { checkpoint::finish(checkpoint::start(&run_dir, &t)?, &t)? };
+    let dir = if done { checkpoint::step_dir(&run_dir, t.step) } else { checkpoint::finish(checkpoint::start(&run_dir, &mut t)?, &t)? };
     bar.finish();
     if rank == 0 {
         // The heartbeats only matter while the ranks wait on each other.
