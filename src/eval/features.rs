@@ -72,9 +72,10 @@ pub enum ImageSet {
     Pngs(Vec<PathBuf>),
 }
 
-/// An image array must be [N, H, W, 3] u8 with N > 0.
+/// An image array must be [N, H, W, 3] u8 with N, H, W > 0 (images of no pixels would
+/// pass the size check of any file, and fail only inside the network).
 pub fn check_images(kind: Kind, shape: &[i64], what: &str) -> Result<()> {
-    if kind != Kind::Uint8 || shape.len() != 4 || shape[3] != 3 || shape[0] == 0 {
+    if kind != Kind::Uint8 || shape.len() != 4 || shape[3] != 3 || shape[..3].contains(&0) {
         bail_input!("{what}: arr_0: expected non-empty [N, H, W, 3] uint8 images, got {kind:?} {shape:?}");
     }
     Ok(())
