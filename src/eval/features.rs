@@ -5,6 +5,7 @@ use crate::bail_input;
 use crate::dist::{all_ok, Comm};
 use crate::encoders::inception::{Inception, InceptionOutput};
 use crate::error::bad_input;
+use crate::formats::images;
 use crate::formats::npy::NpzArray;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -122,7 +123,7 @@ impl ImageSet {
             ImageSet::Pngs(p) => p,
         };
         let read = |p: &Path| -> Result<Tensor> {
-            let img = image::open(p).map_err(|e| bad_input(format!("{}: {e}", p.display())))?.to_rgb8();
+            let img = images::open(p).map_err(|e| bad_input(format!("{}: {}", p.display(), images::why(&e))))?.to_rgb8();
             Ok(Tensor::from_slice(img.as_raw()).view([img.height() as i64, img.width() as i64, 3]))
         };
         let size = image::image_dimensions(&pngs[0]).map_err(|e| bad_input(format!("{}: {e}", pngs[0].display())))?;
