@@ -744,6 +744,8 @@ fn dataset_indexes_forged_or_damaged_are_read_exactly_or_refused() {
     let index: Json = serde_json::from_slice(&std::fs::read(good.join("index.json")).unwrap()).unwrap();
     let shard0 = std::fs::read(good.join("shard-00000.safetensors")).unwrap();
     let shard_header = 0..8 + u64::from_le_bytes(shard0[..8].try_into().unwrap()) as usize;
+    // bench-data's own flags divide the batch: zero is refused, not divided by in the loader thread.
+    assert_bad_input(&run(bin().args(["bench-data", "--data"]).arg(&good).args(["--batch", "0"])), &["--batch 0"]);
     let counter = AtomicUsize::new(0);
     let cases = (prop::collection::vec(json_edit(), 0..3), prop::collection::vec(mutation(), 0..2), prop::bool::weighted(0.2));
     proptest!(config(128), |((edits, muts, in_shard) in cases)| {
