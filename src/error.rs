@@ -26,6 +26,12 @@ macro_rules! bail_input {
     ($($arg:tt)*) => { return Err($crate::error::bad_input(format!($($arg)*))) };
 }
 
+/// The first line of an error from elsewhere (libtorch appends its C++ backtrace on further lines), for a
+/// message that must stay on one line.
+pub fn first_line(e: impl fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().trim_end().to_string()
+}
+
 /// True when any error in the chain is an `InputError`.
 pub fn is_input_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<InputError>())

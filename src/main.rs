@@ -56,7 +56,9 @@ fn main() {
         // context chain, without a backtrace.
         let rank = reg::dist::LaunchInfo::from_env().rank;
         if !input || rank == 0 {
-            eprintln!("error: {}{e:#}", if rank > 0 { format!("rank {rank}: ") } else { String::new() });
+            // A message from elsewhere (a decoder, libtorch) may span lines: the promise is one line.
+            let msg: Vec<String> = format!("{e:#}").lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+            eprintln!("error: {}{}", if rank > 0 { format!("rank {rank}: ") } else { String::new() }, msg.join(" "));
         }
         std::process::exit(if input { 2 } else { 1 });
     }

@@ -71,6 +71,10 @@ fn make_dataset(dir: &std::path::Path, records: i64) -> Result<()> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Both divide the batch: zero would end in a division by zero inside the loader thread.
+    if a.batch <= 0 || a.world <= 0 || a.batch < a.world {
+        reg::bail_input!("--batch {} / --world {}: need 1 <= world <= batch", a.batch, a.world);
+    }
     if let Some(n) = a.make {
         make_dataset(&a.data, n)?;
     }

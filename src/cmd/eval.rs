@@ -42,8 +42,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     // Features travel between ranks through host memory: MPI on the CPU suffices.
     let Launch { device, comm } = Launch::start(&a.device, Collectives::OnHost)?;
-    let net = Inception::load(&a.inception, device)?;
+    // The samples' header is cheap to check; the network is not.
     let samples = ImageSet::open(&a.samples)?;
+    let net = Inception::load(&a.inception, device)?;
     let reference = Reference::load(&a.reference, &net, &a.inception, a.batch, comm.as_ref())?;
     let started = std::time::Instant::now();
     let out = features_of(&samples, &net, a.batch, comm.as_ref())?;

@@ -58,6 +58,48 @@ pub struct Index {
 }
 
 impl Index {
+    /// What `index.json` must say before any shard is opened: sizes that can describe a
+    /// tensor, dtypes the loader reads, and shard names inside the folder (a name like
+    /// `../x` or `/dev/stdin` would read some other file, or block on a pipe).
+    /// Errors are (field, why).
+    fn check(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |field: &str, why: String| Err((field.to_string(), why));
+        if self.latent_shape.len() != 3 || self.latent_shape.iter().any(|&d| d <= 0) {
+            return bad("latent_shape", format!("{:?}, expected [2C, h, w] of positive sizes", self.latent_shape));
+        }
+        if !matches!(self.latent_dtype.as_str(), "f32" | "bf16") {
+            return bad("latent_dtype", format!("{}, expected f32 or bf16", self.latent_dtype.escape_debug()));
+        }
+        if !self.features && !self.images {
+            return bad("features/images", "a dataset needs encoder features or images".into());
+        }
+        if self.images && self.resolution <= 0 {
+            return bad("resolution", format!("{} with images stored", self.resolution));
+        }
+        if self.features {
+            match &self.encoder {
+                None => return bad("encoder", "missing, and features: true".into()),
+                Some(e) if e.tokens <= 0 || e.z_dim <= 0 => {
+                    return bad("encoder", format!("tokens {} and z_dim {} must be positive", e.tokens, e.z_dim))
+                }
+                Some(_) => {}
+            }
+        }
+        for (i, s) in self.shards.iter().enumerate() {
+            let plain = Path::new(&s.file).file_name().is_some_and(|n| n == s.file.as_str());
+            if !plain {
+                return bad(
+                    &format!("shards[{i}].file"),
+                    format!("{} is not a file name inside the dataset folder", s.file.escape_debug()),
+                );
+            }
+            if s.records < 0 {
+                return bad(&format!("shards[{i}].records"), format!("{} is negative", s.records));
+            }
+        }
+        Ok(())
+    }
+
     pub fn records(&self) -> i64 {
         self.shards.iter().map(|s| s.records).sum()
     }
@@ -119,18 +161,14 @@ impl Dataset {
         if index.format_version != FORMAT_VERSION {
             bail_input!("{}: format_version: {} (this build reads {FORMAT_VERSION})", ipath.display(), index.format_version);
         }
-        if index.latent_shape.len() != 3 {
-            bail_input!("{}: latent_shape: expected [2C, h, w]", ipath.display());
-        }
-        if !index.features && !index.images {
-            bail_input!("{}: features/images: a dataset needs encoder features or images", ipath.display());
-        }
+        index.check().map_err(|(field, why)| bad_input(format!("{}: {field}: {why}", ipath.display())))?;
         let mut shards = Vec::new();
         let mut starts = vec![0];
         for s in &index.shards {
             let path = dir.join(&s.file);
             let mut shard = Shard { path, records: s.records, sha256: s.sha256.clone(), map: OnceLock::new(), fields: Vec::new() };
             shard.fields = shard.check_header(&index)?;
+            // Each count matched its shard's tensors, so the sum is bounded by the files' sizes.
             starts.push(starts.last().unwrap() + s.records);
             shards.push(Arc::new(shard));
         }
@@ -159,7 +197,9 @@ impl Dataset {
             bail_input!("{}: tensor {name}: missing", shard.path.display());
         };
         let lo = f.offset + f.bytes_per_record * row as usize;
-        Ok(&map[lo..lo + f.bytes_per_record])
+        // The header was checked at open; a file replaced since then (unverified) may be shorter.
+        map.get(lo..lo + f.bytes_per_record)
+            .ok_or_else(|| bad_input(format!("{}: tensor {name}: file shorter than its header says", shard.path.display())))
     }
 }
 
@@ -194,7 +234,8 @@ impl Shard {
         let n = self.records;
         let expect = |name: &str, dtype: &str, shape: Vec<i64>| -> Result<()> {
             let v = st.tensor(name).map_err(|_| bad_input(format!("{file}: tensor {name}: missing")))?;
-            let got: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+            let got = crate::formats::weights::tensor_shape(v.shape())
+                .ok_or_else(|| bad_input(format!("{file}: tensor {name}: shape {:?} overflows", v.shape())))?;
             if got != shape || dtype_name(v.dtype()) != dtype {
                 bail_input!("{file}: tensor {name}: {} {got:?}, index.json says {dtype} {shape:?}", dtype_name(v.dtype()));
             }
@@ -203,8 +244,7 @@ impl Shard {
         let l = &index.latent_shape;
         expect("latents", &index.latent_dtype, vec![n, l[0], l[1], l[2]])?;
         expect("labels", "i64", vec![n])?;
-        if index.features {
-            let e = index.encoder.as_ref().ok_or_else(|| bad_input(format!("{file}: index.json: encoder: missing")))?;
+        if let (true, Some(e)) = (index.features, &index.encoder) {
             expect("features", "bf16", vec![n, e.tokens, e.z_dim])?;
         }
         if index.images {

@@ -5,6 +5,7 @@ use crate::bail_input;
 use crate::dist::{all_ok, Comm};
 use crate::encoders::inception::{Inception, InceptionOutput};
 use crate::error::bad_input;
+use crate::formats::images;
 use crate::formats::npy::NpzArray;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -72,9 +73,10 @@ pub enum ImageSet {
     Pngs(Vec<PathBuf>),
 }
 
-/// An image array must be [N, H, W, 3] u8 with N > 0.
+/// An image array must be [N, H, W, 3] u8 with N, H, W > 0 (images of no pixels would
+/// pass the size check of any file, and fail only inside the network).
 pub fn check_images(kind: Kind, shape: &[i64], what: &str) -> Result<()> {
-    if kind != Kind::Uint8 || shape.len() != 4 || shape[3] != 3 || shape[0] == 0 {
+    if kind != Kind::Uint8 || shape.len() != 4 || shape[3] != 3 || shape[..3].contains(&0) {
         bail_input!("{what}: arr_0: expected non-empty [N, H, W, 3] uint8 images, got {kind:?} {shape:?}");
     }
     Ok(())
@@ -121,7 +123,7 @@ impl ImageSet {
             ImageSet::Pngs(p) => p,
         };
         let read = |p: &Path| -> Result<Tensor> {
-            let img = image::open(p).map_err(|e| bad_input(format!("{}: {e}", p.display())))?.to_rgb8();
+            let img = images::open(p).map_err(|e| bad_input(format!("{}: {}", p.display(), images::why(&e))))?.to_rgb8();
             Ok(Tensor::from_slice(img.as_raw()).view([img.height() as i64, img.width() as i64, 3]))
         };
         let size = image::image_dimensions(&pngs[0]).map_err(|e| bad_input(format!("{}: {e}", pngs[0].display())))?;

@@ -1,6 +1,7 @@
 //! File formats that know no model: safetensors weights, the restricted `torch.save`
-//! reader, NumPy npy/npz, zip archives of stored entries, TensorBoard event files.
+//! reader, NumPy npy/npz, zip archives of stored entries, TensorBoard event files, images under limits.
 
+pub mod images;
 pub mod npy;
 pub mod stored_zip;
 pub mod tboard;

@@ -8,7 +8,11 @@ use std::io::{Read, Write};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// The header of one `.npy` buffer: element kind, shape and where the data starts.
+/// The header of one `.npy` buffer: element kind, shape and where the data starts. The
+/// header is a Python dict literal; it is parsed as one (as numpy's `ast.literal_eval`
+/// does), with exactly numpy's three keys, so that no spelling of `fortran_order: True`
+/// or of a shape can be misread as something else. Sizes are checked against the
+/// buffer before anything is sliced.
 fn header(bytes: &[u8], what: &str) -> Result<(Kind, Vec<i64>, usize)> {
     let bad = |why: &str| bad_input(format!("{what}: not a supported .npy array ({why})"));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
@@ -16,34 +20,162 @@ fn header(bytes: &[u8], what: &str) -> Result<(Kind, Vec<i64>, usize)> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
-        _ => return Err(bad("header")),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 => return Err(bad("truncated header")),
+        v => return Err(bad(&format!("format version {v}"))),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or_else(|| bad("header"))?).map_err(|_| bad("header"))?;
-    if header.contains("'fortran_order': True") {
+    let text = bytes.get(start..start + hlen).ok_or_else(|| bad("truncated header"))?;
+    let text = std::str::from_utf8(text).map_err(|_| bad("header is not UTF-8"))?;
+    let dict = HeaderDict::parse(text).map_err(|why| bad(&format!("header: {why}")))?;
+    if dict.fortran_order {
         return Err(bad("Fortran order"));
     }
-    let descr = header.split("'descr': '").nth(1).and_then(|s| s.split('\'').next()).ok_or_else(|| bad("descr"))?;
-    let kind = match descr {
+    let kind = match dict.descr.as_str() {
         "|u1" | "<u1" => Kind::Uint8,
         "<f4" => Kind::Float,
         "<f8" => Kind::Double,
         "<i8" => Kind::Int64,
-        d => return Err(bad(&format!("dtype {d}"))),
+        d => return Err(bad(&format!("dtype {}", d.escape_debug()))),
     };
-    let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("shape"))?;
-    let shape: Vec<i64> = shape_txt
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse::<u32>().map(i64::from).map_err(|_| bad("shape")))
-        .collect::<Result<_>>()?;
-    // Sizes come from the file: counted without overflow before anything is sliced.
-    let size = shape.iter().try_fold(kind.elt_size_in_bytes() as u64, |acc, &d| acc.checked_mul(d as u64)).ok_or_else(|| bad("shape"))?;
+    // Sizes come from the file: counted without overflow, in what libtorch can index.
+    let size = dict
+        .shape
+        .iter()
+        .try_fold(kind.elt_size_in_bytes() as u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or_else(|| bad("shape overflows"))?;
+    let shape: Vec<i64> = dict.shape.iter().map(|&d| i64::try_from(d).map_err(|_| bad("shape overflows"))).collect::<Result<_>>()?;
     let data = &bytes[start + hlen..];
     if data.len() as u64 != size {
-        return Err(bad("truncated"));
+        return Err(bad(&format!("{} data bytes, the header's shape {shape:?} needs {size}", data.len())));
     }
     Ok((kind, shape, start + hlen))
+}
+
+/// The three entries of an `.npy` header.
+struct HeaderDict {
+    descr: String,
+    fortran_order: bool,
+    shape: Vec<u64>,
+}
+
+impl HeaderDict {
+    /// `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }` padded with spaces
+    /// and a newline: Python literals, either quote, any spacing, a trailing comma.
+    fn parse(text: &str) -> std::result::Result<HeaderDict, String> {
+        let mut p = Lit { s: text.as_bytes(), at: 0 };
+        p.expect(b'{')?;
+        let (mut descr, mut fortran, mut shape) = (None, None, None);
+        loop {
+            if p.eat(b'}') {
+                break;
+            }
+            let key = p.string()?;
+            p.expect(b':')?;
+            let dup = match key.as_str() {
+                "descr" => descr.replace(p.string().map_err(|e| format!("descr: {e}"))?).is_some(),
+                "fortran_order" => fortran.replace(p.boolean().map_err(|e| format!("fortran_order: {e}"))?).is_some(),
+                "shape" => shape.replace(p.int_tuple().map_err(|e| format!("shape: {e}"))?).is_some(),
+                other => return Err(format!("unexpected key {}", other.escape_debug())),
+            };
+            if dup {
+                return Err(format!("key {key} repeated"));
+            }
+            if !p.eat(b',') {
+                p.expect(b'}')?;
+                break;
+            }
+        }
+        p.skip_space();
+        if p.at != p.s.len() {
+            return Err("text after the dict".into());
+        }
+        Ok(HeaderDict {
+            descr: descr.ok_or("no descr")?,
+            fortran_order: fortran.ok_or("no fortran_order")?,
+            shape: shape.ok_or("no shape")?,
+        })
+    }
+}
+
+/// A cursor over the few Python literals an `.npy` header holds.
+struct Lit<'a> {
+    s: &'a [u8],
+    at: usize,
+}
+
+impl Lit<'_> {
+    fn skip_space(&mut self) {
+        while self.s.get(self.at).is_some_and(|c| c.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        self.skip_space();
+        let hit = self.s.get(self.at) == Some(&c);
+        self.at += hit as usize;
+        hit
+    }
+
+    fn expect(&mut self, c: u8) -> std::result::Result<(), String> {
+        if self.eat(c) {
+            Ok(())
+        } else {
+            Err(format!("expected '{}' at byte {}", c as char, self.at))
+        }
+    }
+
+    /// A quoted string without escapes (numpy's keys and dtype strings have none).
+    fn string(&mut self) -> std::result::Result<String, String> {
+        self.skip_space();
+        let q =
+            *self.s.get(self.at).filter(|&&q| q == b'\'' || q == b'"').ok_or_else(|| format!("expected a string at byte {}", self.at))?;
+        let body = &self.s[self.at + 1..];
+        let n = body.iter().position(|&c| c == q).ok_or("unterminated string")?;
+        if body[..n].contains(&b'\\') {
+            return Err("escape in a string".into());
+        }
+        self.at += n + 2;
+        Ok(String::from_utf8_lossy(&body[..n]).into_owned())
+    }
+
+    fn boolean(&mut self) -> std::result::Result<bool, String> {
+        self.skip_space();
+        for (word, v) in [("True", true), ("False", false)] {
+            if self.s[self.at..].starts_with(word.as_bytes()) {
+                self.at += word.len();
+                return Ok(v);
+            }
+        }
+        Err(format!("expected True or False at byte {}", self.at))
+    }
+
+    /// `()`, `(n,)`, `(n, m)`, ...: non-negative integers.
+    fn int_tuple(&mut self) -> std::result::Result<Vec<u64>, String> {
+        self.expect(b'(')?;
+        let mut dims = Vec::new();
+        loop {
+            // `()`, or the end after a trailing comma (`(n,)`).
+            if self.eat(b')') {
+                return Ok(dims);
+            }
+            self.skip_space();
+            let n = self.s[self.at..].iter().take_while(|c| c.is_ascii_digit()).count();
+            let digits = std::str::from_utf8(&self.s[self.at..self.at + n]).expect("ASCII digits");
+            dims.push(digits.parse::<u64>().map_err(|_| format!("bad dimension at byte {}", self.at))?);
+            self.at += n;
+            // numpy under Python 2 wrote long integers as `3L`.
+            if self.s.get(self.at) == Some(&b'L') {
+                self.at += 1;
+            }
+            if !self.eat(b',') {
+                self.expect(b')')?;
+                // Python reads `(n)` as the number n, which numpy refuses as a shape.
+                return if dims.len() == 1 { Err("(n) is not a tuple".into()) } else { Ok(dims) };
+            }
+        }
+    }
 }
 
 /// Parses one `.npy` buffer; `what` names it in errors.
@@ -86,6 +218,9 @@ impl NpzArray {
             Err(e) => return Err(bad_input(format!("{file}: {name}: {e}"))),
         };
         let bytes = if e.compression() == zip::CompressionMethod::Stored {
+            if e.compressed_size() != e.size() {
+                crate::bail_input!("{file}: {name}: corrupt archive (a stored entry with two sizes)");
+            }
             let (lo, len) = (e.data_start() as usize, e.size() as usize);
             // SAFETY: read-only map of a file we do not write; a concurrent truncation by
             // another process is outside what any reader can defend against.
@@ -96,8 +231,18 @@ impl NpzArray {
             };
             Backing::Mapped(map, lo..end)
         } else {
+            // Inflated into memory (np.savez_compressed), but never past what the archive
+            // declares, and only if deflate could make that much from the stored bytes
+            // (at most 1032:1): a small file claiming terabytes is refused, not allocated.
+            let (size, packed) = (e.size(), e.compressed_size());
+            if size > packed.saturating_mul(1032).saturating_add(1024) {
+                crate::bail_input!("{file}: {name}: claims {size} bytes inflated from {packed}; deflate cannot, the archive is corrupt");
+            }
             let mut v = Vec::new();
-            e.read_to_end(&mut v).map_err(|e| bad_input(format!("{file}: {name}: {e}")))?;
+            (&mut e).take(size).read_to_end(&mut v).map_err(|e| bad_input(format!("{file}: {name}: {e}")))?;
+            if v.len() as u64 != size {
+                crate::bail_input!("{file}: {name}: {} bytes inflated, the archive declares {size}", v.len());
+            }
             Backing::Owned(v)
         };
         let (kind, shape, start) = header(bytes.as_slice(), &format!("{file}: {name}"))?;

@@ -6,7 +6,7 @@
 // here; any other name is refused before anything is built. Tensor bytes are read lazily, so importing one state
 // dict of a checkpoint does not also load its optimizer state.
 
-use crate::error::bad_input;
+use crate::error::{bad_input, first_line};
 use anyhow::Result;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -125,16 +125,17 @@ impl TensorRef {
         let s = &self.storage;
         let kind = s.kind;
         let Some(extent) = extent(&self.size, &self.stride) else {
-            return Ok(Tensor::zeros(self.size.as_slice(), (kind, tch::Device::Cpu)));
+            return Tensor::f_zeros(self.size.as_slice(), (kind, tch::Device::Cpu))
+                .map_err(|e| s.archive.err(format!("{}: cannot build empty tensor: {}", s.entry, first_line(e))));
         };
         let elt = kind.elt_size_in_bytes() as u64;
         // Bounds were checked against the storage when the tensor was unpickled.
         let bytes = s.archive.read_at(s.start + self.offset as u64 * elt, (extent as u64 * elt) as usize, &s.entry)?;
         let flat = Tensor::f_from_data_size(&bytes, &[extent], kind)
-            .map_err(|e| s.archive.err(format!("{}: cannot build tensor: {e}", s.entry)))?;
+            .map_err(|e| s.archive.err(format!("{}: cannot build tensor: {}", s.entry, first_line(e))))?;
         let view = flat
             .f_as_strided(self.size.as_slice(), self.stride.as_slice(), 0)
-            .map_err(|e| s.archive.err(format!("{}: bad view: {e}", s.entry)))?;
+            .map_err(|e| s.archive.err(format!("{}: bad view: {}", s.entry, first_line(e))))?;
         Ok(view.contiguous())
     }
 }
@@ -152,17 +153,15 @@ fn extent(size: &[i64], stride: &[i64]) -> Option<i64> {
 /// without running any of it. Every problem with the file is an input error naming it.
 pub fn read(path: &Path) -> Result<Value> {
     let archive = Arc::new(Archive::open(path)?);
-    let root = if archive.legacy {
+    let (root, pickle_len) = if archive.legacy {
         read_legacy(&archive)?
     } else {
         let pkl = archive.entry_bytes(&format!("{}data.pkl", archive.prefix))?;
         let mut vm = Vm::new(&archive, &pkl, 0);
-        vm.run()?
+        (vm.run()?, pkl.len())
     };
-    let mut budget = CONVERT_BUDGET;
-    let value = convert(&root, 0, &mut budget).map_err(|msg| archive.err(format!("{}: {msg}", archive.pickle_name())));
-    dismantle(vec![root]);
-    value
+    let mut budget = convert_budget(pickle_len);
+    convert(&root, 0, &mut budget).map_err(|msg| archive.err(format!("{}: {msg}", archive.pickle_name())))
 }
 
 /// What the legacy format starts with: a pickle (protocol 2) of torch's magic number 0x1950a86a20f9469cfc6c.
@@ -172,8 +171,8 @@ const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x
 /// protocol version (1001) and system information, then the object itself, then the list of storage keys, and
 /// then each storage in that order as an element count (u64) followed by its bytes. Where a storage lies is
 /// known only after the object's pickle, so the object is read twice: first for the storages' types and
-/// sizes, then with their offsets.
-fn read_legacy(archive: &Arc<Archive>) -> Result<Obj> {
+/// sizes, then with their offsets. Returns the object and the length of its pickle.
+fn read_legacy(archive: &Arc<Archive>) -> Result<(Obj, usize)> {
     // SAFETY: a read-only map of a file we do not write, dropped before returning (tensors read it by offset).
     let map = unsafe { memmap2::Mmap::map(&archive.file) }.map_err(|e| archive.err(format!("cannot map: {e}")))?;
     let data = &map[..];
@@ -185,16 +184,17 @@ fn read_legacy(archive: &Arc<Archive>) -> Result<Obj> {
         Obj::Int(1001) => {}
         _ => return Err(vm.fail("unsupported legacy protocol version (expected 1001)")),
     }
-    if let Obj::Dict(info) = vm.run()? {
+    if let Obj::Dict(info) = &vm.run()? {
         if info.borrow().iter().any(|(k, v)| matches!((k, v), (Obj::Str(k), Obj::Bool(false)) if &**k == "little_endian")) {
             return Err(vm.fail("a big-endian checkpoint; only little-endian ones are read"));
         }
     }
     let object_at = vm.pos;
     vm.declared = Some(HashMap::new());
-    dismantle(vec![vm.run()?]);
+    vm.run()?;
     let declared = vm.declared.take().expect("set above");
-    let Obj::List(keys) = vm.run()? else {
+    let keys = vm.run()?;
+    let Obj::List(keys) = &keys else {
         return Err(vm.fail("expected the list of storage keys"));
     };
     let mut at = vm.pos as u64;
@@ -220,7 +220,8 @@ fn read_legacy(archive: &Arc<Archive>) -> Result<Obj> {
     }
     let mut vm = Vm::new(archive, data, object_at);
     vm.starts = starts;
-    vm.run()
+    let root = vm.run()?;
+    Ok((root, vm.pos - object_at))
 }
 
 /// The tensors of one state dict in the checkpoint `v` read from `file`, in file order, with the `module.` (DDP)
@@ -568,8 +569,9 @@ fn storage_kind(name: &str) -> Option<Kind> {
 
 /// Values on the machine's stack. Python objects are shared and mutated after being memoized (a dict is memoized
 /// empty, then filled), so containers are shared cells here and become plain `Value`s once the pickle has run.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 enum Obj {
+    #[default]
     None,
     Bool(bool),
     Int(i64),
@@ -607,52 +609,71 @@ impl Obj {
     }
 }
 
-/// Frees a graph of `Obj`s without recursion: a hostile pickle can nest containers deeper than the Rust stack.
-fn dismantle(mut work: Vec<Obj>) {
-    while let Some(o) = work.pop() {
-        match o {
-            Obj::Tuple(rc) => {
-                if let Ok(v) = Rc::try_unwrap(rc) {
-                    work.extend(v);
-                }
-            }
-            Obj::List(rc) => {
-                if let Ok(v) = Rc::try_unwrap(rc) {
-                    work.extend(v.into_inner());
-                }
-            }
-            Obj::Dict(rc) => {
-                if let Ok(v) = Rc::try_unwrap(rc) {
-                    for (k, v) in v.into_inner() {
-                        work.push(k);
-                        work.push(v);
-                    }
-                }
-            }
-            Obj::Record(rc) => {
-                if let Ok((_, state)) = Rc::try_unwrap(rc) {
-                    work.push(state.into_inner());
-                }
-            }
-            _ => {}
+/// Frees a graph of `Obj`s without recursion: a hostile pickle can nest containers deeper than the Rust stack,
+/// and any `Obj` may be the last owner of such a chain (a REDUCE's refused arguments, a popped value), so every
+/// drop moves the children it solely owns onto a work list instead of dropping them inside itself.
+impl Drop for Obj {
+    fn drop(&mut self) {
+        let mut work = Vec::new();
+        take_children(self, &mut work);
+        while let Some(mut o) = work.pop() {
+            take_children(&mut o, &mut work);
+            // `o` now owns no children: its own drop ends at once.
         }
     }
 }
 
+/// Moves the children `o` is the only owner of into `work` (shared ones are freed by their last owner).
+fn take_children(o: &mut Obj, work: &mut Vec<Obj>) {
+    match o {
+        Obj::Tuple(rc) => {
+            if let Some(v) = Rc::get_mut(rc) {
+                work.append(v);
+            }
+        }
+        Obj::List(rc) => {
+            if let Some(v) = Rc::get_mut(rc) {
+                work.append(v.get_mut());
+            }
+        }
+        Obj::Dict(rc) => {
+            if let Some(v) = Rc::get_mut(rc) {
+                for (k, v) in v.get_mut().drain(..) {
+                    work.push(k);
+                    work.push(v);
+                }
+            }
+        }
+        Obj::Record(rc) => {
+            if let Some(r) = Rc::get_mut(rc) {
+                work.push(std::mem::take(r.1.get_mut()));
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Limits on the plain `Value` built from the machine's graph: shared objects are copied, so a small pickle
-/// could otherwise describe an exponentially large (or cyclic) value.
+/// could otherwise describe an exponentially large (or cyclic) value: 40 memoized pairs of the previous pair
+/// are 2^40 values. Without sharing, each value costs at least one opcode byte, so a budget proportional to
+/// the pickle (in bytes of `Value`s and text) reads every honest file and refuses such a bomb after a few MiB.
 const MAX_DEPTH: usize = 256;
-const CONVERT_BUDGET: usize = 1 << 30;
+
+fn convert_budget(pickle_len: usize) -> usize {
+    (16 << 20) + pickle_len.saturating_mul(2 * std::mem::size_of::<Value>())
+}
 
 fn convert(o: &Obj, depth: usize, budget: &mut usize) -> std::result::Result<Value, String> {
     if depth > MAX_DEPTH {
         return Err(format!("containers nested more than {MAX_DEPTH} deep (or recursive)"));
     }
-    let cost = 1 + match o {
-        Obj::Str(s) => s.len(),
-        Obj::Bytes(b) => b.len(),
-        _ => 0,
-    };
+    let cost = std::mem::size_of::<Value>()
+        + match o {
+            Obj::Str(s) => s.len(),
+            Obj::Bytes(b) => b.len(),
+            Obj::Record(r) => r.0.len(),
+            _ => 0,
+        };
     *budget = budget.checked_sub(cost).ok_or("the pickled value is too large")?;
     let all =
         |items: &[Obj], budget: &mut usize| items.iter().map(|i| convert(i, depth + 1, budget)).collect::<std::result::Result<Vec<_>, _>>();
@@ -690,14 +711,6 @@ struct Vm<'a> {
     starts: HashMap<String, (u64, u64)>,
     /// First pass over a legacy file: storage entry -> (type, elements) as declared, offsets not yet known.
     declared: Option<HashMap<String, (Kind, i64)>>,
-}
-
-impl Drop for Vm<'_> {
-    fn drop(&mut self) {
-        let mut all = std::mem::take(&mut self.stack);
-        all.extend(std::mem::take(&mut self.memo).into_values());
-        dismantle(all);
-    }
 }
 
 impl<'a> Vm<'a> {
@@ -810,12 +823,21 @@ impl<'a> Vm<'a> {
         Ok(std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect())
     }
 
+    /// An allowed name, split exactly as torch.save writes it: the module, then one attribute. Python's
+    /// protocol 4 would also resolve a dotted attribute (`torch` + `_utils._rebuild_tensor_v2`, or
+    /// `torch._utils` + `os.system` through a module's imports), so a name with a dot is refused whatever it
+    /// spells: the allow-list then means exactly the objects it lists.
     fn global(&self, module: &str, name: &str) -> Result<Obj> {
         let full = format!("{module}.{name}");
-        if ALLOWED.contains(&full.as_str()) {
+        if !name.contains('.') && ALLOWED.contains(&full.as_str()) {
             return Ok(Obj::Global(full.into()));
         }
-        Err(self.archive.err(format!("refuses to load global {} (only tensors and plain containers are read)", full.escape_debug())))
+        let path = if name.contains('.') {
+            format!(", attribute path {} of module {}", name.escape_debug(), module.escape_debug())
+        } else {
+            String::new()
+        };
+        Err(self.fail(format!("refuses to load global {}{path} (only tensors and plain containers are read)", full.escape_debug())))
     }
 
     fn run(&mut self) -> Result<Obj> {
@@ -837,12 +859,10 @@ impl<'a> Vm<'a> {
                 b')' => self.stack.push(Obj::Tuple(Default::default())),
                 b'(' => self.marks.push(self.stack.len()),
                 b'0' => {
-                    let o = self.pop()?;
-                    dismantle(vec![o]);
+                    self.pop()?;
                 }
                 b'1' => {
-                    let items = self.pop_mark()?;
-                    dismantle(items);
+                    self.pop_mark()?;
                 }
                 b'2' => {
                     let v = self.top()?.clone();
@@ -1022,7 +1042,7 @@ impl<'a> Vm<'a> {
     fn callee<'o>(&self, f: &'o Obj, what: &str) -> Result<&'o str> {
         match f {
             Obj::Global(g) => Ok(g),
-            other => Err(self.fail(format!("{what} of a {}, not a global", other.type_name()))),
+            other => Err(self.fail(format!("{what} of a {}, not a global", describe(other)))),
         }
     }
 
@@ -1064,20 +1084,34 @@ impl<'a> Vm<'a> {
         }
     }
 
+    /// BUILD: what Python does for an object without `__setstate__` (none of ours has one): the state is a
+    /// dict of attributes, or a pair (attributes, slot attributes) either of which may be None, and each
+    /// BUILD adds to the attributes already set. Anything else would need code to interpret.
     fn build(&mut self, state: Obj) -> Result<()> {
+        let parts: Vec<Rc<RefCell<Pairs>>> = match &state {
+            Obj::Dict(d) => vec![d.clone()],
+            Obj::Tuple(t) if t.len() == 2 && t.iter().all(|o| matches!(o, Obj::Dict(_) | Obj::None)) => {
+                t.iter().filter_map(|o| if let Obj::Dict(d) = o { Some(d.clone()) } else { None }).collect()
+            }
+            other => return Err(self.fail(format!("BUILD with a {} state (only attribute dicts are read)", other.type_name()))),
+        };
         match self.top()? {
-            Obj::Record(r) => {
-                let old = r.1.replace(state);
-                dismantle(vec![old]);
+            Obj::Record(r) if r.0 == "argparse.Namespace" => {
+                let mut attrs = r.1.borrow_mut();
+                if !matches!(*attrs, Obj::Dict(_)) {
+                    *attrs = Obj::Dict(Default::default());
+                }
+                let Obj::Dict(d) = &*attrs else { unreachable!("set above") };
+                // The record's dict is its own, never one the pickle can reach, so borrowing both is safe.
+                for part in parts {
+                    d.borrow_mut().extend(part.borrow().iter().cloned());
+                }
                 Ok(())
             }
             // A module's state_dict() is an OrderedDict carrying a `_metadata` attribute (module versions):
             // nothing we need.
-            Obj::Dict(_) => {
-                dismantle(vec![state]);
-                Ok(())
-            }
-            other => Err(self.fail(format!("cannot set the state of a {}", other.type_name()))),
+            Obj::Dict(_) => Ok(()),
+            other => Err(self.fail(format!("cannot set the state of a {}", describe(other)))),
         }
     }
 
@@ -1151,11 +1185,15 @@ impl<'a> Vm<'a> {
         if size.len() != stride.len() || size.len() > 64 || *offset < 0 {
             return Err(self.archive.err(format!("{entry}: bad tensor view (size {size:?}, stride {stride:?}, offset {offset})")));
         }
+        // libtorch refuses sizes whose product overflows even when one of them is 0 (it multiplies in order),
+        // and `load` builds such an empty tensor: the product of the non-zero sizes must fit too.
+        if size.iter().try_fold(1i64, |acc, &n| acc.checked_mul(n.max(1))).is_none() {
+            return Err(self.archive.err(format!("{entry}: tensor size {size:?} overflows")));
+        }
         // The view's last element, computed without overflow, must lie inside the storage.
         if !size.contains(&0) {
             let last = size.iter().zip(&stride).try_fold(*offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|d| acc.checked_add(d)));
-            let numel = size.iter().try_fold(1i64, |acc, &n| acc.checked_mul(n));
-            if numel.is_none() || last.is_none_or(|last| last >= storage.numel) {
+            if last.is_none_or(|last| last >= storage.numel) {
                 return Err(self.archive.err(format!(
                     "{entry}: tensor view (size {size:?}, stride {stride:?}, offset {offset}) runs past its storage of {} elements",
                     storage.numel
@@ -1163,6 +1201,15 @@ impl<'a> Vm<'a> {
             }
         }
         Ok(Obj::Tensor(TensorRef { storage: storage.clone(), offset: *offset, size, stride }))
+    }
+}
+
+/// A value's kind for messages; an instance says its class.
+fn describe(o: &Obj) -> String {
+    match o {
+        Obj::Record(r) => format!("{} object", r.0),
+        Obj::Global(g) => format!("global {g}"),
+        other => other.type_name().to_string(),
     }
 }
 
@@ -1221,8 +1268,8 @@ mod tests {
         for _ in 0..1_000_000 {
             o = Obj::List(Rc::new(RefCell::new(vec![o])));
         }
-        let mut budget = CONVERT_BUDGET;
+        let mut budget = convert_budget(1 << 20);
         assert!(convert(&o, 0, &mut budget).is_err());
-        dismantle(vec![o]);
+        drop(o);
     }
 }

@@ -60,12 +60,21 @@ pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
         let Some(kind) = kind_of(view.dtype()) else {
             bail_input!("{file}: tensor {name}: unsupported dtype {:?}", view.dtype());
         };
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t =
-            Tensor::f_from_data_size(view.data(), &shape, kind).with_context(|| format!("{file}: tensor {name}: cannot build tensor"))?;
+        // The safetensors crate checked the bytes against the shape as usize; libtorch needs the sizes (and
+        // their product, even past a zero) to fit i64, or it throws.
+        let shape =
+            tensor_shape(view.shape()).ok_or_else(|| bad_input(format!("{file}: tensor {name}: shape {:?} overflows", view.shape())))?;
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| bad_input(format!("{file}: tensor {name}: cannot build tensor: {}", crate::error::first_line(e))))?;
         out.push((name, t));
     }
     Ok(out)
+}
+
+/// A file's tensor shape as libtorch sizes: each and the product of the non-zero ones must fit an i64.
+pub fn tensor_shape(shape: &[usize]) -> Option<Vec<i64>> {
+    shape.iter().try_fold(1i64, |acc, &d| acc.checked_mul(i64::try_from(d.max(1)).ok()?))?;
+    Some(shape.iter().map(|&d| d as i64).collect())
 }
 
 /// Reads into a map by name.
