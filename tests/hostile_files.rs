@@ -612,7 +612,10 @@ fn npz_archives_damaged_anywhere_are_read_or_refused() {
 
 fn safetensors_seed() -> Vec<u8> {
     let cpu = Device::Cpu;
-    weights::serialize(
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seed.safetensors");
+    weights::write(
+        &path,
         &[
             ("w".to_string(), Tensor::arange(6, (Kind::Float, cpu)).view([2, 3])),
             ("h".to_string(), Tensor::arange(4, (Kind::BFloat16, cpu))),
@@ -621,7 +624,8 @@ fn safetensors_seed() -> Vec<u8> {
         ],
         Some([("format".to_string(), "pt".to_string())].into()),
     )
-    .unwrap()
+    .unwrap();
+    std::fs::read(path).unwrap()
 }
 
 /// The header JSON, edited, written back with its true length (so the edit, not the framing, is tested).
