@@ -27,6 +27,8 @@ enum Command {
     Eval(cmd::eval::Args),
     /// Measure how fast the data loader feeds one rank from a dataset folder.
     BenchData(cmd::bench_data::Args),
+    /// Check every shard of a dataset against its index (SHA-256), in parallel.
+    Verify(cmd::verify::Args),
     /// Write a checkpoint's weights (or EMA) as one safetensors file with REG names.
     Export(cmd::export::Args),
     /// Write a state dict of a PyTorch checkpoint of the original REG code (`.pt`) as one safetensors file.
@@ -44,6 +46,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::BenchData(a) => cmd::bench_data::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
         Command::Prepare(a) => cmd::prepare::run(a),
         Command::Sample(a) => cmd::sample::run(a),
         Command::Eval(a) => cmd::eval::run(a),

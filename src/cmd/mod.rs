@@ -9,6 +9,7 @@ pub mod import;
 pub mod prepare;
 pub mod sample;
 pub mod train;
+pub mod verify;
 
 use anyhow::Result;
 use reg::config::Config;

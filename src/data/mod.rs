@@ -7,6 +7,7 @@ pub mod prepare;
 pub mod reg_layout;
 pub mod shards;
 pub mod synthetic;
+pub mod verify;
 
 use tch::Tensor;
 

@@ -204,23 +204,25 @@ impl Dataset {
 }
 
 impl Shard {
-    /// The mapped file; the first call checks the SHA-256 (streaming over the map).
+    /// The mapped file; the first call checks the SHA-256, unless this machine has
+    /// already checked the same file (`verify::check_once`). Pages are faulted in as
+    /// records are read: a rank touches only its own rows.
     fn mapped(&self, verify: bool) -> Result<&memmap2::Mmap> {
         let r = self.map.get_or_init(|| {
             let f = std::fs::File::open(&self.path).map_err(|e| format!("{}: cannot open: {e}", self.path.display()))?;
             // SAFETY: shards are written once (atomically) and never modified in place.
-            // populate: fault the pages in once at map time, not one by one per record.
-            let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
-                .map_err(|e| format!("{}: cannot map: {e}", self.path.display()))?;
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| format!("{}: cannot map: {e}", self.path.display()))?;
             if verify {
-                let got = crate::formats::weights::sha256_hex(&map[..]);
-                if got != self.sha256 {
-                    return Err(format!("{}: SHA-256 mismatch (index {}, file {got})", self.path.display(), self.sha256));
-                }
+                super::verify::check_once(&self.path, &map, &self.sha256)?;
             }
             Ok(map)
         });
         r.as_ref().map_err(|e| bad_input(e.clone()))
+    }
+
+    /// The SHA-256 the index records for this shard.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     /// Header-only check against the index (tensors, dtypes, shapes, record count);
