@@ -119,12 +119,15 @@ def cases():
         a, 80
     )
     yield "guetzli_q90", "guetzli 1.0.1, quality 90", guetzli(a, 90)
-    # Damaged files: libjpeg warns on both; Pillow ignores the first, refuses the second.
+    # Damaged files: libjpeg warns on the first three; Pillow ignores its warnings but
+    # refuses a file that ends early, and a frame over its pixel limit.
     good = pillow(b, quality=85)
     yield "broken_extraneous", "Pillow q85 + 3 junk bytes before EOI (libjpeg warning)", good[:-2] + b"\x00\x01\x02" + good[-2:]
+    # Junk before the frame header: libjpeg warns while reading the header.
+    sof = good.index(b"\xff\xc0")
+    yield "broken_junk_in_header", "Pillow q85 + 2 junk bytes before SOF0", good[:sof] + b"\x12\x34" + good[sof:]
     yield "broken_truncated", "Pillow q85 cut at 80% of its bytes", good[: len(good) * 4 // 5]
     # Header says 15000x12000 (180M pixels): over Pillow's decompression-bomb limit.
-    sof = good.index(b"\xff\xc0")
     bomb = good[: sof + 5] + (12000).to_bytes(2, "big") + (15000).to_bytes(2, "big") + good[sof + 9 :]
     yield "broken_bomb", "Pillow q85 with a 15000x12000 frame header", bomb
 
