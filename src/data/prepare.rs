@@ -104,11 +104,7 @@ pub struct Options {
 
 /// Decodes and crops one image: [3, R, R] u8, or why it failed.
 fn load_image(blob: &Blob, resolution: u32, crop: bool) -> std::result::Result<Tensor, String> {
-    let img = match blob {
-        Blob::File(path) => image::open(path),
-        Blob::Zipped(..) => image::load_from_memory(&blob.bytes().map_err(|e| e.to_string())?),
-    };
-    let img = img.map_err(|e| e.to_string())?.to_rgb8();
+    let img = super::decode::decode_rgb(&blob.bytes().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
     let img = if crop {
         center_crop_adm(&img, resolution)
     } else if img.width() == resolution && img.height() == resolution {
