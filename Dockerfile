@@ -5,7 +5,7 @@ FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update && apt-get install -y --no-install-recommends \
-        build-essential pkg-config libclang-dev clang openmpi-bin libopenmpi-dev \
+        build-essential pkg-config libclang-dev clang openmpi-bin libopenmpi-dev cmake nasm \
         python3 python3-venv ca-certificates curl git \
     && rm -rf /var/lib/apt/lists/*
 RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal

@@ -6,8 +6,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$REPO"
 
 # 1. Debian packages: C/C++ toolchain (the ATen shim), libclang + pkg-config (mpi-sys
-#    bindings), Open MPI (data-parallel runs and tests).
-pkgs=(build-essential pkg-config libclang-dev clang openmpi-bin libopenmpi-dev python3-venv ca-certificates curl)
+#    bindings), Open MPI (data-parallel runs and tests), cmake + nasm (turbojpeg-sys
+#    builds its vendored libjpeg-turbo, SIMD included: Pillow's JPEG decoder).
+pkgs=(build-essential pkg-config libclang-dev clang openmpi-bin libopenmpi-dev cmake nasm python3-venv ca-certificates curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

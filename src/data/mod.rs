@@ -2,6 +2,7 @@
 //! the synthetic source.
 
 pub mod crop;
+pub mod decode;
 pub mod loader;
 pub mod prepare;
 pub mod reg_layout;

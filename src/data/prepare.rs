@@ -8,7 +8,6 @@ use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo};
 use crate::bail_input;
 use crate::encoders::{dinov2::Dinov2, vae::Vae};
 use crate::error::bad_input;
-use crate::formats::images;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -104,14 +103,10 @@ pub struct Options {
 }
 
 /// Decodes and crops one image: [3, R, R] u8, or why it failed (then `make_shard` lists it
-/// as a bad image). Decoding runs under `formats::images::limits()`: an image too large for
-/// them is a bad image, not an allocation.
+/// as a bad image). JPEGs decode as Pillow does (`decode`), other formats under
+/// `formats::images::limits()`: an image too large is a bad image, not an allocation.
 pub fn load_image(blob: &Blob, resolution: u32, crop: bool) -> std::result::Result<Tensor, String> {
-    let img = match blob {
-        Blob::File(path) => images::open(path),
-        Blob::Zipped(..) => images::from_memory(&blob.bytes().map_err(|e| e.to_string())?),
-    };
-    let img = img.map_err(|e| images::why(&e))?.to_rgb8();
+    let img = super::decode::decode_rgb(&blob.bytes().map_err(|e| e.to_string())?).map_err(|e| format!("{e:#}"))?;
     let img = if crop {
         center_crop_adm(&img, resolution)
     } else if img.width() == resolution && img.height() == resolution {
