@@ -147,8 +147,9 @@ impl ClipTokenizer {
         self.max_length
     }
 
-    pub fn pad_id(&self) -> u32 {
-        self.pad_id
+    /// The id padding uses (from `tokenizer_config.json`'s `pad_token`).
+    pub fn pad_id(&self) -> i64 {
+        i64::from(self.pad_id)
     }
 
     /// `<|startoftext|> text <|endoftext|>` as ids, neither truncated nor padded.
