@@ -84,7 +84,9 @@ struct Fields<'a> {
 impl Fields<'_> {
     fn int(&self, name: &str, default: i64) -> Result<i64> {
         let v = match self.obj.get(name) {
-            Some(v) => v.as_i64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected an integer, found {v}", self.file, self.path)))?,
+            Some(v) => {
+                v.as_i64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected an integer, found {v}", self.file, self.path)))?
+            }
             None => default,
         };
         if v <= 0 {
@@ -95,7 +97,9 @@ impl Fields<'_> {
 
     fn float(&self, name: &str, default: f64) -> Result<f64> {
         let v = match self.obj.get(name) {
-            Some(v) => v.as_f64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected a number, found {v}", self.file, self.path)))?,
+            Some(v) => {
+                v.as_f64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected a number, found {v}", self.file, self.path)))?
+            }
             None => default,
         };
         if !(v.is_finite() && v > 0.0) {
@@ -140,7 +144,9 @@ impl Fields<'_> {
         // only one id has a meaning here.
         let eos_token_id = match self.obj.get("eos_token_id") {
             None => 49407,
-            Some(v) => v.as_i64().ok_or_else(|| bad_input(format!("{}: field {}eos_token_id: expected one integer, found {v}", self.file, self.path)))?,
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| bad_input(format!("{}: field {}eos_token_id: expected one integer, found {v}", self.file, self.path)))?,
         };
         Ok(TextConfig {
             tower: self.tower(512, 2048, 12, 8)?,
@@ -329,7 +335,11 @@ impl TextTransformer {
             // transformers' two rules: configs from before its PR #24773 say eos_token_id 2
             // and pool at the largest id (the end token is the last of CLIP's vocabulary);
             // newer ones pool at the first end token. argmax returns the first maximum.
-            let at = if self.config.eos_token_id == 2 { ids.argmax(-1, false) } else { ids.eq(self.config.eos_token_id).to_kind(Kind::Int).argmax(-1, false) };
+            let at = if self.config.eos_token_id == 2 {
+                ids.argmax(-1, false)
+            } else {
+                ids.eq(self.config.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+            };
             let rows = Tensor::arange(b, (Kind::Int64, device));
             let pooled = last.index(&[Some(rows), Some(at)]);
             Ok(TextOutput { last_hidden_state: last, pooled })
@@ -367,7 +377,8 @@ impl VisionTransformer {
         let g = config.image_size / p;
         Ok(VisionTransformer {
             class_embedding: ld.get(&format!("{prefix}embeddings.class_embedding"), &[d])?,
-            patch_embedding: Conv2d::load(ld, &format!("{prefix}embeddings.patch_embedding"), config.num_channels, d, [p, p], false)?.stride(p),
+            patch_embedding: Conv2d::load(ld, &format!("{prefix}embeddings.patch_embedding"), config.num_channels, d, [p, p], false)?
+                .stride(p),
             position_embedding: ld.get(&format!("{prefix}embeddings.position_embedding.weight"), &[1 + g * g, d])?,
             pre_layrnorm: LayerNorm::load(ld, &format!("{prefix}pre_layrnorm"), d, eps)?,
             layers: load_layers(ld, prefix, c)?,
@@ -436,6 +447,9 @@ impl Clip {
         let cfg_file = cfg_path.display().to_string();
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
         let config = ClipConfig::parse(&text, &cfg_file)?;
+        if towers == Towers::Text && config.text.is_none() {
+            bail_input!("{cfg_file}: field model_type: \"clip_vision_model\" has no text tower");
+        }
         let mut ld = Loader::open(&dir.join("model.safetensors"), device)?;
         let both = config.projection_dim.is_some();
         let prefix = |tower: &str| {
@@ -498,7 +512,10 @@ impl Clip {
 
     /// Preprocessed pixels [N, C, S, S] -> image tower outputs, f32, computed in `kind`.
     pub fn encode_image(&self, pixel_values: &Tensor, kind: Kind) -> Result<VisionOutput> {
-        self.vision.as_ref().ok_or_else(|| anyhow::anyhow!("this CLIP model was loaded without an image tower"))?.forward(pixel_values, kind)
+        self.vision
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this CLIP model was loaded without an image tower"))?
+            .forward(pixel_values, kind)
     }
 
     /// `image_embeds`: the pooled image through `visual_projection`. [N, projection_dim] f32

@@ -6,13 +6,13 @@ use anyhow::Result;
 use serde_json::Value;
 use std::path::Path;
 use tch::{Kind, Tensor};
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::ReplacePattern;
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
-use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::replace::ReplacePattern;
 use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer, TruncationParams};
 
 /// CLIP's context: every published CLIP text tower has 77 positions.
@@ -74,7 +74,7 @@ impl ClipTokenizer {
         let max_length = match cfg.get("model_max_length") {
             None => CLIP_MAX_LENGTH,
             Some(v) => match v.as_u64() {
-                Some(n) if n >= 2 && n <= 1 << 20 => n as usize,
+                Some(n) if (2..=1 << 20).contains(&n) => n as usize,
                 Some(n) if n > 1 << 20 => CLIP_MAX_LENGTH,
                 _ => bail_input!("{cfg_file}: field model_max_length: expected an integer of at least 2, found {v}"),
             },
@@ -135,9 +135,12 @@ impl ClipTokenizer {
         let split = Split::new(SplitPattern::Regex(PRE_TOKENIZER_REGEX.to_string()), SplitDelimiterBehavior::Removed, true)
             .map_err(|e| tokenizer_error(&both, e))?;
         tk.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
-        let id = |t: &str| tk.token_to_id(t).ok_or_else(|| bad_input(format!("{source}: {t} is not in the vocabulary (not a CLIP tokenizer)")));
+        let id =
+            |t: &str| tk.token_to_id(t).ok_or_else(|| bad_input(format!("{source}: {t} is not in the vocabulary (not a CLIP tokenizer)")));
         let (bos, eos) = (id(BOS)?, id(EOS)?);
-        tk.with_post_processor(Some(RobertaProcessing::new((EOS.to_string(), eos), (BOS.to_string(), bos)).trim_offsets(false).add_prefix_space(false)));
+        tk.with_post_processor(Some(
+            RobertaProcessing::new((EOS.to_string(), eos), (BOS.to_string(), bos)).trim_offsets(false).add_prefix_space(false),
+        ));
         tk.add_special_tokens(&[AddedToken::from(BOS, true), AddedToken::from(EOS, true)]);
         Ok((tk, both))
     }
