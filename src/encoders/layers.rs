@@ -60,6 +60,18 @@ impl Loader {
         self.get(name, shape)
     }
 
+    /// Whether the file holds `name` (not yet taken): for networks whose published files
+    /// differ in naming, to choose the naming before taking anything.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Drops the tensors whose names `unused` accepts (buffers the forward pass recomputes,
+    /// or parts of the file not loaded), so that `finish` judges only the rest.
+    pub fn discard(&mut self, unused: impl Fn(&str) -> bool) {
+        self.tensors.retain(|name, _| !unused(name));
+    }
+
     /// Every tensor must have been taken: a leftover means the file holds another network
     /// than `what` (say one with more layers), which would otherwise run with silently
     /// missing layers.

@@ -1,6 +1,8 @@
 //! Frozen networks that turn pixels into features or latents, loaded from their
-//! published safetensors: SD-VAE (diffusers), DINOv2 (transformers), FID Inception-v3.
+//! published safetensors: SD-VAE (diffusers), DINOv2 and CLIP (transformers), FID Inception-v3.
 
+pub mod clip;
+pub mod clip_tokenizer;
 pub mod dinov2;
 pub mod inception;
 pub mod layers;

@@ -1,0 +1,527 @@
+//! CLIP text and image towers in the layout of transformers' `CLIPModel` / `CLIPTextModel` / `CLIPVisionModel` (`openai/clip-vit-*`), frozen.
+
+use crate::bail_input;
+use crate::encoders::layers::{Conv2d, LayerNorm, Linear, Loader};
+use crate::error::bad_input;
+use anyhow::{ensure, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// The nonlinearity named by `hidden_act` (transformers' names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `quick_gelu`: `x * sigmoid(1.702 x)`, what OpenAI's CLIP was trained with.
+    QuickGelu,
+    /// `gelu`: exact, with erf.
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: tanh approximation.
+    GeluTanh,
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::QuickGelu => x * (x * 1.702).sigmoid(),
+            Activation::Gelu => x.gelu("none"),
+            Activation::GeluTanh => x.gelu("tanh"),
+        }
+    }
+}
+
+/// The fields of one tower's config the forward pass depends on (shared by text and vision).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TowerConfig {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub layer_norm_eps: f64,
+    pub hidden_act: Activation,
+}
+
+/// `CLIPTextConfig`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextConfig {
+    pub tower: TowerConfig,
+    pub vocab_size: i64,
+    pub max_position_embeddings: i64,
+    /// Picks the pooling rule: 2 is the value of configs written before transformers PR
+    /// #24773 (openai's), which pool at the largest id instead.
+    pub eos_token_id: i64,
+    /// `text_projection`'s width in a `CLIPTextModelWithProjection` folder.
+    pub projection_dim: i64,
+}
+
+/// `CLIPVisionConfig`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisionConfig {
+    pub tower: TowerConfig,
+    pub image_size: i64,
+    pub patch_size: i64,
+    pub num_channels: i64,
+    pub projection_dim: i64,
+}
+
+/// What a CLIP folder's `config.json` describes: a `CLIPModel` (both towers, projections to
+/// `projection_dim`) or one tower alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipConfig {
+    pub text: Option<TextConfig>,
+    pub vision: Option<VisionConfig>,
+    /// `CLIPModel`'s shared embedding width; `None` for a single tower.
+    pub projection_dim: Option<i64>,
+}
+
+/// Reads the fields of one JSON object, naming `file` and the field's path in every error.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    file: &'a str,
+    /// `text_config.` inside a `CLIPModel` config, empty at the top level.
+    path: String,
+}
+
+impl Fields<'_> {
+    fn int(&self, name: &str, default: i64) -> Result<i64> {
+        let v = match self.obj.get(name) {
+            Some(v) => {
+                v.as_i64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected an integer, found {v}", self.file, self.path)))?
+            }
+            None => default,
+        };
+        if v <= 0 {
+            bail_input!("{}: field {}{name}: must be positive, found {v}", self.file, self.path);
+        }
+        Ok(v)
+    }
+
+    fn float(&self, name: &str, default: f64) -> Result<f64> {
+        let v = match self.obj.get(name) {
+            Some(v) => {
+                v.as_f64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected a number, found {v}", self.file, self.path)))?
+            }
+            None => default,
+        };
+        if !(v.is_finite() && v > 0.0) {
+            bail_input!("{}: field {}{name}: must be a positive number, found {v}", self.file, self.path);
+        }
+        Ok(v)
+    }
+
+    fn tower(&self, hidden: i64, intermediate: i64, layers: i64, heads: i64) -> Result<TowerConfig> {
+        let hidden_act = match self.obj.get("hidden_act") {
+            None => Activation::QuickGelu,
+            Some(v) => match v.as_str() {
+                Some("quick_gelu") => Activation::QuickGelu,
+                Some("gelu") => Activation::Gelu,
+                Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => Activation::GeluTanh,
+                _ => bail_input!("{}: field {}hidden_act: unsupported activation {v}", self.file, self.path),
+            },
+        };
+        let c = TowerConfig {
+            hidden_size: self.int("hidden_size", hidden)?,
+            intermediate_size: self.int("intermediate_size", intermediate)?,
+            num_hidden_layers: self.int("num_hidden_layers", layers)?,
+            num_attention_heads: self.int("num_attention_heads", heads)?,
+            layer_norm_eps: self.float("layer_norm_eps", 1e-5)?,
+            hidden_act,
+        };
+        if c.hidden_size % c.num_attention_heads != 0 {
+            bail_input!(
+                "{}: field {}num_attention_heads: {} does not divide hidden_size {}",
+                self.file,
+                self.path,
+                c.num_attention_heads,
+                c.hidden_size
+            );
+        }
+        Ok(c)
+    }
+
+    /// `CLIPTextConfig`, with its defaults (those of openai/clip-vit-base-patch32).
+    fn text(&self) -> Result<TextConfig> {
+        // A list of end tokens is allowed by transformers' type but its pooling then fails;
+        // only one id has a meaning here.
+        let eos_token_id = match self.obj.get("eos_token_id") {
+            None => 49407,
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| bad_input(format!("{}: field {}eos_token_id: expected one integer, found {v}", self.file, self.path)))?,
+        };
+        Ok(TextConfig {
+            tower: self.tower(512, 2048, 12, 8)?,
+            vocab_size: self.int("vocab_size", 49408)?,
+            max_position_embeddings: self.int("max_position_embeddings", 77)?,
+            eos_token_id,
+            projection_dim: self.int("projection_dim", 512)?,
+        })
+    }
+
+    /// `CLIPVisionConfig`, with its defaults.
+    fn vision(&self) -> Result<VisionConfig> {
+        let c = VisionConfig {
+            tower: self.tower(768, 3072, 12, 12)?,
+            image_size: self.int("image_size", 224)?,
+            patch_size: self.int("patch_size", 32)?,
+            num_channels: self.int("num_channels", 3)?,
+            projection_dim: self.int("projection_dim", 512)?,
+        };
+        if c.image_size % c.patch_size != 0 {
+            bail_input!("{}: field {}image_size: {} is not a multiple of patch_size {}", self.file, self.path, c.image_size, c.patch_size);
+        }
+        Ok(c)
+    }
+
+    /// The sub-config `name` of a `CLIPModel` config. `{name}_dict`, the older spelling, wins
+    /// over it as in `CLIPConfig` (whose update replaces every field with the dict's or its default).
+    fn sub(&self, name: &str) -> Result<Fields<'_>> {
+        let dict = format!("{name}_dict");
+        let (key, v) = match self.obj.get(&dict) {
+            Some(v) if !v.is_null() => (dict.as_str(), Some(v)),
+            _ => (name, self.obj.get(name).filter(|v| !v.is_null())),
+        };
+        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
+        let obj = match v {
+            None => EMPTY.get_or_init(Map::new),
+            Some(v) => v.as_object().ok_or_else(|| bad_input(format!("{}: field {key}: expected a JSON object, found {v}", self.file)))?,
+        };
+        Ok(Fields { obj, file: self.file, path: format!("{key}.") })
+    }
+}
+
+impl ClipConfig {
+    /// Parses a `config.json` by its `model_type`: `clip`, `clip_text_model` or
+    /// `clip_vision_model`. Missing fields take transformers' defaults.
+    pub fn parse(text: &str, file: &str) -> Result<Self> {
+        let j: Value = serde_json::from_str(text).map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
+        let Some(obj) = j.as_object() else {
+            bail_input!("{file}: expected a JSON object");
+        };
+        let top = Fields { obj, file, path: String::new() };
+        match obj.get("model_type").and_then(Value::as_str) {
+            Some("clip") => Ok(ClipConfig {
+                text: Some(top.sub("text_config")?.text()?),
+                vision: Some(top.sub("vision_config")?.vision()?),
+                projection_dim: Some(top.int("projection_dim", 512)?),
+            }),
+            Some("clip_text_model") => Ok(ClipConfig { text: Some(top.text()?), vision: None, projection_dim: None }),
+            Some("clip_vision_model") => Ok(ClipConfig { text: None, vision: Some(top.vision()?), projection_dim: None }),
+            _ => bail_input!(
+                "{file}: field model_type: expected \"clip\", \"clip_text_model\" or \"clip_vision_model\", found {}",
+                obj.get("model_type").map_or("nothing".to_string(), Value::to_string)
+            ),
+        }
+    }
+}
+
+/// `self_attn`: `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    heads: i64,
+}
+
+impl Attention {
+    /// x: [N, T, D] -> [N, T, D]; `causal` for the text tower (each token sees those before it).
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+        let (n, t, d) = x.size3().expect("attention input is [N, T, D]");
+        let split = |l: &Linear| l.forward(x).reshape([n, t, self.heads, d / self.heads]).transpose(1, 2);
+        let (q, k, v) = (split(&self.q_proj), split(&self.k_proj), split(&self.v_proj));
+        // Scale 1/sqrt(head_dim), SDPA's default and CLIPAttention's `scale`.
+        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
+        self.out_proj.forward(&o.transpose(1, 2).reshape([n, t, d]))
+    }
+}
+
+/// `encoder.layers.{i}`: pre-norm block, `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+pub struct EncoderLayer {
+    pub layer_norm1: LayerNorm,
+    pub self_attn: Attention,
+    pub layer_norm2: LayerNorm,
+    /// `mlp.fc1`, `mlp.fc2`
+    pub fc1: Linear,
+    pub fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn load(ld: &mut Loader, name: &str, c: &TowerConfig) -> Result<Self> {
+        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+        let lin = |ld: &mut Loader, part: &str, i: i64, o: i64| Linear::load(ld, &format!("{name}.{part}"), i, o, true);
+        Ok(EncoderLayer {
+            layer_norm1: LayerNorm::load(ld, &format!("{name}.layer_norm1"), d, eps)?,
+            self_attn: Attention {
+                q_proj: lin(ld, "self_attn.q_proj", d, d)?,
+                k_proj: lin(ld, "self_attn.k_proj", d, d)?,
+                v_proj: lin(ld, "self_attn.v_proj", d, d)?,
+                out_proj: lin(ld, "self_attn.out_proj", d, d)?,
+                heads: c.num_attention_heads,
+            },
+            layer_norm2: LayerNorm::load(ld, &format!("{name}.layer_norm2"), d, eps)?,
+            fc1: lin(ld, "mlp.fc1", d, c.intermediate_size)?,
+            fc2: lin(ld, "mlp.fc2", c.intermediate_size, d)?,
+            act: c.hidden_act,
+        })
+    }
+
+    /// x: [N, T, D] -> [N, T, D]
+    pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x), causal);
+        &x + self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&x))))
+    }
+}
+
+fn load_layers(ld: &mut Loader, prefix: &str, c: &TowerConfig) -> Result<Vec<EncoderLayer>> {
+    (0..c.num_hidden_layers).map(|i| EncoderLayer::load(ld, &format!("{prefix}encoder.layers.{i}"), c)).collect()
+}
+
+/// What the text tower gives: every token's state and the pooled one.
+pub struct TextOutput {
+    /// After `final_layer_norm`. [B, L, D] f32
+    pub last_hidden_state: Tensor,
+    /// The state at the end-of-text token. [B, D] f32
+    pub pooled: Tensor,
+}
+
+/// `text_model` (`CLIPTextTransformer`): token + position embeddings, causal pre-norm layers,
+/// `final_layer_norm`.
+pub struct TextTransformer {
+    pub config: TextConfig,
+    /// `embeddings.token_embedding.weight` [V, D]
+    pub token_embedding: Tensor,
+    /// `embeddings.position_embedding.weight` [P, D]
+    pub position_embedding: Tensor,
+    pub layers: Vec<EncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+}
+
+impl TextTransformer {
+    fn load(ld: &mut Loader, prefix: &str, config: TextConfig) -> Result<Self> {
+        let c = &config.tower;
+        let d = c.hidden_size;
+        Ok(TextTransformer {
+            token_embedding: ld.get(&format!("{prefix}embeddings.token_embedding.weight"), &[config.vocab_size, d])?,
+            position_embedding: ld.get(&format!("{prefix}embeddings.position_embedding.weight"), &[config.max_position_embeddings, d])?,
+            layers: load_layers(ld, prefix, c)?,
+            final_layer_norm: LayerNorm::load(ld, &format!("{prefix}final_layer_norm"), d, c.layer_norm_eps)?,
+            config,
+        })
+    }
+
+    /// ids: [B, L] i64 with L <= max_position_embeddings, computing in `kind`. No attention
+    /// mask besides the causal one, as CLIP is used for conditioning: states up to the end
+    /// token do not see the padding after it. Ids out of the vocabulary are an error.
+    pub fn forward(&self, ids: &Tensor, kind: Kind) -> Result<TextOutput> {
+        let size = ids.size();
+        ensure!(size.len() == 2 && ids.kind() == Kind::Int64, "token ids must be [B, L] int64, found {size:?} {:?}", ids.kind());
+        let (b, l) = (size[0], size[1]);
+        let (v, p) = (self.config.vocab_size, self.config.max_position_embeddings);
+        ensure!(l <= p, "{l} tokens are more than the {p} positions of the text tower");
+        let device = self.token_embedding.device();
+        let ids = ids.to_device(device);
+        if b * l > 0 {
+            let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+            ensure!(lo >= 0 && hi < v, "token ids must lie in [0, {v}), found {lo}..={hi}");
+        }
+        tch::no_grad(|| {
+            let x = Tensor::embedding(&self.token_embedding, &ids, -1, false, false) + self.position_embedding.narrow(0, 0, l);
+            let mut h = x.to_kind(kind);
+            for layer in &self.layers {
+                h = layer.forward(&h, true);
+            }
+            let last = self.final_layer_norm.forward(&h).to_kind(Kind::Float);
+            // transformers' two rules: configs from before its PR #24773 say eos_token_id 2
+            // and pool at the largest id (the end token is the last of CLIP's vocabulary);
+            // newer ones pool at the first end token. argmax returns the first maximum.
+            let at = if self.config.eos_token_id == 2 {
+                ids.argmax(-1, false)
+            } else {
+                ids.eq(self.config.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
+            };
+            let rows = Tensor::arange(b, (Kind::Int64, device));
+            let pooled = last.index(&[Some(rows), Some(at)]);
+            Ok(TextOutput { last_hidden_state: last, pooled })
+        })
+    }
+}
+
+/// What the image tower gives.
+pub struct VisionOutput {
+    /// Before any final norm (as transformers returns it). [N, 1 + T, D] f32
+    pub last_hidden_state: Tensor,
+    /// `post_layernorm` of the class token. [N, D] f32
+    pub pooled: Tensor,
+}
+
+/// `vision_model` (`CLIPVisionTransformer`): patch conv without bias, class embedding,
+/// position table, `pre_layrnorm` (sic), pre-norm layers, `post_layernorm` on the class token.
+pub struct VisionTransformer {
+    pub config: VisionConfig,
+    /// `embeddings.class_embedding` [D]
+    pub class_embedding: Tensor,
+    /// `embeddings.patch_embedding`: p x p, stride p, no bias.
+    pub patch_embedding: Conv2d,
+    /// `embeddings.position_embedding.weight` [1 + T, D]
+    pub position_embedding: Tensor,
+    pub pre_layrnorm: LayerNorm,
+    pub layers: Vec<EncoderLayer>,
+    pub post_layernorm: LayerNorm,
+}
+
+impl VisionTransformer {
+    fn load(ld: &mut Loader, prefix: &str, config: VisionConfig) -> Result<Self> {
+        let c = &config.tower;
+        let (d, p, eps) = (c.hidden_size, config.patch_size, c.layer_norm_eps);
+        let g = config.image_size / p;
+        Ok(VisionTransformer {
+            class_embedding: ld.get(&format!("{prefix}embeddings.class_embedding"), &[d])?,
+            patch_embedding: Conv2d::load(ld, &format!("{prefix}embeddings.patch_embedding"), config.num_channels, d, [p, p], false)?
+                .stride(p),
+            position_embedding: ld.get(&format!("{prefix}embeddings.position_embedding.weight"), &[1 + g * g, d])?,
+            pre_layrnorm: LayerNorm::load(ld, &format!("{prefix}pre_layrnorm"), d, eps)?,
+            layers: load_layers(ld, prefix, c)?,
+            post_layernorm: LayerNorm::load(ld, &format!("{prefix}post_layernorm"), d, eps)?,
+            config,
+        })
+    }
+
+    /// Already preprocessed pixels (CLIPImageProcessor's output: resized, center-cropped,
+    /// normalised with CLIP's mean and std) [N, C, S, S] with S = image_size, computing in `kind`.
+    pub fn forward(&self, pixel_values: &Tensor, kind: Kind) -> Result<VisionOutput> {
+        let s = self.config.image_size;
+        let size = pixel_values.size();
+        ensure!(
+            size.len() == 4 && size[1] == self.config.num_channels && size[2] == s && size[3] == s,
+            "pixel values must be [N, {}, {s}, {s}], found {size:?}",
+            self.config.num_channels
+        );
+        tch::no_grad(|| {
+            let x = pixel_values.to_device(self.class_embedding.device()).to_kind(kind);
+            let n = size[0];
+            let patches = self.patch_embedding.forward(&x).flatten(2, -1).transpose(1, 2);
+            let cls = self.class_embedding.to_kind(kind).reshape([1, 1, -1]).expand([n, 1, -1], false);
+            let h = Tensor::cat(&[cls, patches], 1) + self.position_embedding.to_kind(kind);
+            let mut h = self.pre_layrnorm.forward(&h);
+            for layer in &self.layers {
+                h = layer.forward(&h, false);
+            }
+            let pooled = self.post_layernorm.forward(&h.select(1, 0)).to_kind(Kind::Float);
+            Ok(VisionOutput { last_hidden_state: h.to_kind(Kind::Float), pooled })
+        })
+    }
+}
+
+/// Which towers to load from a folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Towers {
+    /// Every tower the folder holds, with the projections.
+    All,
+    /// The text tower (and `text_projection` where there is one): what text conditioning
+    /// needs; a `CLIPModel`'s image tower is left on disk.
+    Text,
+}
+
+/// A CLIP folder (`config.json` + `model.safetensors`): one or both towers and the
+/// projections into the shared embedding space.
+pub struct Clip {
+    pub config: ClipConfig,
+    pub text: Option<TextTransformer>,
+    pub vision: Option<VisionTransformer>,
+    /// `text_projection` (no bias): pooled text [B, D_text] -> [B, projection_dim]
+    pub text_projection: Option<Linear>,
+    /// `visual_projection` (no bias): pooled image [N, D_vision] -> [N, projection_dim]
+    pub visual_projection: Option<Linear>,
+    /// `logit_scale` (log of the similarity temperature) where the file has it.
+    pub logit_scale: Option<f64>,
+}
+
+impl Clip {
+    /// Loads `dir/config.json` + `dir/model.safetensors` onto `device`. A `CLIPModel` folder
+    /// keeps its towers under `text_model.` / `vision_model.`; a single-tower folder as
+    /// transformers 5 writes it has no such prefix, while published ones (openai's, Stable
+    /// Diffusion's `text_encoder`) have it: both are read.
+    pub fn load(dir: &Path, device: Device, towers: Towers) -> Result<Clip> {
+        let cfg_path = dir.join("config.json");
+        let cfg_file = cfg_path.display().to_string();
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
+        let config = ClipConfig::parse(&text, &cfg_file)?;
+        if towers == Towers::Text && config.text.is_none() {
+            bail_input!("{cfg_file}: field model_type: \"clip_vision_model\" has no text tower");
+        }
+        let mut ld = Loader::open(&dir.join("model.safetensors"), device)?;
+        let both = config.projection_dim.is_some();
+        let prefix = |tower: &str| {
+            let p = format!("{tower}.");
+            if both || ld.contains(&format!("{p}embeddings.position_embedding.weight")) {
+                p
+            } else {
+                String::new()
+            }
+        };
+        let (tp, vp) = (prefix("text_model"), prefix("vision_model"));
+        // Older files carry the position ids buffer, which is recomputed here.
+        ld.discard(|n| n.ends_with("embeddings.position_ids"));
+        let text = match &config.text {
+            Some(c) => Some(TextTransformer::load(&mut ld, &tp, c.clone())?),
+            None => None,
+        };
+        let vision = match (&config.vision, towers) {
+            (Some(c), Towers::All) => Some(VisionTransformer::load(&mut ld, &vp, c.clone())?),
+            _ => None,
+        };
+        let mut text_projection = None;
+        let mut visual_projection = None;
+        if let (Some(dim), Some(t), Some(v)) = (config.projection_dim, &config.text, &config.vision) {
+            text_projection = Some(Linear::load(&mut ld, "text_projection", t.tower.hidden_size, dim, false)?);
+            if towers == Towers::All {
+                visual_projection = Some(Linear::load(&mut ld, "visual_projection", v.tower.hidden_size, dim, false)?);
+            }
+        } else if ld.contains("text_projection.weight") {
+            // `CLIPTextModelWithProjection` (SDXL's second text encoder).
+            let t = config.text.as_ref().expect("a folder without a text config holds no text projection");
+            text_projection = Some(Linear::load(&mut ld, "text_projection", t.tower.hidden_size, t.projection_dim, false)?);
+        } else if ld.contains("visual_projection.weight") && towers == Towers::All {
+            let v = config.vision.as_ref().expect("a folder without a vision config holds no visual projection");
+            visual_projection = Some(Linear::load(&mut ld, "visual_projection", v.tower.hidden_size, v.projection_dim, false)?);
+        }
+        let logit_scale = if ld.contains("logit_scale") { Some(ld.get("logit_scale", &[])?.double_value(&[])) } else { None };
+        if towers == Towers::Text {
+            ld.discard(|n| n.starts_with("vision_model.") || n == "visual_projection.weight");
+        }
+        ld.finish("this CLIP model (its config.json describes other layers)")?;
+        Ok(Clip { config, text, vision, text_projection, visual_projection, logit_scale })
+    }
+
+    fn text_tower(&self) -> Result<&TextTransformer> {
+        self.text.as_ref().ok_or_else(|| anyhow::anyhow!("this CLIP folder has no text tower"))
+    }
+
+    /// Token ids [B, L] -> last hidden state [B, L, D] and pooled [B, D], f32, computed in `kind`.
+    pub fn encode_text(&self, ids: &Tensor, kind: Kind) -> Result<TextOutput> {
+        self.text_tower()?.forward(ids, kind)
+    }
+
+    /// `text_embeds`: the pooled text through `text_projection`. [B, projection_dim] f32
+    pub fn text_embeds(&self, ids: &Tensor, kind: Kind) -> Result<Tensor> {
+        let proj = self.text_projection.as_ref().ok_or_else(|| anyhow::anyhow!("this CLIP folder has no text_projection"))?;
+        let pooled = self.encode_text(ids, kind)?.pooled;
+        Ok(tch::no_grad(|| proj.forward(&pooled.to_kind(kind)).to_kind(Kind::Float)))
+    }
+
+    /// Preprocessed pixels [N, C, S, S] -> image tower outputs, f32, computed in `kind`.
+    pub fn encode_image(&self, pixel_values: &Tensor, kind: Kind) -> Result<VisionOutput> {
+        self.vision
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this CLIP model was loaded without an image tower"))?
+            .forward(pixel_values, kind)
+    }
+
+    /// `image_embeds`: the pooled image through `visual_projection`. [N, projection_dim] f32
+    pub fn image_embeds(&self, pixel_values: &Tensor, kind: Kind) -> Result<Tensor> {
+        let proj = self.visual_projection.as_ref().ok_or_else(|| anyhow::anyhow!("this CLIP model has no visual_projection loaded"))?;
+        let pooled = self.encode_image(pixel_values, kind)?.pooled;
+        Ok(tch::no_grad(|| proj.forward(&pooled.to_kind(kind)).to_kind(Kind::Float)))
+    }
+}
