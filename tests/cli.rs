@@ -172,6 +172,8 @@ fn tensorboard_reads_our_event_files() {
         "train/skipped_steps",
         "perf/images_per_s",
         "perf/step_ms",
+        "perf/comm_ms",
+        "perf/comm_gb",
     ] {
         let steps: Vec<i64> =
             tags[tag].as_array().unwrap_or_else(|| panic!("tag {tag} missing")).iter().map(|p| p[0].as_i64().unwrap()).collect();

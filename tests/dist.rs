@@ -34,6 +34,15 @@ fn one_two_and_four_ranks_train_the_same_model() {
                 assert_eq!(s[key].as_i64().unwrap() * np as i64, flat, "np={np} {key}");
             }
         }
+        // Communication per step: a reduce-scatter and an all-gather of the flat buffer
+        // (plus two 16-byte all-reduces), (w - 1) / w of each sent per rank; timed on MPI.
+        let flat = shards[0]["flat"].as_f64().unwrap();
+        let want_gb = (2.0 * flat * 4.0 + 32.0) * (np as f64 - 1.0) / np as f64 / 1e9;
+        for j in lines.iter().filter(|j| j.get("loss").is_some()) {
+            let gb = j["comm_gb"].as_f64().unwrap();
+            assert!((gb - want_gb).abs() <= 1e-12 * want_gb.max(1.0), "np={np}: comm_gb {gb} vs {want_gb}");
+            assert!(j["comm_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "np={np}: comm_ms {}", j["comm_ms"]);
+        }
         let losses: Vec<f64> = lines.iter().filter_map(|j| j.get("loss").and_then(|l| l.as_f64())).collect();
         assert_eq!(losses.len(), 20, "np={np}: one loss line per step");
         let ckpt = dir.path().join(&name).join("step-0000020");

@@ -89,10 +89,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     t.sync();
     let start = Instant::now();
+    let (mut comm_ms, mut comm_gb) = (Some(0.0), 0.0);
     for _ in 0..a.steps {
-        t.train_step()?;
+        let s = t.train_step()?;
+        comm_ms = comm_ms.zip(s.comm_ms).map(|(a, b)| a + b);
+        comm_gb += s.comm_gb;
     }
     t.sync();
+    let per_step = |x: f64| x / a.steps.max(1) as f64;
     let secs = start.elapsed().as_secs_f64();
     let batch = t.cfg().train.global_batch as f64;
     let ms = 1000.0 * secs / a.steps.max(1) as f64;
@@ -128,6 +132,8 @@ pub fn run(a: Args) -> Result<()> {
         "train_flops_per_image": flops,
         "mfu": mfu,
         "peak_mem_bytes": peak_mem,
+        "comm_ms": comm_ms.map(per_step),
+        "comm_gb": per_step(comm_gb),
         "phases_ms": phases,
     });
     if t.rank() == 0 {

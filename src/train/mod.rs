@@ -60,6 +60,41 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// The update was skipped (non-finite loss or gradients on some rank).
     pub skipped: bool,
+    /// Milliseconds this rank spent blocked in the step's collectives: all of it is
+    /// exposed, as nothing overlaps them yet. Measured where collectives block the host
+    /// (MPI on the CPU); `None` on a GPU, where they are queued on the stream (`bench
+    /// --profile` times them there).
+    pub comm_ms: Option<f64>,
+    /// Gigabytes this rank sent in the step's collectives (a ring moves (w - 1) / w of
+    /// each buffer per rank).
+    pub comm_gb: f64,
+}
+
+/// The collectives of one step: host time blocked in them and bytes sent.
+struct CommMeter {
+    world: i64,
+    host_blocking: bool,
+    ms: f64,
+    bytes: f64,
+}
+
+impl CommMeter {
+    fn new(world: i64, device: Device) -> Self {
+        CommMeter { world, host_blocking: device == Device::Cpu, ms: 0.0, bytes: 0.0 }
+    }
+
+    /// Runs one collective over a buffer of `bytes` (the whole buffer, before sharding).
+    fn time<R>(&mut self, bytes: i64, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let start = std::time::Instant::now();
+        let r = f();
+        self.ms += start.elapsed().as_secs_f64() * 1e3;
+        self.bytes += bytes as f64 * (self.world - 1) as f64 / self.world as f64;
+        r
+    }
+
+    fn read(&self) -> (Option<f64>, f64) {
+        (self.host_blocking.then_some(self.ms), self.bytes / 1e9)
+    }
 }
 
 /// Wall time of each phase of the training step, for `bench --profile`. The device is
@@ -327,13 +362,14 @@ impl Trainer {
         }
 
         let _g = tch::no_grad_guard();
-        self.reduce_scatter_grads()?;
+        let mut comm = CommMeter::new(self.world(), self.comm.device());
+        comm.time(self.params.padded_len() * 4, || self.reduce_scatter_grads())?;
         self.phases.mark(device, "reduce_scatter");
         // One all-reduce carries the gradient's sum of squares and "my loss is not
         // finite": every rank then agrees, on the device, whether to skip this update.
         let local_bad = Tensor::stack(&local_bad, 0).max();
         let control = Tensor::stack(&[sq_sum(&self.shard_grad), local_bad.to_kind(Kind::Double)], 0);
-        self.comm.all_reduce_sum(&control)?;
+        comm.time(16, || self.comm.all_reduce_sum(&control))?;
         let (norm, factor) = clip_factor(&control.get(0), self.cfg.optim.max_grad_norm);
         let skip = control.get(1).gt(0.0).logical_or(&norm.isfinite().logical_not()).to_kind(Kind::Float);
         let _ = self.shard_grad.g_mul_(&factor);
@@ -346,13 +382,13 @@ impl Trainer {
         self.ema.update_unless(&shard, &skip);
         self.phases.mark(device, "clip_adamw_ema");
         if self.world() > 1 {
-            self.comm.all_gather(&shard, &self.params.flat)?;
+            comm.time(self.params.padded_len() * 4, || self.comm.all_gather(&shard, &self.params.flat))?;
         }
         self.phases.mark(device, "all_gather");
         self.step += 1;
 
         let metrics = Tensor::stack(&metrics, 0).mean_dim(0, false, Kind::Float);
-        self.comm.all_reduce_sum(&metrics)?;
+        comm.time(16, || self.comm.all_reduce_sum(&metrics))?;
         let m: Vec<f64> = Vec::<f64>::try_from((metrics / self.world() as f64).to_kind(Kind::Double).to_device(Device::Cpu))?;
         let skipped = skip.double_value(&[]) != 0.0;
         if skipped {
@@ -364,7 +400,8 @@ impl Trainer {
         }
         let grad_norm = norm.double_value(&[]);
         self.phases.mark(device, "metrics");
-        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm, skipped })
+        let (comm_ms, comm_gb) = comm.read();
+        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm, skipped, comm_ms, comm_gb })
     }
 
     /// Global samples consumed so far (the data position a checkpoint records).

@@ -47,6 +47,8 @@ impl Window {
         self.sum.proj += s.proj;
         self.sum.cls += s.cls;
         self.sum.grad_norm += s.grad_norm;
+        self.sum.comm_ms = s.comm_ms.map(|ms| self.sum.comm_ms.unwrap_or(0.0) + ms);
+        self.sum.comm_gb += s.comm_gb;
         self.n += 1.0;
     }
     fn mean(&self) -> StepStats {
@@ -58,6 +60,8 @@ impl Window {
             cls: self.sum.cls / n,
             grad_norm: self.sum.grad_norm / n,
             skipped: false,
+            comm_ms: self.sum.comm_ms.map(|ms| ms / n),
+            comm_gb: self.sum.comm_gb / n,
         }
     }
 }
@@ -303,15 +307,20 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
                     ("train/skipped_steps", t.skipped as f64),
                     ("perf/images_per_s", ips),
                     ("perf/step_ms", step_ms),
+                    ("perf/comm_gb", m.comm_gb),
                 ],
             )?;
+            if let Some(ms) = m.comm_ms {
+                tb.scalars(t.step, &[("perf/comm_ms", ms)])?;
+            }
             tb.flush()?;
             bar.set_message(format!("loss {:.4} proj {:.4} {:.1} img/s", m.loss, m.proj, ips));
             if opts.json {
                 println!(
                     "{}",
                     serde_json::json!({"step": t.step, "loss": m.loss, "denoise": m.denoise, "proj": m.proj,
-                        "cls": m.cls, "grad_norm": m.grad_norm, "skipped": t.skipped, "images_per_s": ips, "step_ms": step_ms})
+                        "cls": m.cls, "grad_norm": m.grad_norm, "skipped": t.skipped, "images_per_s": ips, "step_ms": step_ms,
+                        "comm_ms": m.comm_ms, "comm_gb": m.comm_gb})
                 );
             }
             window = Window::default();
