@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod faults;
 pub mod fid;
 pub mod run;
+mod run_folder;
 
 use crate::config::{Config, DataSource, EncoderMode, SitDims};
 use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, BatchSource};
