@@ -1,7 +1,7 @@
 //! CLIP text and image towers in the layout of transformers' `CLIPModel` / `CLIPTextModel` / `CLIPVisionModel` (`openai/clip-vit-*`), frozen.
 
 use crate::bail_input;
-use crate::encoders::layers::{Conv2d, LayerNorm, Linear, Loader};
+use crate::encoders::layers::{self_attention, Conv2d, LayerNorm, Linear, Loader};
 use crate::error::bad_input;
 use anyhow::{ensure, Result};
 use serde_json::{Map, Value};
@@ -226,12 +226,8 @@ pub struct Attention {
 impl Attention {
     /// x: [N, T, D] -> [N, T, D]; `causal` for the text tower (each token sees those before it).
     pub fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
-        let (n, t, d) = x.size3().expect("attention input is [N, T, D]");
-        let split = |l: &Linear| l.forward(x).reshape([n, t, self.heads, d / self.heads]).transpose(1, 2);
-        let (q, k, v) = (split(&self.q_proj), split(&self.k_proj), split(&self.v_proj));
-        // Scale 1/sqrt(head_dim), SDPA's default and CLIPAttention's `scale`.
-        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, causal, None, false);
-        self.out_proj.forward(&o.transpose(1, 2).reshape([n, t, d]))
+        // Scale 1/sqrt(head_dim): CLIPAttention's `scale`.
+        self_attention(x, &self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj, self.heads, causal)
     }
 }
 

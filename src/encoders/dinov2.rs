@@ -1,7 +1,7 @@
 //! DINOv2 ViT/14 encoder in the layout of transformers' `Dinov2Model` (`facebook/dinov2-*`), frozen.
 
 use crate::bail_input;
-use crate::encoders::layers::{Conv2d, LayerNorm, Linear, Loader};
+use crate::encoders::layers::{self_attention, Conv2d, LayerNorm, Linear, Loader};
 use crate::error::bad_input;
 use anyhow::Result;
 use serde_json::Value;
@@ -180,12 +180,8 @@ pub struct Attention {
 impl Attention {
     /// x: [N, T, D] -> [N, T, D]
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (n, t, d) = x.size3().expect("attention input is [N, T, D]");
-        let split = |l: &Linear| l.forward(x).reshape([n, t, self.heads, d / self.heads]).transpose(1, 2);
-        let (q, k, v) = (split(&self.query), split(&self.key), split(&self.value));
-        // Default scale 1/sqrt(head_dim), no dropout at inference: what the eager path computes.
-        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
-        self.output_dense.forward(&o.transpose(1, 2).reshape([n, t, d]))
+        // No dropout at inference: what the eager path computes.
+        self_attention(x, &self.query, &self.key, &self.value, &self.output_dense, self.heads, false)
     }
 }
 

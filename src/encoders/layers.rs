@@ -107,6 +107,17 @@ impl Linear {
     }
 }
 
+/// Multi-head self-attention as the hub's ViT and CLIP layers compute it: `q`, `k`, `v`
+/// projections of x [N, T, D] split into `heads`, SDPA at its default scale
+/// 1/sqrt(head_dim) without dropout (`causal`: each token sees those before it), heads
+/// joined, then `out`.
+pub fn self_attention(x: &Tensor, q: &Linear, k: &Linear, v: &Linear, out: &Linear, heads: i64, causal: bool) -> Tensor {
+    let (n, t, d) = x.size3().expect("attention input is [N, T, D]");
+    let split = |l: &Linear| l.forward(x).reshape([n, t, heads, d / heads]).transpose(1, 2);
+    let o = Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), None::<Tensor>, 0.0, causal, None, false);
+    out.forward(&o.transpose(1, 2).reshape([n, t, d]))
+}
+
 /// `nn.LayerNorm(D, eps)` over the last dimension, with affine parameters.
 pub struct LayerNorm {
     pub weight: Tensor,
