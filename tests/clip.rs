@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::rel;
+use common::{assert_rel, copy_model_folder, rel};
 
 use reg::encoders::clip::{Clip, Towers};
 use reg::encoders::clip_tokenizer::ClipTokenizer;
@@ -28,20 +28,9 @@ fn golden() -> HashMap<String, Tensor> {
     weights::read_map(&data().join("clip_tiny_golden.safetensors")).unwrap()
 }
 
-fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
-    assert_eq!(a.size(), b.size(), "{what}: shape");
-    let r = rel(a, b);
-    assert!(r <= tol, "{what}: relative error {r:.3e} > {tol:.0e}");
-    println!("{what}: relative error {r:.3e}");
-}
-
-/// A copy of the tiny model folder (config and weights) that a test may break.
+/// A copy of the tiny model folder that a test may break.
 fn copy_model() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(model_dir().join(f), dir.path().join(f)).unwrap();
-    }
-    dir
+    copy_model_folder(&model_dir())
 }
 
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::rel;
+use common::{assert_rel, copy_model_folder};
 
 use reg::encoders::dinov2::Dinov2;
 use reg::error::is_input_error;
@@ -23,20 +23,9 @@ fn golden() -> HashMap<String, Tensor> {
     weights::read_map(&data().join("dinov2_tiny_golden.safetensors")).unwrap()
 }
 
-fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
-    assert_eq!(a.size(), b.size(), "{what}: shape");
-    let r = rel(a, b);
-    assert!(r <= tol, "{what}: relative error {r:.3e} > {tol:.0e}");
-    println!("{what}: relative error {r:.3e}");
-}
-
 /// A copy of the tiny model folder that a test may break.
 fn copy_model() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(data().join("dinov2_tiny").join(f), dir.path().join(f)).unwrap();
-    }
-    dir
+    copy_model_folder(&data().join("dinov2_tiny"))
 }
 
 fn load_err(dir: &Path) -> anyhow::Error {

@@ -52,6 +52,24 @@ pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
     (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
 }
 
+/// `a` matches `b` in shape and within `tol` relative (`rel`); prints the error.
+#[track_caller]
+pub fn assert_rel(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    assert_eq!(a.size(), b.size(), "{what}: shape");
+    let r = rel(a, b);
+    assert!(r <= tol, "{what}: relative error {r:.3e} > {tol:.0e}");
+    println!("{what}: relative error {r:.3e}");
+}
+
+/// A copy of a hub model folder (`config.json` + `model.safetensors`) that a test may break.
+pub fn copy_model_folder(from: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
 /// The weights (or EMA) of a checkpoint by name, through `reg-ddp export`.
 pub fn export(ckpt: &Path, ema: bool) -> HashMap<String, Tensor> {
     let out = ckpt.join(if ema { "ema-export.safetensors" } else { "export.safetensors" });
