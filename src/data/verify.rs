@@ -3,7 +3,7 @@
 //! hashed to the index's SHA-256, and a lock makes the ranks of a node hash a shard
 //! once between them. A replaced or rewritten file no longer matches its marker.
 
-use sha2::{Digest, Sha256};
+use crate::formats::weights::sha256_hex;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
@@ -29,12 +29,12 @@ fn key(path: &Path, sha256: &str) -> std::io::Result<String> {
 fn marker_for(path: &Path) -> Option<PathBuf> {
     let dir = cache_dir().filter(|d| std::fs::create_dir_all(d).is_ok())?;
     let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    Some(dir.join(crate::formats::weights::hex(&Sha256::digest(canonical.to_string_lossy().as_bytes()))))
+    Some(dir.join(sha256_hex(canonical.to_string_lossy().as_bytes())))
 }
 
 /// SHA-256 of `bytes` against `expected`; the error names the file.
 pub fn check(path: &Path, bytes: &[u8], expected: &str) -> Result<(), String> {
-    let got = crate::formats::weights::hex(&Sha256::digest(bytes));
+    let got = sha256_hex(bytes);
     if got != expected {
         return Err(format!("{}: SHA-256 mismatch (index {expected}, file {got})", path.display()));
     }
