@@ -36,3 +36,12 @@ pub fn first_line(e: impl fmt::Display) -> String {
 pub fn is_input_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<InputError>())
 }
+
+/// Writes `line` and a newline to stderr in one `write` call. `eprintln!` with arguments
+/// writes piece by piece, and mpirun forwards each piece as it comes, so the lines of
+/// two ranks could be cut into each other (seen: "error: error: checkpoint ..."); a
+/// line written at once reaches mpirun, and the terminal, whole.
+pub fn print_line(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}

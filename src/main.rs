@@ -61,7 +61,8 @@ fn main() {
         if !input || rank == 0 {
             // A message from elsewhere (a decoder, libtorch) may span lines: the promise is one line.
             let msg: Vec<String> = format!("{e:#}").lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
-            eprintln!("error: {}{}", if rank > 0 { format!("rank {rank}: ") } else { String::new() }, msg.join(" "));
+            let who = if rank > 0 { format!("rank {rank}: ") } else { String::new() };
+            reg::error::print_line(&format!("error: {who}{}", msg.join(" ")));
         }
         std::process::exit(if input { 2 } else { 1 });
     }

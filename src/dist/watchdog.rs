@@ -99,10 +99,10 @@ impl Watchdog {
                             Some(dir) => peers(dir, rank, world, current, timeout),
                             None => "another rank died or hangs".into(),
                         };
-                        eprintln!(
+                        crate::error::print_line(&format!(
                             "error: rank {rank}: no progress for {} s after step {current}; {others}; aborting",
                             timeout.as_secs_f64()
-                        );
+                        ));
                         // _exit: no atexit handlers (MPI's could block on the dead peer).
                         // SAFETY: terminates the process.
                         unsafe { libc::_exit(3) };
