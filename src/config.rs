@@ -136,11 +136,14 @@ pub struct SampleConfig {
     pub cls_cfg: f64,
     /// SD-VAE folder to decode with; without one the grid shows latent channels.
     pub vae: Option<String>,
+    /// With captions: the grid's prompts, image `i` drawn from prompt `i % len`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prompts: Vec<String>,
 }
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        SampleConfig { every: 0, num: 16, steps: 32, mode: SamplerMode::Sde, cfg: 1.0, cls_cfg: 0.0, vae: None }
+        SampleConfig { every: 0, num: 16, steps: 32, mode: SamplerMode::Sde, cfg: 1.0, cls_cfg: 0.0, vae: None, prompts: Vec::new() }
     }
 }
 
@@ -214,6 +217,43 @@ pub struct ModelConfig {
     /// DINOv2 (`data.encoder_path`) run on the shard's images inside the step.
     #[serde(default)]
     pub encoder: EncoderMode,
+    /// `class` (labels) or `text` (captions, through the CLIP text tower in
+    /// `data.text_encoder_path`). `class_dropout_prob` drops the caption too (to the
+    /// empty caption), for guidance.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub condition: Condition,
+    /// With captions: the text encoder's width (768 for CLIP ViT-L/14's text tower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_dim: Option<i64>,
+    /// With captions: tokens per caption (77 for CLIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_len: Option<i64>,
+    /// With captions: `online` (token ids in the shards, CLIP runs inside the step) or
+    /// `precomputed` (hidden states in the shards, `prepare --text-precomputed`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub text_encoder: TextEncoderMode,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// What the model is conditioned on.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    #[default]
+    Class,
+    Text,
+}
+
+/// Where a caption's hidden states come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TextEncoderMode {
+    #[default]
+    Online,
+    Precomputed,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -277,7 +317,23 @@ impl ModelConfig {
             projector_dim: self.projector_dim,
             qk_norm: self.qk_norm,
             mlp_ratio: self.mlp_ratio,
+            text_dim: 0,
+            text_len: 0,
         };
+        let mut dims = dims;
+        match self.condition {
+            Condition::Text => {
+                dims.text_dim = self.text_dim.unwrap_or(768);
+                dims.text_len = self.text_len.unwrap_or(77);
+                if dims.text_dim <= 0 || dims.text_len <= 0 {
+                    bail_input!("model.text_dim / model.text_len: must be positive");
+                }
+            }
+            Condition::Class if self.text_dim.is_some() || self.text_len.is_some() => {
+                bail_input!("model.text_dim / model.text_len: given, but model.condition is class")
+            }
+            Condition::Class => {}
+        }
         let sizes = [
             ("depth", dims.depth),
             ("hidden_size", dims.hidden_size),
@@ -438,11 +494,15 @@ pub struct DataConfig {
     pub verify_checksums: bool,
     /// DINOv2 model folder (transformers layout) for `model.encoder: online`.
     pub encoder_path: Option<String>,
+    /// CLIP folder (transformers layout, with its tokenizer) for `model.condition: text`:
+    /// encodes the captions online, and the prompts of grids and FID samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_encoder_path: Option<String>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { source: None, path: None, prefetch: 4, verify_checksums: true, encoder_path: None }
+        DataConfig { source: None, path: None, prefetch: 4, verify_checksums: true, encoder_path: None, text_encoder_path: None }
     }
 }
 
@@ -529,6 +589,17 @@ impl Config {
             }
             if self.data.resolved_source() != DataSource::Shards {
                 bail_input!("model.encoder: online needs a dataset with images (data.path)");
+            }
+        }
+        if self.model.condition == Condition::Text {
+            let shards = self.data.resolved_source() == DataSource::Shards;
+            let needs_encoder =
+                (shards && self.model.text_encoder == TextEncoderMode::Online) || self.sample.every > 0 || self.eval.fid_every > 0;
+            if needs_encoder && self.data.text_encoder_path.is_none() {
+                bail_input!("data.text_encoder_path: missing (a CLIP folder; model.condition is text)");
+            }
+            if self.sample.every > 0 && self.sample.prompts.is_empty() {
+                bail_input!("sample.prompts: missing (sample.every > 0 and model.condition is text)");
             }
         }
         let sm = &self.sample;

@@ -12,6 +12,10 @@ pub mod stream {
     pub const SYNTHETIC_SAMPLE: u64 = 2;
     /// The loader's record permutation (position: the epoch).
     pub const EPOCH_PERMUTATION: u64 = 3;
+    /// Caption patterns of the synthetic source (position: `u64::MAX`).
+    pub const SYNTHETIC_TEXT: u64 = 9;
+    /// The evaluation captions `sample --captions` draws (position: 0).
+    pub const EVAL_CAPTIONS: u64 = 10;
     /// Random class labels of generated images (position: the image index).
     pub const SAMPLE_LABEL: u64 = 7;
     /// Draw `k` of a generated image is stream `SAMPLE_NOISE + k` (position: the image index).

@@ -76,6 +76,10 @@ fn model_config(c: &Case) -> ModelConfig {
         mlp_ratio: num(c, "mlp_ratio"),
         class_dropout_prob: num(c, "class_dropout_prob"),
         encoder: Default::default(),
+        condition: Default::default(),
+        text_dim: None,
+        text_len: None,
+        text_encoder: Default::default(),
     }
 }
 
@@ -168,12 +172,12 @@ fn prefix(step: i64) -> String {
 fn golden_loss(model: &SiT, c: &Case, step: i64, kind: Kind) -> reg::diffusion::LossTerms {
     let p = prefix(step);
     let g = |k: &str| &c.g[&format!("{p}{k}")];
-    let y = if flag(c, "reg_draws") { g("loss.y") } else { &c.g["in.y"] };
+    let y = reg::model::Cond::Class(if flag(c, "reg_draws") { g("loss.y") } else { &c.g["in.y"] }.shallow_clone());
     let inp = LossInputs {
         x0: g("loss.x0"),
         feat: g("loss.feat"),
         cls0: g("loss.cls0"),
-        y,
+        y: &y,
         t: g("loss.time"),
         noise: g("loss.noise"),
         noise_cls: g("loss.noise_cls"),

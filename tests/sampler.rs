@@ -4,7 +4,7 @@
 use reg::config::{ModelConfig, PathType};
 use reg::diffusion::sampler::{sample_ode, sample_sde, FixedNoise, Guidance, PerImageNoise};
 use reg::formats::weights;
-use reg::model::{build_sit, SiT};
+use reg::model::{build_sit, Cond, SiT};
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -44,16 +44,22 @@ fn sde_reproduces_the_reference_sampler() {
     }
     assert_eq!(draws.len(), 10, "5 stochastic steps x (latents, token)");
     let guide = Guidance { cfg: 2.3, cls_cfg: 2.3, low: 0.0, high: 0.85, force_doubled: false };
-    let out = sample_sde(&m, &g["sde.z"], &g["sde.cls"], &g["sde.y"], 6, guide, PathType::Linear, Kind::Float, &mut FixedNoise(draws));
+    let (y, y_null) = labels(&g["sde.y"]);
+    let out = sample_sde(&m, &g["sde.z"], &g["sde.cls"], &y, &y_null, 6, guide, PathType::Linear, Kind::Float, &mut FixedNoise(draws));
     let r = rel(&out, &g["sde.out"]);
     assert!(r <= 1e-4, "SDE output: relative error {r:e}");
 }
 
-fn start(seed: i64) -> (Tensor, Tensor, Tensor) {
+/// Labels and the null labels (class 10 of the tiny model's 10) of the same rows.
+fn labels(y: &Tensor) -> (Cond, Cond) {
+    (Cond::Class(y.shallow_clone()), Cond::Class(y.full_like(10)))
+}
+
+fn start(seed: i64) -> (Tensor, Tensor, (Cond, Cond)) {
     tch::manual_seed(seed);
     let z = Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu));
     let c = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
-    (z, c, Tensor::from_slice(&[1i64, 4, 9]))
+    (z, c, labels(&Tensor::from_slice(&[1i64, 4, 9])))
 }
 
 #[test]
@@ -62,9 +68,9 @@ fn heun_and_euler_converge_to_the_same_endpoint() {
     let m = model(&g);
     let (z, c, y) = start(3);
     let guide = Guidance { cfg: 1.5, cls_cfg: 1.5, low: 0.0, high: 1.0, force_doubled: false };
-    let heun = sample_ode(&m, &z, &c, &y, 32, true, guide, Kind::Float);
-    let euler = sample_ode(&m, &z, &c, &y, 512, false, guide, Kind::Float);
-    let coarse = sample_ode(&m, &z, &c, &y, 4, false, guide, Kind::Float);
+    let heun = sample_ode(&m, &z, &c, &y.0, &y.1, 32, true, guide, Kind::Float);
+    let euler = sample_ode(&m, &z, &c, &y.0, &y.1, 512, false, guide, Kind::Float);
+    let coarse = sample_ode(&m, &z, &c, &y.0, &y.1, 4, false, guide, Kind::Float);
     let (fine, rough) = (rel(&heun, &euler), rel(&coarse, &euler));
     eprintln!("Heun-32 vs Euler-512: {fine:e}; Euler-4 vs Euler-512: {rough:e}");
     assert!(fine < 5e-4, "Heun-32 vs Euler-512: {fine:e}");
@@ -82,21 +88,26 @@ fn guidance_scale_one_equals_no_guidance() {
     let (z, c, y) = start(5);
     let none = Guidance::none();
     let one = Guidance { cfg: 1.0, cls_cfg: 1.0, low: 0.0, high: 1.0, force_doubled: true };
-    let a = sample_ode(&m, &z, &c, &y, 8, true, none, Kind::Float);
-    let b = sample_ode(&m, &z, &c, &y, 8, true, one, Kind::Float);
+    let a = sample_ode(&m, &z, &c, &y.0, &y.1, 8, true, none, Kind::Float);
+    let b = sample_ode(&m, &z, &c, &y.0, &y.1, 8, true, one, Kind::Float);
     assert!(rel(&b, &a) <= 1e-6, "ODE: {:e}", rel(&b, &a));
     let mut n1 = PerImageNoise::new(9, vec![0, 1, 2]);
     let mut n2 = PerImageNoise::new(9, vec![0, 1, 2]);
-    let a = sample_sde(&m, &z, &c, &y, 8, none, PathType::Linear, Kind::Float, &mut n1);
-    let b = sample_sde(&m, &z, &c, &y, 8, one, PathType::Linear, Kind::Float, &mut n2);
+    let a = sample_sde(&m, &z, &c, &y.0, &y.1, 8, none, PathType::Linear, Kind::Float, &mut n1);
+    let b = sample_sde(&m, &z, &c, &y.0, &y.1, 8, one, PathType::Linear, Kind::Float, &mut n2);
     assert!(rel(&b, &a) <= 1e-6, "SDE: {:e}", rel(&b, &a));
     // The null-label half is really there: a scale above 1 on the same path moves the
     // samples, and so does a scale above 1 on the REG token alone.
     let w = Guidance { cfg: 2.0, ..one };
-    let d = sample_ode(&m, &z, &c, &y, 8, true, w, Kind::Float);
+    let d = sample_ode(&m, &z, &c, &y.0, &y.1, 8, true, w, Kind::Float);
     assert!(rel(&d, &a) > 1e-3);
     let token = Guidance { cls_cfg: 2.0, ..one };
-    assert!(rel(&sample_ode(&m, &z, &c, &y, 8, true, token, Kind::Float), &sample_ode(&m, &z, &c, &y, 8, true, none, Kind::Float)) > 1e-6);
+    assert!(
+        rel(
+            &sample_ode(&m, &z, &c, &y.0, &y.1, 8, true, token, Kind::Float),
+            &sample_ode(&m, &z, &c, &y.0, &y.1, 8, true, none, Kind::Float)
+        ) > 1e-6
+    );
 }
 
 #[test]

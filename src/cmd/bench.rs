@@ -156,11 +156,14 @@ fn bench_sampler(a: &Args, cfg: &Config) -> Result<()> {
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let _ = latents(&model, &indices, &spec(2), device);
+    if cfg.dims().text_dim > 0 {
+        reg::bail_input!("bench --sample: measures class models only (model.condition is text)");
+    }
+    let _ = latents(&model, &indices, &spec(2), None, device)?;
     sync();
     let start = Instant::now();
     for _ in 0..a.sample_batches {
-        let _ = latents(&model, &indices, &spec(a.sample_steps), device);
+        let _ = latents(&model, &indices, &spec(a.sample_steps), None, device)?;
     }
     sync();
     let secs = start.elapsed().as_secs_f64();

@@ -90,7 +90,7 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents
     } else {
         None
     };
-    Ok(Batch { moments, feat, y: Tensor::from_slice(&labels), images })
+    Ok(Batch { moments, feat, y: Tensor::from_slice(&labels), images, captions: None, text: None })
 }
 
 /// A batch source over a dataset with a prefetching thread.

@@ -20,6 +20,8 @@ pub struct Synthetic {
     latent_proto: Tensor,
     /// Per-class encoder tokens. [K, T+1, Dz]
     feat_proto: Tensor,
+    /// For a text model: per-class caption states. [K, L, Dt]
+    text_proto: Option<Tensor>,
     device: Device,
 }
 
@@ -38,14 +40,24 @@ impl Synthetic {
             num_classes,
             latent_proto: latent_proto.to_device(device),
             feat_proto: feat_proto.to_device(device),
+            text_proto: None,
             device,
         }
+    }
+
+    /// Also draws caption encodings of `len` tokens of width `dim` (a text model's
+    /// condition: a class pattern plus noise, standing in for precomputed CLIP states).
+    pub fn with_text(mut self, len: i64, dim: i64) -> Self {
+        tch::manual_seed(step_seed(self.seed, u64::MAX, stream::SYNTHETIC_TEXT));
+        let proto = Tensor::randn([self.num_classes, len, dim], (Kind::Float, Device::Cpu));
+        self.text_proto = Some(proto.to_device(self.device));
+        self
     }
 }
 
 impl BatchSource for Synthetic {
     fn batch(&mut self, step: u64, lo: i64, n: i64) -> anyhow::Result<Batch> {
-        let (mut ms, mut fs, mut ys) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ms, mut fs, mut ys, mut ts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in lo..lo + n {
             // Keyed by the global sample index: the same sample whatever the rank layout.
             let index = step * self.global_batch as u64 + i as u64;
@@ -57,8 +69,18 @@ impl BatchSource for Synthetic {
             ms.push(Tensor::cat(&[mean, std], 1));
             let f = self.feat_proto.index_select(0, &y);
             fs.push(&f + f.randn_like() * 0.1);
+            if let Some(p) = &self.text_proto {
+                let t = p.index_select(0, &y);
+                ts.push(&t + t.randn_like() * 0.1);
+            }
             ys.push(y);
         }
-        Ok(Batch { moments: Tensor::cat(&ms, 0), feat: Tensor::cat(&fs, 0), y: Tensor::cat(&ys, 0), images: None })
+        // Pooled: the mean state, as a stand-in for CLIP's end-of-text state.
+        let text = (!ts.is_empty()).then(|| {
+            let hidden = Tensor::cat(&ts, 0);
+            let pooled = hidden.mean_dim(1, false, Kind::Float);
+            (hidden, pooled)
+        });
+        Ok(Batch { moments: Tensor::cat(&ms, 0), feat: Tensor::cat(&fs, 0), y: Tensor::cat(&ys, 0), images: None, captions: None, text })
     }
 }

@@ -1,10 +1,14 @@
-//! Generating images for evaluation: the global image index decides the label and
-//! the noise, so the same seed gives the same images whatever the batch or rank.
+//! Generating images for evaluation: the global image index decides the label (or
+//! caption) and the noise, so the same seed gives the same images whatever the batch
+//! or rank.
 
 use crate::diffusion::path::PathType;
 use crate::diffusion::sampler::{NoiseSource, PerImageNoise, Sampler};
+use crate::encoders::text::TextEncoder;
 use crate::encoders::vae::Vae;
 use crate::model::sit::SiT;
+use crate::model::{Caption, Cond};
+use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 /// How labels are assigned to image indices.
@@ -16,6 +20,8 @@ pub enum Labels {
     Balanced,
     /// `list[index % len]`.
     List(Vec<i64>),
+    /// A text model's prompts: `captions[index % len]`.
+    Captions(Vec<String>),
 }
 
 impl Labels {
@@ -41,6 +47,40 @@ impl Labels {
             Labels::Random => (crate::rng::step_seed(seed, index, crate::rng::stream::SAMPLE_LABEL) as u64 % num_classes as u64) as i64,
             Labels::Balanced => (index % num_classes as u64) as i64,
             Labels::List(v) => v[(index % v.len() as u64) as usize],
+            Labels::Captions(_) => panic!("a caption is not a class label"),
+        }
+    }
+
+    /// The conditions of the images `indices` and their null conditions; captions are
+    /// encoded by `text` in `kind`.
+    pub fn conditions(
+        &self,
+        seed: u64,
+        indices: &[u64],
+        num_classes: i64,
+        text: Option<&TextEncoder>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<(Cond, Cond)> {
+        match self {
+            Labels::Captions(captions) => {
+                let enc = text.ok_or_else(|| anyhow::anyhow!("captions need a text encoder (data.text_encoder_path)"))?;
+                let texts: Vec<&str> = indices.iter().map(|&g| captions[(g % captions.len() as u64) as usize].as_str()).collect();
+                let out = enc.encode(&texts, kind)?;
+                let null = enc.null(kind)?;
+                let caption =
+                    |hidden: Tensor, pooled: Tensor| Caption { hidden: hidden.to_device(device), pooled: pooled.to_device(device) };
+                let y = Cond::Text(caption(out.last_hidden_state, out.pooled));
+                let null = caption(null.last_hidden_state, null.pooled);
+                let y_null = y.null_like(num_classes, Some(&null));
+                Ok((y, y_null))
+            }
+            _ => {
+                let y: Vec<i64> = indices.iter().map(|&g| self.of(seed, g, num_classes)).collect();
+                let y = Cond::Class(Tensor::from_slice(&y).to_device(device));
+                let y_null = y.null_like(num_classes, None);
+                Ok((y, y_null))
+            }
         }
     }
 }
@@ -56,17 +96,17 @@ pub struct SampleSpec {
     pub kind: Kind,
 }
 
-/// Final latents (scaled, as the model sees them) of the images `indices`. [B, C, H, W] f32
-pub fn latents(model: &SiT, indices: &[u64], spec: &SampleSpec, device: Device) -> Tensor {
+/// Final latents (scaled, as the model sees them) of the images `indices`; a text model
+/// encodes its captions with `text`. [B, C, H, W] f32
+pub fn latents(model: &SiT, indices: &[u64], spec: &SampleSpec, text: Option<&TextEncoder>, device: Device) -> Result<Tensor> {
     let d = &model.dims;
     let mut noise = PerImageNoise::new(spec.seed, indices.to_vec());
     let b = indices.len() as i64;
     // The first two draws of every image: its starting latents and REG token.
     let z = noise.draw(&[b, d.in_channels, d.input_size, d.input_size]).to_device(device);
     let cls = noise.draw(&[b, d.z_dim]).to_device(device);
-    let y: Vec<i64> = indices.iter().map(|&g| spec.labels.of(spec.seed, g, d.num_classes)).collect();
-    let y = Tensor::from_slice(&y).to_device(device);
-    spec.sampler.run(model, &z, &cls, &y, spec.path, spec.kind, &mut noise).to_kind(Kind::Float)
+    let (y, y_null) = spec.labels.conditions(spec.seed, indices, d.num_classes, text, spec.kind, device)?;
+    Ok(spec.sampler.run(model, &z, &cls, &y, &y_null, spec.path, spec.kind, &mut noise).to_kind(Kind::Float))
 }
 
 /// Images as `[B, H, W, 3]` u8: decoded by the VAE, or without one (synthetic data)

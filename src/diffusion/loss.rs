@@ -2,6 +2,7 @@
 
 use crate::diffusion::path::{expand_like, Interpolant, PathType, Weighting};
 use crate::model::sit::SiT;
+use crate::model::Cond;
 use crate::rng::{step_seed, stream};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -38,7 +39,7 @@ pub struct StepDraws {
     pub noise_cls: Tensor,
     /// Posterior sample noise `x = mean + std * eps`. [B, C, H, W]
     pub eps: Tensor,
-    /// Label dropped for guidance. [B] bool
+    /// Label or caption dropped for guidance. [B] bool
     pub drop: Tensor,
 }
 
@@ -101,8 +102,8 @@ pub struct LossInputs<'a> {
     pub feat: &'a Tensor,
     /// Clean REG token (the encoder's class token, i.e. `feat[:, 0]` in training). [N, Dz]
     pub cls0: &'a Tensor,
-    /// Labels after dropout. [N]
-    pub y: &'a Tensor,
+    /// Labels or captions after dropout. [N]
+    pub y: &'a Cond,
     /// Times. [N]
     pub t: &'a Tensor,
     pub noise: &'a Tensor,
@@ -120,7 +121,7 @@ pub fn reg_loss(model: &SiT, inp: &LossInputs, cfg: &LossConfig, kind: Kind) -> 
     let cls_t = e2(&p.alpha) * &cls0 + e2(&p.sigma) * inp.noise_cls;
     let v_cls = e2(&p.d_alpha) * &cls0 + e2(&p.d_sigma) * inp.noise_cls;
 
-    let out = model.forward(&x_t, inp.t, inp.y, &cls_t, kind);
+    let out = model.forward_cond(&x_t, inp.t, inp.y, &cls_t, kind);
     let denoise = (out.x.to_kind(Kind::Float) - v).square().flatten(1, -1).mean_dim(-1, false, None);
     let cls = (out.cls.to_kind(Kind::Float) - v_cls).square().mean_dim(-1, false, None);
     // Cosine in float32 even under bf16: low precision here is a known NaN source late in training.

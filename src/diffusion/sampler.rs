@@ -5,6 +5,7 @@
 
 use crate::diffusion::path::{expand_like, Interpolant, PathType};
 use crate::model::sit::SiT;
+use crate::model::Cond;
 use crate::rng::{step_seed, stream};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -60,21 +61,23 @@ impl Sampler {
         Ok(())
     }
 
-    /// Final latents [N, C, H, W] f64 from the start latents `z`, REG token `cls` and labels `y`.
+    /// Final latents [N, C, H, W] f64 from the start latents `z`, REG token `cls` and
+    /// condition `y` (`y_null`: the null condition of the same rows, for guidance).
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         model: &SiT,
         z: &Tensor,
         cls: &Tensor,
-        y: &Tensor,
+        y: &Cond,
+        y_null: &Cond,
         path: PathType,
         kind: Kind,
         noise: &mut dyn NoiseSource,
     ) -> Tensor {
         match self.mode {
-            SamplerMode::Sde => sample_sde(model, z, cls, y, self.steps, self.guidance, path, kind, noise),
-            SamplerMode::Ode => sample_ode(model, z, cls, y, self.steps, self.heun, self.guidance, kind),
+            SamplerMode::Sde => sample_sde(model, z, cls, y, y_null, self.steps, self.guidance, path, kind, noise),
+            SamplerMode::Ode => sample_ode(model, z, cls, y, y_null, self.steps, self.heun, self.guidance, kind),
         }
     }
 }
@@ -149,12 +152,12 @@ impl NoiseSource for FixedNoise {
 }
 
 /// The model as the samplers call it: f64 state in, f64 velocities out, on the
-/// doubled (conditional, null-label) batch while guidance is active.
+/// doubled (conditional, null-condition) batch while guidance is active.
 struct Stepper<'a> {
     model: &'a SiT,
     kind: Kind,
-    y: Tensor,
-    y_null: Tensor,
+    y: &'a Cond,
+    y_null: &'a Cond,
     g: Guidance,
 }
 
@@ -164,13 +167,12 @@ impl Stepper<'_> {
     fn velocity(&self, x: &Tensor, c: &Tensor, t: f64) -> (Tensor, Tensor, Tensor, Tensor, bool) {
         let guided = self.g.active(t);
         let (xi, ci, yi) = if guided {
-            (Tensor::cat(&[x, x], 0), Tensor::cat(&[c, c], 0), Tensor::cat(&[&self.y, &self.y_null], 0))
+            (Tensor::cat(&[x, x], 0), Tensor::cat(&[c, c], 0), self.y.cat(self.y_null))
         } else {
             (x.shallow_clone(), c.shallow_clone(), self.y.shallow_clone())
         };
-        let dev = self.y.device();
-        let ti = Tensor::full([xi.size()[0]], t, (Kind::Double, dev));
-        let out = self.model.forward(&xi.to_kind(self.kind), &ti.to_kind(self.kind), &yi, &ci.to_kind(self.kind), self.kind);
+        let ti = Tensor::full([xi.size()[0]], t, (Kind::Double, x.device()));
+        let out = self.model.forward_cond(&xi.to_kind(self.kind), &ti.to_kind(self.kind), &yi, &ci.to_kind(self.kind), self.kind);
         (xi, ci, out.x.to_kind(Kind::Double), out.cls.to_kind(Kind::Double), guided)
     }
 
@@ -199,13 +201,15 @@ fn score(path: PathType, v: &Tensor, x: &Tensor, t: f64) -> Tensor {
 }
 
 /// Euler-Maruyama sampling. `z`: start latents [N, C, H, W]; `cls`: start REG token
-/// [N, Dz]; `y`: labels [N]; returns the final latents [N, C, H, W] f64.
+/// [N, Dz]; `y`: the condition and `y_null` the null one; returns the final latents
+/// [N, C, H, W] f64.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_sde(
     model: &SiT,
     z: &Tensor,
     cls: &Tensor,
-    y: &Tensor,
+    y: &Cond,
+    y_null: &Cond,
     steps: i64,
     g: Guidance,
     path: PathType,
@@ -214,8 +218,7 @@ pub fn sample_sde(
 ) -> Tensor {
     let _ng = tch::no_grad_guard();
     let dev = z.device();
-    let null = model.dims.num_classes;
-    let s = Stepper { model, kind, y: y.shallow_clone(), y_null: y.full_like(null), g };
+    let s = Stepper { model, kind, y, y_null, g };
     // t: 1 -> 0.04 in `steps` points, then 0.
     let mut ts: Vec<f64> = (0..steps).map(|i| 1.0 + (0.04 - 1.0) * i as f64 / (steps - 1).max(1) as f64).collect();
     ts.push(0.0);
@@ -246,10 +249,20 @@ pub fn sample_sde(
 /// evaluation at the end of each step except the last). The velocity is the ODE's
 /// drift on any path, so the path does not enter.
 #[allow(clippy::too_many_arguments)]
-pub fn sample_ode(model: &SiT, z: &Tensor, cls: &Tensor, y: &Tensor, steps: i64, heun: bool, g: Guidance, kind: Kind) -> Tensor {
+#[allow(clippy::too_many_arguments)]
+pub fn sample_ode(
+    model: &SiT,
+    z: &Tensor,
+    cls: &Tensor,
+    y: &Cond,
+    y_null: &Cond,
+    steps: i64,
+    heun: bool,
+    g: Guidance,
+    kind: Kind,
+) -> Tensor {
     let _ng = tch::no_grad_guard();
-    let null = model.dims.num_classes;
-    let s = Stepper { model, kind, y: y.shallow_clone(), y_null: y.full_like(null), g };
+    let s = Stepper { model, kind, y, y_null, g };
     let vel = |x: &Tensor, c: &Tensor, t: f64| {
         let (_, _, v, vc, guided) = s.velocity(x, c, t);
         (s.guide(v, g.cfg, guided), s.guide(vc, g.cls_cfg, guided))

@@ -6,4 +6,5 @@ pub mod clip_tokenizer;
 pub mod dinov2;
 pub mod inception;
 pub mod layers;
+pub mod text;
 pub mod vae;

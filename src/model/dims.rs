@@ -16,6 +16,10 @@ pub struct SitDims {
     pub projector_dim: i64,
     pub qk_norm: bool,
     pub mlp_ratio: f64,
+    /// Width of the caption encoder's states; 0 for the class model.
+    pub text_dim: i64,
+    /// Caption tokens in the sequence (77 for CLIP); 0 for the class model.
+    pub text_len: i64,
 }
 
 /// The numbers a size name fixes; patch size, input and encoder widths come separately.
@@ -63,17 +67,21 @@ impl SitDims {
 
     /// Training FLOPs per image (forward + backward = 3 x forward), counted from the
     /// shapes. Matmuls count 2 FLOPs per multiply-add; adaLN and the embedders act once
-    /// per image, everything else once per token.
+    /// per image, everything else once per token. A caption's tokens join every block
+    /// (`text_len` more tokens in the sequence); the frozen text encoder is not counted.
     pub fn train_flops_per_image(&self) -> f64 {
         let (h, t) = (self.hidden_size as f64, (self.num_patches() + 1) as f64);
         let (p, c, z, pd) = (self.patch_size as f64, self.in_channels as f64, self.z_dim as f64, self.projector_dim as f64);
+        let (l, dt) = (self.text_len as f64, self.text_dim as f64);
+        let seq = t + l;
         let mlp = self.mlp_hidden() as f64;
-        let per_token_block = 2.0 * (3.0 * h * h + h * h + 2.0 * h * mlp) + 4.0 * t * h;
-        let blocks = self.depth as f64 * (t * per_token_block + 2.0 * h * 6.0 * h);
+        let per_token_block = 2.0 * (3.0 * h * h + h * h + 2.0 * h * mlp) + 4.0 * seq * h;
+        let blocks = self.depth as f64 * (seq * per_token_block + 2.0 * h * 6.0 * h);
         let embed = (t - 1.0) * 2.0 * c * p * p * h + 2.0 * z * h + 2.0 * (256.0 * h + h * h);
+        let text = l * 2.0 * dt * h + if l > 0.0 { 2.0 * (dt * h + h * h) } else { 0.0 };
         let projector = t * 2.0 * (h * pd + pd * pd + pd * z);
         let head = 2.0 * h * 2.0 * h + (t - 1.0) * 2.0 * h * p * p * c + 2.0 * h * z;
-        3.0 * (blocks + embed + projector + head)
+        3.0 * (blocks + embed + text + projector + head)
     }
 }
 
@@ -96,6 +104,8 @@ mod tests {
             projector_dim: 2048,
             qk_norm: false,
             mlp_ratio: 4.0,
+            text_dim: 0,
+            text_len: 0,
         }
     }
 

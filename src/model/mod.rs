@@ -1,11 +1,13 @@
 //! The trained network: SiT + REG (named like the REG checkpoints), its dimensions and
 //! presets, and the flat parameter store its weights live in.
 
+pub mod cond;
 pub mod dims;
 pub mod params;
 pub mod sit;
 
 use anyhow::Result;
+pub use cond::{Caption, Cond};
 pub use dims::SitDims;
 use tch::Device;
 

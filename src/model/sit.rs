@@ -1,5 +1,6 @@
 //! SiT with the REG token (Wu et al. 2025): names and layout mirror the REG `state_dict`.
 
+use crate::model::cond::{Caption, Cond};
 use crate::model::dims::SitDims;
 use crate::model::params::{Init, ParamBuilder};
 use tch::{Kind, Tensor};
@@ -144,6 +145,39 @@ impl LabelEmbedder {
     /// y: [N] i64 (label dropout already applied by the caller) -> [N, D]
     pub fn forward(&self, y: &Tensor, kind: Kind) -> Tensor {
         self.embedding_table.to_kind(kind).index_select(0, y)
+    }
+}
+
+/// A caption into the model: its token states projected to the model width join the
+/// sequence (`context_embedder`), and its pooled state through a 2-layer MLP joins the
+/// timestep in `c` (`pooled_embedder`), as SD3's MMDiT feeds CLIP.
+pub struct TextEmbedder {
+    pub context_embedder: Linear,
+    pub pooled_mlp_0: Linear,
+    pub pooled_mlp_2: Linear,
+}
+
+impl TextEmbedder {
+    pub fn new(pb: &mut ParamBuilder, text_dim: i64, hidden: i64) -> Self {
+        let normal = |pb: &mut ParamBuilder, name: &str, i, o| Linear {
+            weight: pb.param(&format!("{name}.weight"), &[o, i], Init::Normal { std: 0.02 }),
+            bias: pb.param(&format!("{name}.bias"), &[o], Init::Zeros),
+        };
+        TextEmbedder {
+            context_embedder: Linear::new(pb, "context_embedder", text_dim, hidden),
+            pooled_mlp_0: normal(pb, "pooled_embedder.mlp.0", text_dim, hidden),
+            pooled_mlp_2: normal(pb, "pooled_embedder.mlp.2", hidden, hidden),
+        }
+    }
+
+    /// Caption tokens in the model width. [N, L, Dt] -> [N, L, D]
+    pub fn tokens(&self, c: &Caption, kind: Kind) -> Tensor {
+        self.context_embedder.forward(&c.hidden.to_kind(kind))
+    }
+
+    /// The pooled caption's share of `c`. [N, Dt] -> [N, D]
+    pub fn pooled(&self, c: &Caption, kind: Kind) -> Tensor {
+        self.pooled_mlp_2.forward(&self.pooled_mlp_0.forward(&c.pooled.to_kind(kind)).silu())
     }
 }
 
@@ -297,7 +331,10 @@ pub struct SiT {
     pub dims: SitDims,
     pub x_embedder: PatchEmbed,
     pub t_embedder: TimestepEmbedder,
-    pub y_embedder: LabelEmbedder,
+    /// The class model's label table.
+    pub y_embedder: Option<LabelEmbedder>,
+    /// The text model's caption projections.
+    pub text_embedder: Option<TextEmbedder>,
     /// Fixed 2-D sin-cos table, row 0 (the REG token) zero. [1, T+1, D]
     pub pos_embed: Tensor,
     pub blocks: Vec<SiTBlock>,
@@ -312,7 +349,12 @@ impl SiT {
     pub fn new(pb: &mut ParamBuilder, d: &SitDims) -> Self {
         let x_embedder = PatchEmbed::new(pb, d);
         let t_embedder = TimestepEmbedder::new(pb, d.hidden_size);
-        let y_embedder = LabelEmbedder::new(pb, d.num_classes, d.hidden_size);
+        // Declared where the label table is, so a class model's layout is unchanged.
+        let (y_embedder, text_embedder) = if d.text_dim > 0 {
+            (None, Some(TextEmbedder::new(pb, d.text_dim, d.hidden_size)))
+        } else {
+            (Some(LabelEmbedder::new(pb, d.num_classes, d.hidden_size)), None)
+        };
         let grid = d.input_size / d.patch_size;
         let pos_embed = pb.buffer("pos_embed", pos_embed_2d(d.hidden_size, grid));
         let blocks = (0..d.depth as usize).map(|i| SiTBlock::new(pb, i, d)).collect();
@@ -320,7 +362,19 @@ impl SiT {
         let final_layer = FinalLayer::new(pb, d);
         let cls_projectors2 = Linear::new(pb, "cls_projectors2", d.z_dim, d.hidden_size);
         let wg_norm = LayerNorm::new(pb, "wg_norm", d.hidden_size, 1e-6);
-        SiT { dims: *d, x_embedder, t_embedder, y_embedder, pos_embed, blocks, projector, final_layer, cls_projectors2, wg_norm }
+        SiT {
+            dims: *d,
+            x_embedder,
+            t_embedder,
+            y_embedder,
+            text_embedder,
+            pos_embed,
+            blocks,
+            projector,
+            final_layer,
+            cls_projectors2,
+            wg_norm,
+        }
     }
 
     /// Tokens after embedding: REG token in front, position table added. [N, T+1, D]
@@ -330,9 +384,14 @@ impl SiT {
         Tensor::cat(&[reg.unsqueeze(1), img], 1) + self.pos_embed.to_kind(kind)
     }
 
-    /// Conditioning `c = t_emb + y_emb`. [N, D]
-    pub fn condition(&self, t: &Tensor, y: &Tensor, kind: Kind) -> Tensor {
-        self.t_embedder.forward(t, kind) + self.y_embedder.forward(y, kind)
+    /// Conditioning `c = t_emb + y_emb` (class) or `t_emb + pooled_emb` (text). [N, D]
+    pub fn condition(&self, t: &Tensor, y: &Cond, kind: Kind) -> Tensor {
+        let t_emb = self.t_embedder.forward(t, kind);
+        match (y, &self.y_embedder, &self.text_embedder) {
+            (Cond::Class(y), Some(table), _) => t_emb + table.forward(y, kind),
+            (Cond::Text(c), _, Some(text)) => t_emb + text.pooled(c, kind),
+            _ => panic!("the condition does not match model.condition"),
+        }
     }
 
     /// Output head and unpatchify: tokens [N, T+1, D] -> (velocity [N, C, H, W], REG velocity [N, Dz]).
@@ -341,18 +400,35 @@ impl SiT {
         (self.unpatchify(&img), cls)
     }
 
-    /// x: [N, C, H, W], t: [N] in [0, 1], y: [N] i64, cls: [N, Dz]; computes in `kind`.
+    /// The class model: x: [N, C, H, W], t: [N] in [0, 1], y: [N] i64, cls: [N, Dz]; computes in `kind`.
     pub fn forward(&self, x: &Tensor, t: &Tensor, y: &Tensor, cls: &Tensor, kind: Kind) -> SitOutput {
+        self.forward_cond(x, t, &Cond::Class(y.shallow_clone()), cls, kind)
+    }
+
+    /// Any condition. A caption's L tokens go in front, `[text | REG token | patches]`, and
+    /// every block attends over all of them; the projector and the head read the REG
+    /// token and patches only, so the REPA and REG terms are those of the class model.
+    pub fn forward_cond(&self, x: &Tensor, t: &Tensor, y: &Cond, cls: &Tensor, kind: Kind) -> SitOutput {
         let mut h = self.embed(x, cls, kind);
         let c = self.condition(t, y, kind);
+        let text_len = match (y, &self.text_embedder) {
+            (Cond::Text(caption), Some(text)) => {
+                let tokens = text.tokens(caption, kind);
+                let l = tokens.size()[1];
+                h = Tensor::cat(&[tokens, h], 1);
+                l
+            }
+            _ => 0,
+        };
+        let image = |h: &Tensor| if text_len > 0 { h.narrow(1, text_len, h.size()[1] - text_len) } else { h.shallow_clone() };
         let mut zs = None;
         for (i, block) in self.blocks.iter().enumerate() {
             h = block.forward(&h, &c);
             if i as i64 + 1 == self.dims.encoder_depth {
-                zs = Some(self.projector.forward(&h));
+                zs = Some(self.projector.forward(&image(&h)));
             }
         }
-        let (x, cls) = self.head(&h, &c);
+        let (x, cls) = self.head(&image(&h), &c);
         SitOutput { x, zs: zs.expect("encoder_depth <= depth is validated"), cls }
     }
 

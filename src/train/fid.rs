@@ -55,7 +55,7 @@ impl FidProbe {
         let _g = tch::no_grad_guard();
         let out = features_by_rank(self.num, self.batch, &self.net, t.comm.as_ref(), |at, count| {
             let indices: Vec<u64> = (at as u64..(at + count) as u64).collect();
-            let images = to_images(&latents(&t.model, &indices, &self.spec, t.device), Some(&self.vae), t.kind);
+            let images = to_images(&latents(&t.model, &indices, &self.spec, t.text_encoder(), t.device)?, Some(&self.vae), t.kind);
             progress();
             Ok(images)
         })?;

@@ -9,14 +9,16 @@ pub mod fid;
 pub mod run;
 mod run_folder;
 
-use crate::config::{Config, DataSource, EncoderMode, SitDims};
+use crate::config::{Condition, Config, DataSource, EncoderMode, SitDims};
+use crate::data::Batch;
 use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, BatchSource};
 use crate::diffusion::generate::{Labels, SampleSpec};
-use crate::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs, StepDraws};
+use crate::diffusion::loss::{reg_loss, sample_posterior, LossInputs, StepDraws};
 use crate::diffusion::sampler::Sampler;
 use crate::dist::{Comm, Launch, PairwiseSum};
 use crate::encoders::dinov2::Dinov2;
-use crate::model::{build_sit_padded, Params, SiT};
+use crate::encoders::text::TextEncoder;
+use crate::model::{build_sit_padded, Caption, Cond, Params, SiT};
 use crate::optim::{clip_factor, sq_sum, AdamW, Ema};
 use anyhow::Result;
 use faults::Faults;
@@ -47,6 +49,20 @@ pub fn check_dataset(ds: &Dataset, d: &SitDims, online: Option<&Dinov2>) -> Resu
     }
     if ix.num_classes() != d.num_classes {
         crate::bail_input!("{file}: class_names: {} classes, model.num_classes is {}", ix.num_classes(), d.num_classes);
+    }
+    Ok(())
+}
+
+/// The text encoder's states must have the width and length the model was built for.
+fn check_text_width(cfg: &Config, null: &Caption) -> Result<()> {
+    let d = cfg.dims();
+    let (l, w) = (null.hidden.size()[1], null.hidden.size()[2]);
+    let file = cfg.data.text_encoder_path.as_deref().unwrap_or("the synthetic captions");
+    if w != d.text_dim {
+        crate::bail_input!("{file}: text hidden size {w}, model.text_dim is {}", d.text_dim);
+    }
+    if l != d.text_len {
+        crate::bail_input!("{file}: {l} tokens per caption, model.text_len is {}", d.text_len);
     }
     Ok(())
 }
@@ -156,6 +172,10 @@ pub struct Trainer {
     source: Box<dyn BatchSource>,
     /// DINOv2 for `model.encoder: online`.
     online: Option<Dinov2>,
+    /// A text model's CLIP text tower and tokenizer (`data.text_encoder_path`).
+    text: Option<TextEncoder>,
+    /// A text model's null condition: the empty caption's encoding. [1, L, Dt], [1, Dt]
+    null_text: Option<Caption>,
     /// Steps completed.
     step: i64,
     /// The run's identity (`run.json`), recorded in the manifests rank 0 writes.
@@ -202,6 +222,10 @@ impl Trainer {
             }
             _ => None,
         };
+        let text = match (cfg.model.condition, &cfg.data.text_encoder_path) {
+            (Condition::Text, Some(p)) => Some(TextEncoder::load(std::path::Path::new(p), device)?),
+            _ => None,
+        };
         let (model, params) = build_sit_padded(&dims, device, cfg.train.seed, world * SHARD_ALIGN)?;
         let shard_len = params.padded_len() / world;
         let shard_lo = rank * shard_len;
@@ -218,16 +242,34 @@ impl Trainer {
                 check_dataset(&ds, &dims, online.as_ref())?;
                 Box::new(ShardLoader::new(Arc::new(ds), cfg.train.seed, cfg.train.global_batch, cfg.data.prefetch, device)?)
             }
-            DataSource::Synthetic => Box::new(Synthetic::new(
-                cfg.train.seed,
-                cfg.train.global_batch,
-                dims.num_classes,
-                [dims.in_channels, dims.input_size, dims.input_size],
-                dims.num_patches() + 1,
-                dims.z_dim,
-                device,
-            )),
+            DataSource::Synthetic => {
+                let s = Synthetic::new(
+                    cfg.train.seed,
+                    cfg.train.global_batch,
+                    dims.num_classes,
+                    [dims.in_channels, dims.input_size, dims.input_size],
+                    dims.num_patches() + 1,
+                    dims.z_dim,
+                    device,
+                );
+                Box::new(if dims.text_dim > 0 { s.with_text(dims.text_len, dims.text_dim) } else { s })
+            }
         };
+        let null_text = match (&text, cfg.model.condition) {
+            (Some(enc), _) => {
+                let n = enc.null(kind)?;
+                Some(Caption { hidden: n.last_hidden_state, pooled: n.pooled })
+            }
+            // Synthetic captions have no encoder: zeros stand for the empty caption.
+            (None, Condition::Text) => Some(Caption {
+                hidden: Tensor::zeros([1, dims.text_len, dims.text_dim], (Kind::Float, device)),
+                pooled: Tensor::zeros([1, dims.text_dim], (Kind::Float, device)),
+            }),
+            (None, Condition::Class) => None,
+        };
+        if let Some(n) = &null_text {
+            check_text_width(&cfg, n)?;
+        }
         Ok(Trainer {
             cfg,
             dims,
@@ -240,6 +282,8 @@ impl Trainer {
             comm,
             source,
             online,
+            text,
+            null_text,
             step: 0,
             run_id: String::new(),
             skipped: 0,
@@ -282,8 +326,10 @@ impl Trainer {
         self.phases.ms.iter().map(|(n, ms, count)| (*n, ms / *count as f64)).collect()
     }
 
-    /// How the model generates images with this run's path and precision.
+    /// How the model generates images with this run's path and precision. A text model
+    /// draws its captions from `sample.prompts` instead of `labels`.
     pub fn sample_spec(&self, sampler: Sampler, seed: u64, labels: Labels) -> SampleSpec {
+        let labels = if self.dims.text_dim > 0 { Labels::Captions(self.cfg.sample.prompts.clone()) } else { labels };
         SampleSpec { sampler, path: self.cfg.loss.path, seed, labels, kind: self.kind }
     }
 
@@ -334,7 +380,8 @@ impl Trainer {
                 _ => rows(&batch.feat).to_kind(Kind::Float),
             };
             let x0 = sample_posterior(&rows(&batch.moments), &draws.eps, self.cfg.loss.latent_scale);
-            let y = drop_labels(&rows(&batch.y), &draws.drop, d.num_classes);
+            let y = self.condition(&batch, lo, self.micro)?;
+            let y = y.drop_to(&draws.drop, &y.null_like(d.num_classes, self.null_text.as_ref()));
             let cls0 = feat.select(1, 0);
             let inputs =
                 LossInputs { x0: &x0, feat: &feat, cls0: &cls0, y: &y, t: &draws.t, noise: &draws.noise, noise_cls: &draws.noise_cls };
@@ -403,6 +450,32 @@ impl Trainer {
         self.phases.mark(device, "metrics");
         let (comm_ms, comm_gb) = comm.read();
         Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm, skipped, comm_ms, comm_gb })
+    }
+
+    /// The condition of rows `[lo, lo + n)` of this rank's batch, on the device: labels,
+    /// or captions (precomputed states, or token ids through the text tower).
+    fn condition(&self, batch: &Batch, lo: i64, n: i64) -> Result<Cond> {
+        let device = self.device;
+        let rows = |x: &Tensor| x.narrow(0, lo, n).to_device(device);
+        if self.dims.text_dim == 0 {
+            return Ok(Cond::Class(rows(&batch.y)));
+        }
+        let caption = match (&batch.text, &batch.captions, &self.text) {
+            (Some((hidden, pooled)), _, _) => {
+                Caption { hidden: rows(hidden).to_kind(Kind::Float), pooled: rows(pooled).to_kind(Kind::Float) }
+            }
+            (None, Some(ids), Some(enc)) => {
+                let out = enc.encode_ids(&rows(ids), self.kind)?;
+                Caption { hidden: out.last_hidden_state, pooled: out.pooled }
+            }
+            _ => anyhow::bail!("a text model's batch holds no captions"),
+        };
+        Ok(Cond::Text(caption))
+    }
+
+    /// A text model's encoder, for prompts.
+    pub fn text_encoder(&self) -> Option<&TextEncoder> {
+        self.text.as_ref()
     }
 
     /// Global samples consumed so far (the data position a checkpoint records).

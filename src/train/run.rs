@@ -80,17 +80,17 @@ pub fn preemption_flag() -> Result<Arc<AtomicBool>> {
 
 /// A grid of EMA samples with fixed noise and labels (the same images every time, so
 /// the grids of a run show its progress): PNG bytes, height, width.
-fn sample_grid(t: &Trainer, vae: Option<&Vae>) -> (Result<Vec<u8>>, i32, i32) {
+fn sample_grid(t: &Trainer, vae: Option<&Vae>) -> Result<(Vec<u8>, i32, i32)> {
     let c = &t.cfg.sample;
     let spec = t.sample_spec(c.sampler(), t.cfg.train.seed, Labels::Balanced);
     let indices: Vec<u64> = (0..c.num as u64).collect();
-    let imgs = to_images(&latents(&t.model, &indices, &spec, t.device), vae, t.kind);
+    let imgs = to_images(&latents(&t.model, &indices, &spec, t.text_encoder(), t.device)?, vae, t.kind);
     let cols = (c.num as f64).sqrt().ceil() as i64;
     let g = grid(&imgs, cols);
     let (h, w) = (g.height() as i32, g.width() as i32);
     let mut png = Vec::new();
-    let r = g.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).map(|_| png).map_err(anyhow::Error::from);
-    (r, h, w)
+    g.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok((png, h, w))
 }
 
 /// Rank 0 picks (and checksums) the checkpoint and checks that it continues this run;
@@ -255,8 +255,8 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
         }
         if t.cfg.sample.every > 0 && t.step % t.cfg.sample.every == 0 {
             let started = Instant::now();
-            if let Some((png, h, w)) = t.with_ema_weights(|t| (t.rank() == 0).then(|| sample_grid(t, vae.as_ref())))? {
-                let png = png?;
+            if let Some(grid) = t.with_ema_weights(|t| (t.rank() == 0).then(|| sample_grid(t, vae.as_ref())))? {
+                let (png, h, w) = grid?;
                 std::fs::create_dir_all(run_dir.join("samples"))?;
                 std::fs::write(run_dir.join(format!("samples/step-{:07}.png", t.step)), &png)?;
                 if let Some(tb) = tb.as_mut() {
