@@ -249,7 +249,6 @@ pub fn sample_sde(
 /// evaluation at the end of each step except the last). The velocity is the ODE's
 /// drift on any path, so the path does not enter.
 #[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
 pub fn sample_ode(
     model: &SiT,
     z: &Tensor,
