@@ -1,0 +1,268 @@
+//! The text-conditioned model: captions steer the prediction through joint attention and
+//! adaLN, guidance at scale 1 through the doubled batch is the conditional prediction,
+//! caption dropout gives the empty caption's encoding, a tiny model trains and samples
+//! from prompts (the same images from 1 or 2 ranks), and bad prompts exit 2.
+
+mod common;
+
+use common::{assert_bad_input, json_lines, mpirun, repo, tensorboard, train_args};
+use reg::config::Config;
+use reg::diffusion::sampler::{sample_ode, sample_sde, Guidance, PerImageNoise};
+use reg::diffusion::PathType;
+use reg::encoders::text::TextEncoder;
+use reg::model::{build_sit, Caption, Cond, SiT};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use tch::{Device, Kind, Tensor};
+
+const CLIP: &str = "tests/data/clip_tiny";
+
+/// The demo model conditioned on captions of the tiny CLIP (32 wide, 77 tokens).
+const TEXT: [&str; 8] = [
+    "--set",
+    "model.condition=text",
+    "--set",
+    "model.text_dim=32",
+    "--set",
+    "data.text_encoder_path=tests/data/clip_tiny",
+    "--set",
+    "model.num_classes=4",
+];
+
+fn config(extra: &[&str]) -> Config {
+    let mut sets: Vec<String> = TEXT.chunks(2).map(|c| c[1].to_string()).collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Config::load(&repo().join("configs/demo.yaml"), &sets).unwrap()
+}
+
+/// A text model with random weights whose zero-initialised gates and heads are given
+/// values, so that every path from the caption to the output carries signal.
+fn model() -> (SiT, TextEncoder) {
+    std::env::set_current_dir(repo()).unwrap();
+    let (m, p) = build_sit(&config(&[]).dims(), Device::Cpu, 3).unwrap();
+    tch::manual_seed(11);
+    let _g = tch::no_grad_guard();
+    let _ = p.flat.shallow_clone().copy_(&(Tensor::randn_like(&p.flat) * 0.05));
+    (m, TextEncoder::load(Path::new(CLIP), Device::Cpu).unwrap())
+}
+
+fn caption(enc: &TextEncoder, texts: &[&str]) -> Cond {
+    let o = enc.encode(texts, Kind::Float).unwrap();
+    Cond::Text(Caption { hidden: o.last_hidden_state, pooled: o.pooled })
+}
+
+fn null(enc: &TextEncoder, rows: &Cond) -> Cond {
+    let n = enc.null(Kind::Float).unwrap();
+    rows.null_like(0, Some(&Caption { hidden: n.last_hidden_state, pooled: n.pooled }))
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn a_text_model_has_caption_projections_and_no_label_table() {
+    std::env::set_current_dir(repo()).unwrap();
+    let (_, p) = build_sit(&config(&[]).dims(), Device::Cpu, 0).unwrap();
+    let names: Vec<String> = p.named(&p.flat).into_iter().map(|(n, _)| n).collect();
+    for want in ["context_embedder.weight", "pooled_embedder.mlp.0.weight", "pooled_embedder.mlp.2.bias"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("y_embedder")), "a text model has no label table");
+}
+
+#[test]
+fn the_caption_steers_every_output_through_joint_attention() {
+    let (m, enc) = model();
+    tch::manual_seed(0);
+    let x = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let cls = Tensor::randn([2, 32], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[0.3f32, 0.7]);
+    let a = m.forward_cond(&x, &t, &caption(&enc, &["a red disc", "a blue square"]), &cls, Kind::Float);
+    let b = m.forward_cond(&x, &t, &caption(&enc, &["a red disc", "two green rings on the left"]), &cls, Kind::Float);
+    // Shapes are those of the class model: the caption's tokens leave no trace in them.
+    assert_eq!(a.x.size(), [2, 4, 8, 8]);
+    assert_eq!(a.zs.size(), [2, 17, 32]);
+    assert_eq!(a.cls.size(), [2, 32]);
+    // Row 0 kept its caption: unchanged; row 1 changed in every output.
+    for (what, p, q) in [("x", &a.x, &b.x), ("zs", &a.zs, &b.zs), ("cls", &a.cls, &b.cls)] {
+        assert_eq!(max_diff(&p.get(0), &q.get(0)), 0.0, "{what}: row 0 must not see row 1's caption");
+        assert!(max_diff(&p.get(1), &q.get(1)) > 1e-4, "{what}: the caption does not reach it");
+    }
+    // The tokens themselves matter, not only the pooled state: the same pooled state with
+    // another caption's token states changes the prediction (joint attention). (The order
+    // of the tokens alone would not: CLIP's states carry their positions, the model adds none.)
+    let Cond::Text(c) = caption(&enc, &["a red disc", "a blue square"]) else { unreachable!() };
+    let Cond::Text(o) = caption(&enc, &["three yellow crosses", "a cyan ring at the bottom"]) else { unreachable!() };
+    let swapped = Cond::Text(Caption { hidden: o.hidden, pooled: c.pooled.shallow_clone() });
+    let s = m.forward_cond(&x, &t, &swapped, &cls, Kind::Float);
+    assert!(max_diff(&a.x, &s.x) > 1e-4, "token states do not reach the image");
+}
+
+/// Scale 1 through the guided code (doubled batch with the empty caption, `u + 1 (c - u)`)
+/// gives the conditional samples; scale 2 moves them. The halves go through f32 kernels
+/// of another batch size and the combination rounds in f64: 1e-6, as for classes.
+#[test]
+fn guidance_scale_one_equals_the_conditional_prediction() {
+    let (m, enc) = model();
+    tch::manual_seed(5);
+    let z = Tensor::randn([3, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let c = Tensor::randn([3, 32], (Kind::Float, Device::Cpu));
+    let y = caption(&enc, &["a red disc", "a small blue square at the top", "a ring"]);
+    let n = null(&enc, &y);
+    let none = Guidance::none();
+    let one = Guidance { cfg: 1.0, cls_cfg: 1.0, low: 0.0, high: 1.0, force_doubled: true };
+    let a = sample_ode(&m, &z, &c, &y, &n, 6, true, none, Kind::Float);
+    let b = sample_ode(&m, &z, &c, &y, &n, 6, true, one, Kind::Float);
+    let r = common::rel(&b, &a);
+    assert!(r <= 1e-6, "ODE: {r:e}");
+    let (mut n1, mut n2) = (PerImageNoise::new(9, vec![0, 1, 2]), PerImageNoise::new(9, vec![0, 1, 2]));
+    let a = sample_sde(&m, &z, &c, &y, &n, 6, none, PathType::Linear, Kind::Float, &mut n1);
+    let b = sample_sde(&m, &z, &c, &y, &n, 6, one, PathType::Linear, Kind::Float, &mut n2);
+    let r = common::rel(&b, &a);
+    assert!(r <= 1e-6, "SDE: {r:e}");
+    let two = Guidance { cfg: 2.0, ..one };
+    let d = sample_ode(&m, &z, &c, &y, &n, 6, true, two, Kind::Float);
+    let e = sample_ode(&m, &z, &c, &y, &n, 6, true, none, Kind::Float);
+    assert!(common::rel(&d, &e) > 1e-3, "scale 2 must move the samples (the null half is there)");
+}
+
+#[test]
+fn caption_dropout_gives_the_empty_captions_encoding() {
+    let (_, enc) = model();
+    let y = caption(&enc, &["a red disc", "a blue square", "a ring"]);
+    let n = null(&enc, &y);
+    let dropped = y.drop_to(&Tensor::from_slice(&[false, true, false]), &n);
+    let (Cond::Text(d), Cond::Text(y), Cond::Text(n)) = (dropped, y, n) else { unreachable!() };
+    for (what, got, kept, empty) in [("hidden", &d.hidden, &y.hidden, &n.hidden), ("pooled", &d.pooled, &y.pooled, &n.pooled)] {
+        assert_eq!(max_diff(&got.get(0), &kept.get(0)), 0.0, "{what}: kept row");
+        assert_eq!(max_diff(&got.get(2), &kept.get(2)), 0.0, "{what}: kept row");
+        assert_eq!(max_diff(&got.get(1), &empty.get(0)), 0.0, "{what}: dropped row is the empty caption");
+        assert!(max_diff(&kept.get(1), &empty.get(0)) > 1e-4, "{what}: the empty caption differs from the caption");
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
+    c.current_dir(repo());
+    c
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// Trains the tiny text model on synthetic captions, with grids of fixed prompts.
+fn train(dir: &Path, steps: &str) -> Output {
+    let out = dir.display().to_string();
+    let mut extra: Vec<&str> = TEXT.to_vec();
+    let steps = format!("train.steps={steps}");
+    extra.extend(["--set", &steps, "--set", "sample.every=20", "--set", "sample.num=4", "--set", "sample.steps=4"]);
+    extra.extend(["--set", "sample.prompts=[a red disc, a blue square]"]);
+    ok(bin().args(train_args(&out, "text", &extra)).output().unwrap())
+}
+
+fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn sample_args(ckpt: &Path, prompts: &Path, out: &Path) -> Vec<String> {
+    let vae = repo().join("tests/data/vae_tiny");
+    [
+        "sample",
+        "--ckpt",
+        &ckpt.display().to_string(),
+        "--ema",
+        "--vae",
+        &vae.display().to_string(),
+        "--prompts",
+        &prompts.display().to_string(),
+        "--num",
+        "5",
+        "--steps",
+        "6",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        &out.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn a_tiny_text_model_learns_and_samples_the_same_images_on_one_and_two_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = train(tmp.path(), "60");
+    let losses: Vec<f64> = json_lines(&o.stdout).iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert!(losses.len() >= 6, "{losses:?}");
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(last < 0.8 * first, "the loss does not fall: {losses:?}");
+    let run = tmp.path().join("text");
+    let tb = tensorboard(&run.join("tb"));
+    assert_eq!(tb["images"]["samples/ema"].as_array().map(|v| v.len()), Some(3), "grids at steps 20, 40, 60: {tb}");
+
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red disc\n\na blue square at the top\nthree rings\n").unwrap();
+    let ckpt = run.join("step-0000060");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(bin().args(sample_args(&ckpt, &prompts, &one)).output().unwrap());
+    let args = sample_args(&ckpt, &prompts, &two);
+    ok(mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).current_dir(repo()).output().unwrap());
+    let (a, b) = (pngs(&one), pngs(&two));
+    assert_eq!(a.len(), 5);
+    assert!(a == b, "PNGs differ between 1 and 2 ranks");
+    // Image i was asked for prompt i % 3 (the empty line is not a prompt): captions.json says so.
+    let captions: Vec<String> = serde_json::from_slice(&std::fs::read(one.join("captions.json")).unwrap()).unwrap();
+    assert_eq!(captions, ["a red disc", "a blue square at the top", "three rings", "a red disc", "a blue square at the top"]);
+    // The same noise under another prompt list gives other images.
+    std::fs::write(&prompts, "a green cross\n").unwrap();
+    let other = tmp.path().join("other");
+    ok(bin().args(sample_args(&ckpt, &prompts, &other)).output().unwrap());
+    assert!(pngs(&other)[0] != a[0]);
+}
+
+#[test]
+fn bad_prompts_and_mismatched_conditions_exit_2_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    train(tmp.path(), "2");
+    let ckpt = tmp.path().join("text/step-0000002");
+    let out = tmp.path().join("s");
+    let run = |prompts: &Path| bin().args(sample_args(&ckpt, prompts, &out)).output().unwrap();
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    assert_bad_input(&run(&empty), &["empty.txt", "no prompts"]);
+    let binary = tmp.path().join("binary.txt");
+    std::fs::write(&binary, [0x61, 0xff, 0xfe, 0x0a]).unwrap();
+    assert_bad_input(&run(&binary), &["binary.txt", "UTF-8"]);
+    assert_bad_input(&run(&tmp.path().join("missing.txt")), &["missing.txt", "cannot read"]);
+    // A text model without prompts; COCO captions that are not COCO captions.
+    let mut args = sample_args(&ckpt, &empty, &out);
+    let at = args.iter().position(|a| a == "--prompts").unwrap();
+    args.drain(at..at + 2);
+    assert_bad_input(&bin().args(&args).output().unwrap(), &["--prompts or --captions"]);
+    let coco = tmp.path().join("captions_val2014.json");
+    std::fs::write(&coco, r#"{"annotations": [{"image_id": 1, "id": 2}]}"#).unwrap();
+    let mut bad = args.clone();
+    bad.extend(["--captions".into(), coco.display().to_string()]);
+    assert_bad_input(&bin().args(&bad).output().unwrap(), &["captions_val2014.json", "annotations[].caption"]);
+    std::fs::write(&coco, r#"{"annotations": [{"image_id": 1, "id": 2, "caption": "a dog"}]}"#).unwrap();
+    assert_bad_input(&bin().args(&bad).output().unwrap(), &["captions_val2014.json", "1 captions, fewer than --num 5"]);
+    // A class model asked for prompts.
+    let o = ok(bin().args(train_args(&tmp.path().display().to_string(), "class", &["--set", "train.steps=1"])).output().unwrap());
+    drop(o);
+    let class_ckpt: PathBuf = tmp.path().join("class/step-0000001");
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a red disc\n").unwrap();
+    assert_bad_input(&bin().args(sample_args(&class_ckpt, &prompts, &out)).output().unwrap(), &["--prompts", "classes"]);
+}
