@@ -1,6 +1,7 @@
 //! Where training batches come from: precomputed shards (prepare, format, loader) or
 //! the synthetic source.
 
+pub mod captions;
 pub mod crop;
 pub mod decode;
 pub mod loader;
@@ -23,6 +24,10 @@ pub struct Batch {
     pub y: Tensor,
     /// Images for online encoding. [n, 3, R, R] u8
     pub images: Option<Tensor>,
+    /// Token ids of one caption per row, picked by the keyed generator. [n, L] i64
+    pub captions: Option<Tensor>,
+    /// Precomputed text encodings of those captions: (hidden [n, L, D], pooled [n, D]) bf16.
+    pub text: Option<(Tensor, Tensor)>,
 }
 
 /// A source of batches addressed by global position, so every rank can take its
