@@ -103,7 +103,8 @@ pub fn read_sidecar(image: &Path) -> Result<Vec<String>> {
         std::io::ErrorKind::NotFound => bad_input(format!("{file}: missing (every image needs its captions in a .txt beside it)")),
         _ => bad_input(format!("{file}: cannot read: {e}")),
     })?;
-    let text = String::from_utf8(bytes).map_err(|e| bad_input(format!("{file}: not valid UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| bad_input(format!("{file}: not valid UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
     let caps: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     if caps.is_empty() {
         bail_input!("{file}: empty (no caption)");
@@ -173,7 +174,10 @@ impl TextEncoder {
         };
         let max_length = tokenizer.max_length() as i64;
         if max_length > tc.max_position_embeddings {
-            bail_input!("{cfg_file}: max_position_embeddings: {} is fewer than the tokenizer's {max_length} tokens", tc.max_position_embeddings);
+            bail_input!(
+                "{cfg_file}: max_position_embeddings: {} is fewer than the tokenizer's {max_length} tokens",
+                tc.max_position_embeddings
+            );
         }
         let clip = if precomputed { Some(Clip::load(dir, device, Towers::Text)?) } else { None };
         let info = TextInfo {

@@ -46,7 +46,12 @@ pub fn list_image_tree(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
             .filter(|p| p.extension().map(|x| IMAGE_EXT.contains(&x.to_string_lossy().as_ref())).unwrap_or(false))
             .collect();
         files.sort();
-        entries.extend(files.into_iter().map(|image| Entry { image: Blob::File(image), moments: None, label: label as i64, captions: Vec::new() }));
+        entries.extend(files.into_iter().map(|image| Entry {
+            image: Blob::File(image),
+            moments: None,
+            label: label as i64,
+            captions: Vec::new(),
+        }));
     }
     Ok((classes, entries))
 }
@@ -56,7 +61,8 @@ pub fn list_image_tree(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
 pub fn list_reg(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
     let records = reg_layout::list(root)?;
     let k = records.iter().map(|r| r.label + 1).max().unwrap_or(0);
-    let entries = records.into_iter().map(|r| Entry { image: r.image, moments: Some(r.moments), label: r.label, captions: Vec::new() }).collect();
+    let entries =
+        records.into_iter().map(|r| Entry { image: r.image, moments: Some(r.moments), label: r.label, captions: Vec::new() }).collect();
     Ok(((0..k).map(|c| format!("{c:04}")).collect(), entries))
 }
 

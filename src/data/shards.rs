@@ -143,7 +143,10 @@ impl Index {
         }
         if let Some(t) = &self.text {
             if t.max_length < 2 || t.hidden_size <= 0 {
-                return bad("text", format!("max_length {} and hidden_size {} must be at least 2 and positive", t.max_length, t.hidden_size));
+                return bad(
+                    "text",
+                    format!("max_length {} and hidden_size {} must be at least 2 and positive", t.max_length, t.hidden_size),
+                );
             }
             let sum = self.shards.iter().try_fold(0i64, |acc, s| acc.checked_add(s.captions.unwrap_or(0)));
             if sum != Some(t.captions) {

@@ -59,6 +59,13 @@ impl BatchSource for Synthetic {
             fs.push(&f + f.randn_like() * 0.1);
             ys.push(y);
         }
-        Ok(Batch { moments: Tensor::cat(&ms, 0), feat: Tensor::cat(&fs, 0), y: Tensor::cat(&ys, 0), images: None, captions: None, text: None })
+        Ok(Batch {
+            moments: Tensor::cat(&ms, 0),
+            feat: Tensor::cat(&fs, 0),
+            y: Tensor::cat(&ys, 0),
+            images: None,
+            captions: None,
+            text: None,
+        })
     }
 }
