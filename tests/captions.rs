@@ -328,3 +328,57 @@ fn bad_caption_files_exit_2_with_one_line() {
     assert_bad_input(&run(), &["b.txt", "UTF-8"]);
     assert!(!out.join("index.json").exists());
 }
+
+#[test]
+fn index_text_and_caption_tensors_are_checked_with_one_line_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flat = tmp.path().join("flat");
+    demo_images(&tmp.path().join("demo"), 1, 2);
+    std::fs::create_dir_all(&flat).unwrap();
+    for k in 0..2 {
+        let img = flat.join(format!("p{k}.png"));
+        std::fs::copy(tmp.path().join(format!("demo/class00/img{k:04}.png")), &img).unwrap();
+        sidecar(&img, "one\ntwo");
+    }
+    let out = tmp.path().join("out");
+    ok(prepare(&flat, &out, &["--caption-files", "--text-encoder", &clip_dir().display().to_string()]));
+    let good = std::fs::read_to_string(out.join("index.json")).unwrap();
+    let open_err = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut ix: serde_json::Value = serde_json::from_str(&good).unwrap();
+        edit(&mut ix);
+        std::fs::write(out.join("index.json"), serde_json::to_string(&ix).unwrap()).unwrap();
+        let e = Dataset::open(&out, true).err().expect("must be refused");
+        assert!(reg::error::is_input_error(&e), "{e:#}");
+        let msg = format!("{e:#}");
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        msg
+    };
+    let m = open_err(&|ix| ix["text"]["captions"] = 5.into());
+    assert!(m.contains("index.json") && m.contains("text.captions"), "{m}");
+    let m = open_err(&|ix| ix["text"]["max_length"] = 70.into());
+    assert!(m.contains("shard-00000.safetensors") && m.contains("caption_ids"), "{m}");
+    let m = open_err(&|ix| ix["text"]["precomputed"] = true.into());
+    assert!(m.contains("shard-00000.safetensors") && m.contains("caption_hidden: missing"), "{m}");
+    let m = open_err(&|ix| ix["shards"][0].as_object_mut().unwrap().remove("captions").map(|_| ()).unwrap());
+    assert!(m.contains("shards[0].captions: missing"), "{m}");
+
+    // A shard whose offsets give a record no caption (rewritten, with its checksum): the
+    // loader names the shard and the field.
+    let shard = out.join("shard-00000.safetensors");
+    let mut tensors = reg::formats::weights::read(&shard).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name == "caption_offsets" {
+            *t = Tensor::from_slice(&[0i64, 2, 2]);
+        }
+    }
+    reg::formats::weights::write(&shard, &tensors, None).unwrap();
+    let mut ix: serde_json::Value = serde_json::from_str(&good).unwrap();
+    ix["shards"][0]["sha256"] = reg::formats::weights::sha256_hex(&std::fs::read(&shard).unwrap()).into();
+    std::fs::write(out.join("index.json"), serde_json::to_string(&ix).unwrap()).unwrap();
+    let ds = Dataset::open(&out, true).unwrap();
+    let perm: Vec<i64> = vec![0, 1];
+    let e = assemble(&ds, &perm, 0, 0, 2, false, Key { seed: 0, step: 0 }).err().expect("an empty caption range");
+    let msg = format!("{e:#}");
+    assert!(reg::error::is_input_error(&e) && msg.lines().count() == 1, "{msg}");
+    assert!(msg.contains("shard-00000.safetensors") && msg.contains("caption_offsets[1..=2]"), "{msg}");
+}
