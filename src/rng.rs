@@ -18,6 +18,9 @@ pub mod stream {
     pub const EVAL_CAPTIONS: u64 = 10;
     /// Random class labels of generated images (position: the image index).
     pub const SAMPLE_LABEL: u64 = 7;
+    /// Which caption of a record a training step reads (position: the step; the row of
+    /// the global batch is mixed in by `data::loader::caption_pick`).
+    pub const CAPTION_PICK: u64 = 8;
     /// Draw `k` of a generated image is stream `SAMPLE_NOISE + k` (position: the image index).
     pub const SAMPLE_NOISE: u64 = 1000;
 }

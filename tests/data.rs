@@ -40,6 +40,7 @@ fn make_dataset(dir: &Path, records: &[i64]) -> Index {
         shards,
         bad_images: 0,
         bad_images_report: None,
+        text: None,
     };
     write_index(dir, &index).unwrap();
     index
@@ -94,7 +95,7 @@ fn same_seed_same_order_and_a_restored_position_continues_exactly() {
     assert_ne!(ids(&d.batch(0, 0, 4).unwrap()), straight[0], "another seed, another order");
     // A record is the stored bytes: labels follow their record.
     let perm = permutation(18, 11, 0);
-    let bt = assemble(&ds, &perm, 0, 0, 4, false).unwrap();
+    let bt = assemble(&ds, &perm, 0, 0, 4, false, reg::data::loader::Key { seed: 0, step: 0 }).unwrap();
     let want: Vec<i64> = perm[..4].iter().map(|i| i % 10).collect();
     assert_eq!(Vec::<i64>::try_from(bt.y).unwrap(), want);
 }

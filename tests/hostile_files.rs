@@ -714,6 +714,7 @@ fn make_dataset(dir: &Path) -> Vec<Tensor> {
         shards,
         bad_images: 0,
         bad_images_report: None,
+        text: None,
     };
     write_index(dir, &index).unwrap();
     all
@@ -723,7 +724,7 @@ fn make_dataset(dir: &Path) -> Vec<Tensor> {
 fn read_dataset(dir: &Path) -> anyhow::Result<Tensor> {
     let ds = Dataset::open(dir, true)?;
     let perm: Vec<i64> = (0..ds.len()).collect();
-    let b = assemble(&ds, &perm, 0, 0, ds.len(), false)?;
+    let b = assemble(&ds, &perm, 0, 0, ds.len(), false, reg::data::loader::Key { seed: 0, step: 0 })?;
     Ok(b.moments)
 }
 

@@ -66,6 +66,7 @@ fn make_dataset(dir: &std::path::Path, records: i64) -> Result<()> {
         shards,
         bad_images: 0,
         bad_images_report: None,
+        text: None,
     };
     write_index(dir, &index)
 }

@@ -1,9 +1,10 @@
-//! `reg-ddp prepare`: an ImageNet-style tree (or REG/EDM2's preprocessed layout) to a
-//! dataset folder of shards, on the GPU when there is one, split over MPI ranks,
+//! `reg-ddp prepare`: an ImageNet-style tree (or REG/EDM2's preprocessed layout, or
+//! captioned images: COCO's captions JSON or `.txt` sidecars) to a dataset folder of shards, on the GPU when there is one, split over MPI ranks,
 //! resumable shard by shard.
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use reg::data::captions::{read_coco, read_sidecars, TextEncoder};
 use reg::data::prepare::{finish, image_size, list_image_tree, list_reg, make_shard, read_moments, shard_done, Encoders, Options};
 use reg::dist::{Collectives, Launch};
 use reg::encoders::{dinov2::Dinov2, vae::Vae};
@@ -11,9 +12,24 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// ImageNet-style tree: one folder per class (class index = sorted folder names).
+    /// ImageNet-style tree: one folder per class (class index = sorted folder names). With
+    /// --captions, COCO's image folder; with --caption-files, a flat folder or a class tree.
     #[arg(long, conflicts_with = "from_reg", required_unless_present = "from_reg")]
     pub images: Option<PathBuf>,
+    /// COCO annotations JSON (`captions_train2017.json`): images are read from
+    /// `--images/file_name`; every caption of an image is kept; labels are all 0.
+    #[arg(long, conflicts_with = "caption_files", requires = "images")]
+    pub captions: Option<PathBuf>,
+    /// Every image `name.ext` under --images has `name.txt` beside it, one caption a line.
+    #[arg(long, requires = "images")]
+    pub caption_files: bool,
+    /// CLIP folder (transformers layout) whose tokenizer turns captions into token ids;
+    /// needed with captions.
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
+    /// Also run the CLIP text tower and store its hidden states and pooled token.
+    #[arg(long, requires = "text_encoder")]
+    pub text_precomputed: bool,
     /// REG/EDM2 preprocessed data, as `dataset_tools.py convert` / `encode` write it:
     /// `imagenet_256_vae/` and `vae-sd/`, each a folder or a `.zip`; reuses its VAE moments.
     #[arg(long = "from-reg")]
@@ -71,10 +87,29 @@ pub fn run(a: Args) -> Result<()> {
     // Shards travel through files; the ranks only meet at the end (MPI on the host).
     let Launch { device, comm } = Launch::start(&a.device, Collectives::OnHost)?;
     let kind = a.precision.kind_on(device);
+    let captioned = a.captions.is_some() || a.caption_files;
+    let mut uncaptioned = 0;
     let ((classes, entries), from_reg) = match (&a.images, &a.from_reg) {
+        (Some(dir), _) if captioned => {
+            let c = match &a.captions {
+                Some(json) => read_coco(dir, json)?,
+                None => read_sidecars(dir)?,
+            };
+            uncaptioned = c.uncaptioned;
+            if c.entries.is_empty() {
+                reg::bail_input!("{}: no captioned images", a.captions.as_deref().unwrap_or(dir).display());
+            }
+            ((c.classes, c.entries), false)
+        }
         (Some(dir), _) => (list_image_tree(dir)?, false),
         (None, Some(dir)) => (list_reg(dir)?, true),
         _ => unreachable!("clap requires one"),
+    };
+    let text = match (&a.text_encoder, captioned) {
+        (Some(dir), true) => Some(TextEncoder::load(dir, &folder_name(dir), a.text_precomputed, device)?),
+        (None, true) => reg::bail_input!("--text-encoder: needed with captions (a CLIP folder with its tokenizer)"),
+        (Some(_), false) => reg::bail_input!("--text-encoder: given without --captions or --caption-files"),
+        (None, false) => None,
     };
     let resolution = match (a.resolution, entries.first()) {
         (Some(r), _) => r,
@@ -107,7 +142,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let vae_name = a.vae.as_deref().map(folder_name).unwrap_or_else(|| "from-reg:vae-sd".into());
-    let models = Encoders { vae, encoder, device, kind };
+    let models = Encoders { vae, encoder, text, device, kind };
     let opts = Options {
         resolution,
         latent_bf16: a.latent_bf16,
@@ -123,9 +158,11 @@ pub fn run(a: Args) -> Result<()> {
     let images: usize = todo.iter().map(|&i| entries[i * a.shard_size..((i + 1) * a.shard_size).min(entries.len())].len()).sum();
     if rank == 0 {
         eprintln!(
-            "reg-ddp prepare: {} images in {} classes -> {} shards in {} ({} already done); {world} ranks on {device:?}",
+            "reg-ddp prepare: {} images{} in {} classes{} -> {} shards in {} ({} already done); {world} ranks on {device:?}",
             entries.len(),
+            if captioned { format!(" with {} captions", entries.iter().map(|e| e.captions.len()).sum::<usize>()) } else { String::new() },
             classes.len(),
+            if uncaptioned > 0 { format!(" ({uncaptioned} images without a caption skipped)") } else { String::new() },
             shards,
             a.out.display(),
             mine.len() - todo.len()
@@ -145,10 +182,12 @@ pub fn run(a: Args) -> Result<()> {
     if rank == 0 {
         let index = finish(&a.out, shards, entries.len(), classes, &models, &opts, latent_shape, &vae_name, a.max_bad_fraction)?;
         eprintln!(
-            "reg-ddp prepare: wrote {} ({} records, {} unreadable images)",
+            "reg-ddp prepare: wrote {} ({} records, {} unreadable images{}{})",
             a.out.join("index.json").display(),
             index.records(),
-            index.bad_images
+            index.bad_images,
+            index.text.as_ref().map(|t| format!(", {} captions", t.captions)).unwrap_or_default(),
+            if uncaptioned > 0 { format!(", {uncaptioned} images without a caption skipped") } else { String::new() }
         );
     }
     Ok(())

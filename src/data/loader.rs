@@ -1,6 +1,8 @@
 //! Feeds training from shards: each epoch a permutation of all records seeded by
 //! (seed, epoch); step `s` takes the next `global_batch` records of it and each rank
-//! its own rows, so the data order does not depend on the world size. A background
+//! its own rows, so the data order does not depend on the world size. In a captioned
+//! dataset each row reads one of its record's captions, keyed by (seed, step, row of the
+//! global batch) (`caption_pick`), so that too is the same for any rank layout. A background
 //! thread assembles batches into a bounded queue (pinned memory on CUDA). The
 //! position is the step itself: restoring it is exact.
 
@@ -30,13 +32,34 @@ pub fn position(step: i64, records: i64, global_batch: i64) -> (i64, i64) {
     (step / per_epoch, (step % per_epoch) * global_batch)
 }
 
+/// Which of a record's `count` captions row `row` of the global batch of `step` reads:
+///
+/// `SplitMix(step_seed(seed, step, CAPTION_PICK) ^ (row * 0xD6E8_FEB8_6659_FD93)).below(count)`
+///
+/// The row is mixed by an odd multiplier (a bijection on u64) before SplitMix's finaliser,
+/// so neighbouring rows get unrelated draws. It depends only on (seed, step, row): not on
+/// the rank or the world size; and as the step changes from epoch to epoch, the same
+/// image is seen with its different captions.
+pub fn caption_pick(seed: u64, step: u64, row: u64, count: u64) -> u64 {
+    let key = step_seed(seed, step, stream::CAPTION_PICK) as u64 ^ row.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+    SplitMix(key).below(count)
+}
+
+/// What keys a batch's random choices (the caption pick): the run seed and the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key {
+    pub seed: u64,
+    pub step: u64,
+}
+
 /// Threads that copy the records of one batch (besides the prefetching thread, which
 /// waits for them).
 pub const COPY_THREADS: usize = 2;
 
-/// Assembles rows `[lo, lo + n)` of the global batch of `step` (on the CPU); with
-/// `latents_only`, features and images are not read.
-pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents_only: bool) -> Result<Batch> {
+/// Assembles rows `[lo, lo + n)` of the global batch of `key.step` (on the CPU), whose
+/// records start at position `start` of the epoch's permutation `perm`; with
+/// `latents_only`, features, images and captions are not read.
+pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents_only: bool, key: Key) -> Result<Batch> {
     let idx = &perm[(start + lo) as usize..(start + lo + n) as usize];
     let ix = &ds.index;
     let k = ix.num_classes();
@@ -90,7 +113,42 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents
     } else {
         None
     };
-    Ok(Batch { moments, feat, y: Tensor::from_slice(&labels), images, captions: None, text: None })
+    let (captions, text) = match &ix.text {
+        Some(t) if !latents_only => {
+            let (captions, text) = gather_captions(ds, idx, lo, t.precomputed, key)?;
+            (Some(captions), text)
+        }
+        _ => (None, None),
+    };
+    Ok(Batch { moments, feat, y: Tensor::from_slice(&labels), images, captions, text })
+}
+
+/// One caption per record of `idx` (rows `lo..` of the global batch), picked by
+/// `caption_pick`: its token ids [n, L] i64 and, when precomputed, its (hidden [n, L, D],
+/// pooled [n, D]) bf16.
+fn gather_captions(ds: &Dataset, idx: &[i64], lo: i64, precomputed: bool, key: Key) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let t = ds.index.text.as_ref().expect("called for captioned datasets");
+    let (l, d, n) = (t.max_length, t.hidden_size, idx.len() as i64);
+    let (mut ids, mut hidden, mut pooled) = (Vec::with_capacity((n * l) as usize), Vec::new(), Vec::new());
+    for (r, &i) in idx.iter().enumerate() {
+        let (s, row) = ds.locate(i);
+        let (a, b) = ds.caption_range(s, row)?;
+        let j = a + caption_pick(key.seed, key.step, (lo + r as i64) as u64, (b - a) as u64) as i64;
+        let bytes = ds.rows_bytes(s, "caption_ids", j, 1)?;
+        ids.extend(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64));
+        if precomputed {
+            hidden.extend_from_slice(ds.rows_bytes(s, "caption_hidden", j, 1)?);
+            pooled.extend_from_slice(ds.rows_bytes(s, "caption_pooled", j, 1)?);
+        }
+    }
+    let ids = Tensor::from_slice(&ids).reshape([n, l]);
+    let text = if precomputed {
+        let bf16 = |bytes: &[u8], shape: &[i64]| Tensor::f_from_data_size(bytes, shape, Kind::BFloat16);
+        Some((bf16(&hidden, &[n, l, d])?, bf16(&pooled, &[n, d])?))
+    } else {
+        None
+    };
+    Ok((ids, text))
 }
 
 /// A batch source over a dataset with a prefetching thread.
@@ -136,7 +194,8 @@ impl ShardLoader {
                         perm = permutation(ds.len(), seed, e);
                         epoch = e;
                     }
-                    let batch = assemble(&ds, &perm, start, lo, n, lean).map(|mut bt| {
+                    let key = Key { seed, step: s as u64 };
+                    let batch = assemble(&ds, &perm, start, lo, n, lean, key).map(|mut bt| {
                         if let Some(d) = pin {
                             bt.moments = bt.moments.pin_memory(d);
                             bt.feat = bt.feat.pin_memory(d);

@@ -1,6 +1,7 @@
 //! Where training batches come from: precomputed shards (prepare, format, loader) or
 //! the synthetic source.
 
+pub mod captions;
 pub mod crop;
 pub mod decode;
 pub mod loader;

@@ -1,10 +1,11 @@
 //! Preparation of a dataset folder: images -> ADM center crop -> SD-VAE moments and
-//! DINOv2 tokens -> shards. Work is split by shard, so ranks write disjoint shards and
+//! DINOv2 tokens (and captions -> token ids, or CLIP text states) -> shards. Work is split by shard, so ranks write disjoint shards and
 //! a rerun skips the shards already finished (verified by checksum).
 
+use super::captions::TextEncoder;
 use super::crop::center_crop_adm;
 use super::reg_layout::{self, Blob};
-use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo};
+use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo, TextInfo, NULL_CAPTION};
 use crate::bail_input;
 use crate::encoders::{dinov2::Dinov2, vae::Vae};
 use crate::error::bad_input;
@@ -22,9 +23,11 @@ pub struct Entry {
     /// Precomputed VAE moments (`img-mean-std-*.npy`), for `--from-reg`.
     pub moments: Option<Blob>,
     pub label: i64,
+    /// Its captions, for a captioned dataset (empty otherwise).
+    pub captions: Vec<String>,
 }
 
-const IMAGE_EXT: [&str; 5] = ["jpg", "jpeg", "png", "JPEG", "PNG"];
+pub(crate) const IMAGE_EXT: [&str; 5] = ["jpg", "jpeg", "png", "JPEG", "PNG"];
 
 /// An ImageNet-style tree: one folder per class (class index = sorted folder names).
 pub fn list_image_tree(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
@@ -43,7 +46,12 @@ pub fn list_image_tree(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
             .filter(|p| p.extension().map(|x| IMAGE_EXT.contains(&x.to_string_lossy().as_ref())).unwrap_or(false))
             .collect();
         files.sort();
-        entries.extend(files.into_iter().map(|image| Entry { image: Blob::File(image), moments: None, label: label as i64 }));
+        entries.extend(files.into_iter().map(|image| Entry {
+            image: Blob::File(image),
+            moments: None,
+            label: label as i64,
+            captions: Vec::new(),
+        }));
     }
     Ok((classes, entries))
 }
@@ -53,7 +61,8 @@ pub fn list_image_tree(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
 pub fn list_reg(root: &Path) -> Result<(Vec<String>, Vec<Entry>)> {
     let records = reg_layout::list(root)?;
     let k = records.iter().map(|r| r.label + 1).max().unwrap_or(0);
-    let entries = records.into_iter().map(|r| Entry { image: r.image, moments: Some(r.moments), label: r.label }).collect();
+    let entries =
+        records.into_iter().map(|r| Entry { image: r.image, moments: Some(r.moments), label: r.label, captions: Vec::new() }).collect();
     Ok(((0..k).map(|c| format!("{c:04}")).collect(), entries))
 }
 
@@ -82,6 +91,8 @@ pub fn read_moments(blob: &Blob) -> Result<Tensor> {
 pub struct Encoders {
     pub vae: Option<Vae>,
     pub encoder: Option<(String, Dinov2)>,
+    /// The tokenizer (and text tower) of a captioned dataset.
+    pub text: Option<TextEncoder>,
     pub device: Device,
     pub kind: Kind,
 }
@@ -133,6 +144,8 @@ pub fn shard_done(out: &Path, i: usize) -> Option<ShardDone> {
 /// Encodes `entries` into shard `i`; unreadable images are skipped and reported.
 pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Options, on_batch: &dyn Fn(usize)) -> Result<ShardDone> {
     let (mut lat, mut feat, mut imgs, mut labels, mut bad) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Captions of the records kept (an unreadable image takes its captions with it).
+    let (mut captions, mut offsets): (Vec<&str>, Vec<i64>) = (Vec::new(), vec![0]);
     for chunk in entries.chunks(o.batch) {
         let crop = chunk.iter().all(|e| e.moments.is_none());
         let loaded: Vec<_> = chunk.par_iter().map(|e| load_image(&e.image, o.resolution, crop)).collect();
@@ -164,6 +177,10 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
             imgs.push(pixels);
         }
         labels.extend(ok.iter().map(|(e, _)| e.label));
+        for (e, _) in &ok {
+            captions.extend(e.captions.iter().map(String::as_str));
+            offsets.push(captions.len() as i64);
+        }
         on_batch(chunk.len());
     }
     if labels.is_empty() {
@@ -179,6 +196,16 @@ pub fn make_shard(out: &Path, i: usize, entries: &[Entry], m: &Encoders, o: &Opt
     }
     if o.store_images {
         tensors.push(("images".into(), Tensor::cat(&imgs, 0)));
+    }
+    if let Some(text) = &m.text {
+        let ids = text.ids(&captions)?;
+        if text.info.precomputed {
+            let (hidden, pooled) = text.encode(&ids.to_device(m.device), o.batch, m.kind)?;
+            tensors.push(("caption_hidden".into(), hidden.to_kind(Kind::BFloat16)));
+            tensors.push(("caption_pooled".into(), pooled.to_kind(Kind::BFloat16)));
+        }
+        tensors.push(("caption_ids".into(), ids));
+        tensors.push(("caption_offsets".into(), Tensor::from_slice(&offsets)));
     }
     let shard = super::shards::write_shard(out, i, &tensors)?;
     let done = ShardDone { shard, bad };
@@ -211,6 +238,18 @@ pub fn finish(
     let lines: String = bad.iter().map(|(p, why)| format!("{p}\t{why}\n")).collect();
     std::fs::write(&report, lines).with_context(|| format!("{}: cannot write", report.display()))?;
     let encoder = m.encoder.as_ref().map(|(name, e)| EncoderInfo { name: name.clone(), tokens: e.num_tokens(), z_dim: e.hidden_size() });
+    let text = match &m.text {
+        Some(t) => {
+            if let Some(i) = infos.iter().position(|s| s.captions.is_none()) {
+                bail_input!("{}: shard {i} was prepared without captions; remove the folder to prepare it again", out.display());
+            }
+            if t.info.precomputed {
+                write_null_caption(out, t, m)?;
+            }
+            Some(TextInfo { captions: infos.iter().filter_map(|s| s.captions).sum(), ..t.info.clone() })
+        }
+        None => None,
+    };
     let index = Index {
         format_version: super::shards::FORMAT_VERSION,
         resolution: o.resolution as i64,
@@ -224,6 +263,7 @@ pub fn finish(
         shards: infos,
         bad_images: bad.len() as i64,
         bad_images_report: Some("bad_images.txt".into()),
+        text,
     };
     let fraction = bad.len() as f64 / total.max(1) as f64;
     if fraction > max_bad_fraction {
@@ -238,4 +278,12 @@ pub fn finish(
     }
     write_index(out, &index)?;
     Ok(index)
+}
+
+/// `null_caption.safetensors`: the text tower's output for the empty caption "", the
+/// null condition of guidance and caption dropout. hidden [1, L, D], pooled [1, D] f32.
+fn write_null_caption(out: &Path, t: &TextEncoder, m: &Encoders) -> Result<()> {
+    let ids = t.ids(&[""])?.to_device(m.device);
+    let (hidden, pooled) = t.encode(&ids, 1, m.kind)?;
+    crate::formats::weights::write(&out.join(NULL_CAPTION), &[("hidden".into(), hidden), ("pooled".into(), pooled)], None)
 }

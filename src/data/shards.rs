@@ -1,8 +1,12 @@
 //! The dataset format: a folder with `index.json` and `shard-NNNNN.safetensors` files of
 //! a few thousand records each. Per shard: `latents [N, 8, h, w]` (VAE mean and std, f32
 //! or bf16), `labels [N] i64`, and `features [N, T+1, Dz]` bf16 (encoder class token
-//! first) and/or `images [N, 3, R, R] u8` (for online encoding). Shards are
-//! memory-mapped: reading a record touches only its bytes.
+//! first) and/or `images [N, 3, R, R] u8` (for online encoding). A captioned dataset
+//! (`Index::text`) adds, per shard of N records and C captions, `caption_ids [C, L] i32`
+//! and `caption_offsets [N+1] i64` (the captions of record r are rows
+//! `[off[r], off[r+1])`), and when precomputed `caption_hidden [C, L, D]` and
+//! `caption_pooled [C, D]` bf16. Shards are memory-mapped: reading a record touches only
+//! its bytes.
 
 use crate::bail_input;
 use crate::error::bad_input;
@@ -13,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The file of a precomputed captioned dataset holding the null condition.
+pub const NULL_CAPTION: &str = "null_caption.safetensors";
 
 /// The encoder whose tokens a dataset holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,6 +37,31 @@ pub struct ShardInfo {
     pub file: String,
     pub records: i64,
     pub sha256: String,
+    /// Captions in the shard (rows of `caption_ids`); only in captioned datasets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captions: Option<i64>,
+}
+
+/// The captions of a captioned dataset: how they were tokenized (and encoded).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TextInfo {
+    /// Folder name of the tokenizer (the `--text-encoder` folder).
+    pub tokenizer: String,
+    /// SHA-256 of the tokenizer's files, read one after the other: `tokenizer.json`, or
+    /// `vocab.json` then `merges.txt` where there is no `tokenizer.json`; then
+    /// `tokenizer_config.json` when present (it sets the pad token and the length).
+    pub tokenizer_sha256: String,
+    /// Folder name of the CLIP text encoder.
+    pub encoder: String,
+    /// Tokens per caption, padded (L, 77 for CLIP).
+    pub max_length: i64,
+    /// Width of the text encoder's hidden states (D, `text_config.hidden_size`).
+    pub hidden_size: i64,
+    /// Whether shards hold `caption_hidden` and `caption_pooled`.
+    pub precomputed: bool,
+    /// Captions in the whole dataset.
+    pub captions: i64,
 }
 
 /// `index.json`.
@@ -55,6 +87,9 @@ pub struct Index {
     pub bad_images: i64,
     #[serde(default)]
     pub bad_images_report: Option<String>,
+    /// Captions, for text conditioning; absent in class-labelled datasets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextInfo>,
 }
 
 impl Index {
@@ -96,6 +131,30 @@ impl Index {
             if s.records < 0 {
                 return bad(&format!("shards[{i}].records"), format!("{} is negative", s.records));
             }
+            match (&self.text, s.captions) {
+                (None, Some(_)) => return bad(&format!("shards[{i}].captions"), "present, and index.json has no text".into()),
+                (Some(_), None) => return bad(&format!("shards[{i}].captions"), "missing in a captioned dataset".into()),
+                // Every record has at least one caption.
+                (Some(_), Some(c)) if c < s.records => {
+                    return bad(&format!("shards[{i}].captions"), format!("{c}, fewer than its {} records", s.records))
+                }
+                _ => {}
+            }
+        }
+        if let Some(t) = &self.text {
+            if t.max_length < 2 || t.hidden_size <= 0 {
+                return bad(
+                    "text",
+                    format!("max_length {} and hidden_size {} must be at least 2 and positive", t.max_length, t.hidden_size),
+                );
+            }
+            let sum = self.shards.iter().try_fold(0i64, |acc, s| acc.checked_add(s.captions.unwrap_or(0)));
+            if sum != Some(t.captions) {
+                return bad("text.captions", format!("{}, while the shards hold {sum:?}", t.captions));
+            }
+            if t.tokenizer_sha256.len() != 64 || !t.tokenizer_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad("text.tokenizer_sha256", format!("{} is not a SHA-256 in hex", t.tokenizer_sha256.escape_debug()));
+            }
         }
         Ok(())
     }
@@ -116,17 +175,19 @@ pub fn shard_name(i: usize) -> String {
 pub struct Shard {
     pub path: PathBuf,
     pub records: i64,
+    /// Rows of `caption_ids` (0 without captions).
+    pub captions: i64,
     sha256: String,
     map: OnceLock<Result<memmap2::Mmap, String>>,
     /// Where each tensor's data sits in the file (from the header).
     fields: Vec<(String, Field)>,
 }
 
-/// Byte ranges of the tensors of one shard, for slicing records.
+/// Byte ranges of the tensors of one shard, for slicing rows (records, or captions).
 #[derive(Clone, Copy, Debug)]
 struct Field {
     offset: usize,
-    bytes_per_record: usize,
+    bytes_per_row: usize,
 }
 
 /// An opened dataset: index plus its shards.
@@ -145,6 +206,7 @@ fn dtype_name(d: Dtype) -> &'static str {
         Dtype::BF16 => "bf16",
         Dtype::U8 => "u8",
         Dtype::I64 => "i64",
+        Dtype::I32 => "i32",
         _ => "other",
     }
 }
@@ -166,7 +228,9 @@ impl Dataset {
         let mut starts = vec![0];
         for s in &index.shards {
             let path = dir.join(&s.file);
-            let mut shard = Shard { path, records: s.records, sha256: s.sha256.clone(), map: OnceLock::new(), fields: Vec::new() };
+            let captions = s.captions.unwrap_or(0);
+            let mut shard =
+                Shard { path, records: s.records, captions, sha256: s.sha256.clone(), map: OnceLock::new(), fields: Vec::new() };
             shard.fields = shard.check_header(&index)?;
             // Each count matched its shard's tensors, so the sum is bounded by the files' sizes.
             starts.push(starts.last().unwrap() + s.records);
@@ -191,15 +255,59 @@ impl Dataset {
 
     /// The bytes of record `row` of tensor `name` in shard `s`.
     pub fn record_bytes(&self, s: usize, name: &str, row: i64) -> Result<&[u8]> {
+        self.rows_bytes(s, name, row, 1)
+    }
+
+    /// The bytes of rows `[row, row + count)` of tensor `name` in shard `s` (rows along
+    /// its first dimension: records, or captions for `caption_*`).
+    pub fn rows_bytes(&self, s: usize, name: &str, row: i64, count: i64) -> Result<&[u8]> {
         let shard = &self.shards[s];
         let map = shard.mapped(self.verify_checksums)?;
         let Some((_, f)) = shard.fields.iter().find(|(n, _)| n == name) else {
             bail_input!("{}: tensor {name}: missing", shard.path.display());
         };
-        let lo = f.offset + f.bytes_per_record * row as usize;
+        let lo = f.offset + f.bytes_per_row * row as usize;
         // The header was checked at open; a file replaced since then (unverified) may be shorter.
-        map.get(lo..lo + f.bytes_per_record)
+        map.get(lo..lo + f.bytes_per_row * count as usize)
             .ok_or_else(|| bad_input(format!("{}: tensor {name}: file shorter than its header says", shard.path.display())))
+    }
+
+    /// The captions of record `row` of shard `s`: rows `[a, b)` of its `caption_ids`, from
+    /// `caption_offsets`, checked to be a non-empty range inside the shard.
+    pub fn caption_range(&self, s: usize, row: i64) -> Result<(i64, i64)> {
+        let b = self.rows_bytes(s, "caption_offsets", row, 2)?;
+        let at = |k: usize| i64::from_le_bytes(b[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+        let (lo, hi) = (at(0), at(1));
+        let c = self.shards[s].captions;
+        if !(0 <= lo && lo < hi && hi <= c) {
+            bail_input!(
+                "{}: caption_offsets[{row}..={}] = [{lo}, {hi}] is not a non-empty range of its {c} captions",
+                self.shards[s].path.display(),
+                row + 1
+            );
+        }
+        Ok((lo, hi))
+    }
+
+    /// The null condition of a precomputed captioned dataset, `null_caption.safetensors`:
+    /// the text encoder's output for the empty caption "", (hidden [1, L, D], pooled
+    /// [1, D]) f32. `None` when the dataset holds no precomputed captions.
+    pub fn null_caption(&self) -> Result<Option<(tch::Tensor, tch::Tensor)>> {
+        let Some(t) = self.index.text.as_ref().filter(|t| t.precomputed) else {
+            return Ok(None);
+        };
+        let path = self.dir.join(NULL_CAPTION);
+        let mut m = crate::formats::weights::read_map(&path)?;
+        let mut take = |name: &str, shape: Vec<i64>| -> Result<tch::Tensor> {
+            let v = m.remove(name).ok_or_else(|| bad_input(format!("{}: tensor {name}: missing", path.display())))?;
+            if v.size() != shape || v.kind() != tch::Kind::Float {
+                bail_input!("{}: tensor {name}: {:?} {:?}, index.json says f32 {shape:?}", path.display(), v.kind(), v.size());
+            }
+            Ok(v)
+        };
+        let hidden = take("hidden", vec![1, t.max_length, t.hidden_size])?;
+        let pooled = take("pooled", vec![1, t.hidden_size])?;
+        Ok(Some((hidden, pooled)))
     }
 }
 
@@ -252,12 +360,22 @@ impl Shard {
         if index.images {
             expect("images", "u8", vec![n, 3, index.resolution, index.resolution])?;
         }
+        if let Some(t) = &index.text {
+            let c = self.captions;
+            expect("caption_ids", "i32", vec![c, t.max_length])?;
+            expect("caption_offsets", "i64", vec![n + 1])?;
+            if t.precomputed {
+                expect("caption_hidden", "bf16", vec![c, t.max_length, t.hidden_size])?;
+                expect("caption_pooled", "bf16", vec![c, t.hidden_size])?;
+            }
+        }
         let fields = st
             .tensors()
             .into_iter()
             .map(|(name, v)| {
                 let offset = v.data().as_ptr() as usize - map.as_ptr() as usize;
-                (name, Field { offset, bytes_per_record: v.data().len() / n.max(1) as usize })
+                let rows = v.shape().first().copied().unwrap_or(1).max(1);
+                (name, Field { offset, bytes_per_row: v.data().len() / rows })
             })
             .collect();
         Ok(fields)
@@ -269,7 +387,8 @@ pub fn write_shard(dir: &Path, i: usize, tensors: &[(String, tch::Tensor)]) -> R
     let records = tensors.first().map(|(_, t)| t.size()[0]).unwrap_or(0);
     let file = shard_name(i);
     let sha = crate::formats::weights::write_hashed(&dir.join(&file), tensors, None).with_context(|| format!("writing {file}"))?;
-    Ok(ShardInfo { file, records, sha256: crate::formats::weights::hex(&sha) })
+    let captions = tensors.iter().find(|(n, _)| n == "caption_ids").map(|(_, t)| t.size()[0]);
+    Ok(ShardInfo { file, records, sha256: crate::formats::weights::hex(&sha), captions })
 }
 
 /// Writes `index.json` atomically (the dataset's commit point).
