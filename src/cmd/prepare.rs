@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use reg::data::captions::{read_coco, read_sidecars, TextEncoder};
+use reg::data::captions::{read_coco, read_sidecars, CaptionEncoder};
 use reg::data::prepare::{finish, image_size, list_image_tree, list_reg, make_shard, read_moments, shard_done, Encoders, Options};
 use reg::dist::{Collectives, Launch};
 use reg::encoders::{dinov2::Dinov2, vae::Vae};
@@ -106,7 +106,7 @@ pub fn run(a: Args) -> Result<()> {
         _ => unreachable!("clap requires one"),
     };
     let text = match (&a.text_encoder, captioned) {
-        (Some(dir), true) => Some(TextEncoder::load(dir, &folder_name(dir), a.text_precomputed, device)?),
+        (Some(dir), true) => Some(CaptionEncoder::load(dir, &folder_name(dir), a.text_precomputed, device)?),
         (None, true) => reg::bail_input!("--text-encoder: needed with captions (a CLIP folder with its tokenizer)"),
         (Some(_), false) => reg::bail_input!("--text-encoder: given without --captions or --caption-files"),
         (None, false) => None,

@@ -138,8 +138,9 @@ pub(crate) fn is_image(p: &Path) -> bool {
     p.is_file() && p.extension().is_some_and(|x| IMAGE_EXT.contains(&x.to_string_lossy().as_ref()))
 }
 
-/// The tokenizer (and, for precomputed captions, the CLIP text tower) of a CLIP folder.
-pub struct TextEncoder {
+/// What `prepare` makes of captions: the tokenizer (and, for precomputed captions, the
+/// CLIP text tower) of a CLIP folder, with the index entry that records them.
+pub struct CaptionEncoder {
     pub tokenizer: ClipTokenizer,
     /// Loaded for `--text-precomputed` only.
     pub clip: Option<Clip>,
@@ -161,10 +162,10 @@ pub fn tokenizer_sha256(dir: &Path) -> Result<String> {
     Ok(crate::formats::weights::sha256_hex(&bytes))
 }
 
-impl TextEncoder {
+impl CaptionEncoder {
     /// `name` is the folder's name as the index records it; the text tower's width comes
     /// from `config.json` (its weights are read only when `precomputed`).
-    pub fn load(dir: &Path, name: &str, precomputed: bool, device: Device) -> Result<TextEncoder> {
+    pub fn load(dir: &Path, name: &str, precomputed: bool, device: Device) -> Result<CaptionEncoder> {
         let tokenizer = ClipTokenizer::load(dir)?;
         let cfg_path = dir.join("config.json");
         let cfg_file = cfg_path.display().to_string();
@@ -189,7 +190,7 @@ impl TextEncoder {
             precomputed,
             captions: 0,
         };
-        Ok(TextEncoder { tokenizer, clip, info })
+        Ok(CaptionEncoder { tokenizer, clip, info })
     }
 
     /// Token ids of `captions`, as shards store them. [C, L] i32

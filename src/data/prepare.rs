@@ -2,7 +2,7 @@
 //! DINOv2 tokens (and captions -> token ids, or CLIP text states) -> shards. Work is split by shard, so ranks write disjoint shards and
 //! a rerun skips the shards already finished (verified by checksum).
 
-use super::captions::TextEncoder;
+use super::captions::CaptionEncoder;
 use super::crop::center_crop_adm;
 use super::reg_layout::{self, Blob};
 use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo, TextInfo, NULL_CAPTION};
@@ -92,7 +92,7 @@ pub struct Encoders {
     pub vae: Option<Vae>,
     pub encoder: Option<(String, Dinov2)>,
     /// The tokenizer (and text tower) of a captioned dataset.
-    pub text: Option<TextEncoder>,
+    pub text: Option<CaptionEncoder>,
     pub device: Device,
     pub kind: Kind,
 }
@@ -282,7 +282,7 @@ pub fn finish(
 
 /// `null_caption.safetensors`: the text tower's output for the empty caption "", the
 /// null condition of guidance and caption dropout. hidden [1, L, D], pooled [1, D] f32.
-fn write_null_caption(out: &Path, t: &TextEncoder, m: &Encoders) -> Result<()> {
+fn write_null_caption(out: &Path, t: &CaptionEncoder, m: &Encoders) -> Result<()> {
     let ids = t.ids(&[""])?.to_device(m.device);
     let (hidden, pooled) = t.encode(&ids, 1, m.kind)?;
     crate::formats::weights::write(&out.join(NULL_CAPTION), &[("hidden".into(), hidden), ("pooled".into(), pooled)], None)

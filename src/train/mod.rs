@@ -9,7 +9,7 @@ pub mod fid;
 pub mod run;
 mod run_folder;
 
-use crate::config::{Condition, Config, DataSource, EncoderMode, SitDims};
+use crate::config::{Condition, Config, DataSource, EncoderMode, SitDims, TextEncoderMode};
 use crate::data::Batch;
 use crate::data::{loader::ShardLoader, shards::Dataset, synthetic::Synthetic, BatchSource};
 use crate::diffusion::generate::{Labels, SampleSpec};
@@ -49,6 +49,44 @@ pub fn check_dataset(ds: &Dataset, d: &SitDims, online: Option<&Dinov2>) -> Resu
     }
     if ix.num_classes() != d.num_classes {
         crate::bail_input!("{file}: class_names: {} classes, model.num_classes is {}", ix.num_classes(), d.num_classes);
+    }
+    Ok(())
+}
+
+/// A text model's dataset must hold captions the model can read: token ids made by the
+/// tokenizer of `data.text_encoder_path` (online), or precomputed states (precomputed),
+/// of the model's length and width.
+fn check_text_dataset(ds: &Dataset, cfg: &Config, text: Option<&TextEncoder>) -> Result<()> {
+    let d = cfg.dims();
+    let file = ds.dir.join("index.json");
+    let file = file.display();
+    let Some(info) = &ds.index.text else {
+        crate::bail_input!("{file}: text: missing; model.condition: text needs a captioned dataset (prepare --captions / --caption-files)");
+    };
+    if info.max_length != d.text_len || info.hidden_size != d.text_dim {
+        crate::bail_input!(
+            "{file}: text: {} tokens of width {}, the model takes {} of width {} (model.text_len / model.text_dim)",
+            info.max_length,
+            info.hidden_size,
+            d.text_len,
+            d.text_dim
+        );
+    }
+    match (cfg.model.text_encoder, text) {
+        (TextEncoderMode::Precomputed, _) if !info.precomputed => {
+            crate::bail_input!("{file}: text.precomputed: false; model.text_encoder: precomputed needs `prepare --text-precomputed`")
+        }
+        (TextEncoderMode::Online, Some(_)) => {
+            let dir = cfg.data.text_encoder_path.as_deref().expect("loaded from it");
+            let sha = crate::data::captions::tokenizer_sha256(std::path::Path::new(dir))?;
+            if sha != info.tokenizer_sha256 {
+                crate::bail_input!(
+                    "{file}: text.tokenizer_sha256: the captions were tokenized by {}, not by the tokenizer of data.text_encoder_path {dir}",
+                    info.tokenizer
+                );
+            }
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -235,11 +273,19 @@ impl Trainer {
         // With one rank the shard's gradient is the flat gradient itself: no copy.
         let shard_grad = if world == 1 { params.grad.shallow_clone() } else { shard.zeros_like() };
         let bucket = ((cfg.dist.bucket_mb * 1e6 / 4.0) as i64 / world).max(1);
+        // A precomputed dataset holds its own empty caption's states.
+        let mut stored_null = None;
         let source: Box<dyn BatchSource> = match cfg.data.resolved_source() {
             DataSource::Shards => {
                 let path = std::path::Path::new(cfg.data.path.as_deref().expect("validated"));
                 let ds = Dataset::open(path, cfg.data.verify_checksums)?;
                 check_dataset(&ds, &dims, online.as_ref())?;
+                if dims.text_dim > 0 {
+                    check_text_dataset(&ds, &cfg, text.as_ref())?;
+                    if cfg.model.text_encoder == TextEncoderMode::Precomputed {
+                        stored_null = ds.null_caption()?;
+                    }
+                }
                 Box::new(ShardLoader::new(Arc::new(ds), cfg.train.seed, cfg.train.global_batch, cfg.data.prefetch, device)?)
             }
             DataSource::Synthetic => {
@@ -256,6 +302,9 @@ impl Trainer {
             }
         };
         let null_text = match (&text, cfg.model.condition) {
+            _ if stored_null.is_some() => {
+                stored_null.map(|(hidden, pooled)| Caption { hidden: hidden.to_device(device), pooled: pooled.to_device(device) })
+            }
             (Some(enc), _) => {
                 let n = enc.null(kind)?;
                 Some(Caption { hidden: n.last_hidden_state, pooled: n.pooled })
