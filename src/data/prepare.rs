@@ -6,7 +6,7 @@ use super::crop::center_crop_adm;
 use super::reg_layout::{self, Blob};
 use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo};
 use crate::bail_input;
-use crate::encoders::{dinov2::Dinov2, vae::Vae};
+use crate::encoders::{decoder::Decoder, dinov2::Dinov2};
 use crate::error::bad_input;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
@@ -80,7 +80,8 @@ pub fn read_moments(blob: &Blob) -> Result<Tensor> {
 
 /// The models preparation runs, on one device.
 pub struct Encoders {
-    pub vae: Option<Vae>,
+    /// The SD-VAE or the identity map of the pixel-space path.
+    pub vae: Option<Decoder>,
     pub encoder: Option<(String, Dinov2)>,
     pub device: Device,
     pub kind: Kind,
