@@ -94,7 +94,11 @@ pub fn run(a: Args) -> Result<()> {
         (None, true) => None,
     };
     if let Some(d) = vae.as_ref().filter(|d| resolution as i64 % d.downsampling() != 0) {
-        reg::bail_input!("--vae: {} needs a resolution divisible by {}, got {resolution}", a.vae.as_deref().unwrap_or("?"), d.downsampling());
+        reg::bail_input!(
+            "--vae: {} needs a resolution divisible by {}, got {resolution}",
+            a.vae.as_deref().unwrap_or("?"),
+            d.downsampling()
+        );
     }
     let encoder = match (&a.encoder, a.no_features) {
         (_, true) => None,

@@ -18,7 +18,9 @@ use tch::{Device, Kind, Tensor};
 pub enum Decoder {
     SdVae(Vae),
     /// Pixels in [-1, 1], space-to-depth by `s2d` (1: none): C = 3 * s2d^2, side R / s2d.
-    Identity { s2d: i64 },
+    Identity {
+        s2d: i64,
+    },
 }
 
 /// `Some(K)` when `spec` names the identity map (`identity` is K = 1, `identity:K`),

@@ -4,8 +4,8 @@
 use super::Trainer;
 use crate::config::Config;
 use crate::diffusion::generate::{latents, to_images, Labels, SampleSpec};
-use crate::encoders::inception::Inception;
 use crate::encoders::decoder::Decoder;
+use crate::encoders::inception::Inception;
 use crate::eval::features::features_by_rank;
 use crate::eval::reference::{Reference, Scores};
 use anyhow::Result;
