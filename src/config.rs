@@ -557,7 +557,8 @@ impl Config {
             for (field, v) in [("ref", &e.reference), ("inception", &e.inception), ("vae", &e.vae.clone().or(self.sample.vae.clone()))] {
                 match v {
                     None => bail_input!("eval.{field}: missing (eval.fid_every is {})", e.fid_every),
-                    Some(p) if !Path::new(p).exists() && !(field == "vae" && p.starts_with("identity")) => {
+                    // `identity` / `identity:K` (the pixel-space path) names no file.
+                    Some(p) if !(Path::new(p).exists() || field == "vae" && (p == "identity" || p.starts_with("identity:"))) => {
                         bail_input!("eval.{field}: {p} does not exist")
                     }
                     _ => {}

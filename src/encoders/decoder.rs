@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 /// A latent-to-pixel map.
 pub enum Decoder {
-    SdVae(Vae),
+    SdVae(Box<Vae>),
     /// Pixels in [-1, 1], space-to-depth by `s2d` (1: none): C = 3 * s2d^2, side R / s2d.
     Identity {
         s2d: i64,
@@ -52,7 +52,7 @@ impl Decoder {
     pub fn load(spec: &str, device: Device) -> Result<Decoder> {
         Ok(match identity_factor(spec)? {
             Some(s2d) => Decoder::Identity { s2d },
-            None => Decoder::SdVae(Vae::load(Path::new(spec), device)?),
+            None => Decoder::SdVae(Box::new(Vae::load(Path::new(spec), device)?)),
         })
     }
 
