@@ -89,7 +89,7 @@ pub struct EvalConfig {
     pub reference: Option<String>,
     /// FID Inception weights (`reg-ddp import pt_inception-2015-12-05-6726825d.pth`).
     pub inception: Option<String>,
-    /// SD-VAE folder to decode with (default: `sample.vae`).
+    /// SD-VAE folder to decode with, or `identity` / `identity:K` (default: `sample.vae`).
     pub vae: Option<String>,
     /// Images generated at once per rank.
     pub batch: i64,
@@ -134,7 +134,8 @@ pub struct SampleConfig {
     pub mode: SamplerMode,
     pub cfg: f64,
     pub cls_cfg: f64,
-    /// SD-VAE folder to decode with; without one the grid shows latent channels.
+    /// SD-VAE folder to decode with, or `identity` / `identity:K` for pixel-space data
+    /// (train it with `loss.latent_scale: 1.0`); without one the grid shows latent channels.
     pub vae: Option<String>,
     /// With captions: the grid's prompts, image `i` drawn from prompt `i % len`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -627,7 +628,10 @@ impl Config {
             for (field, v) in [("ref", &e.reference), ("inception", &e.inception), ("vae", &e.vae.clone().or(self.sample.vae.clone()))] {
                 match v {
                     None => bail_input!("eval.{field}: missing (eval.fid_every is {})", e.fid_every),
-                    Some(p) if !Path::new(p).exists() => bail_input!("eval.{field}: {p} does not exist"),
+                    // `identity` / `identity:K` (the pixel-space path) names no file.
+                    Some(p) if !(Path::new(p).exists() || field == "vae" && (p == "identity" || p.starts_with("identity:"))) => {
+                        bail_input!("eval.{field}: {p} does not exist")
+                    }
                     _ => {}
                 }
             }

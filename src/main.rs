@@ -23,6 +23,8 @@ enum Command {
     DemoImages(cmd::demo_images::Args),
     /// Generate images (PNGs and an ADM-evaluator .npz) from trained weights.
     Sample(cmd::sample::Args),
+    /// Attribute accuracy and diversity of generated images of the captioned shapes set (one JSON line).
+    ScoreShapes(cmd::score_shapes::Args),
     /// FID, sFID, Inception Score, precision/recall of samples against an ADM reference batch.
     Eval(cmd::eval::Args),
     /// Measure how fast the data loader feeds one rank from a dataset folder.
@@ -50,6 +52,7 @@ fn main() {
         Command::Prepare(a) => cmd::prepare::run(a),
         Command::Sample(a) => cmd::sample::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::ScoreShapes(a) => cmd::score_shapes::run(a),
         Command::DemoImages(a) => cmd::demo_images::run(a),
         Command::Import(a) => cmd::import::run(a),
     };

@@ -8,6 +8,7 @@ pub mod export;
 pub mod import;
 pub mod prepare;
 pub mod sample;
+pub mod score_shapes;
 pub mod train;
 pub mod verify;
 

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reg::data::captions::{read_coco, read_sidecars, CaptionEncoder};
 use reg::data::prepare::{finish, image_size, list_image_tree, list_reg, make_shard, read_moments, shard_done, Encoders, Options};
 use reg::dist::{Collectives, Launch};
-use reg::encoders::{dinov2::Dinov2, vae::Vae};
+use reg::encoders::{decoder::Decoder, dinov2::Dinov2};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -37,9 +37,10 @@ pub struct Args {
     /// Output dataset folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// SD-VAE model folder (diffusers layout); needed with --images.
+    /// SD-VAE model folder (diffusers layout), or `identity` / `identity:K` for the
+    /// pixel-space path (latents = pixels in [-1, 1], space-to-depth by K, std 0); needed with --images.
     #[arg(long)]
-    pub vae: Option<PathBuf>,
+    pub vae: Option<String>,
     /// DINOv2 model folder (transformers layout); needed unless --no-features.
     #[arg(long)]
     pub encoder: Option<PathBuf>,
@@ -123,10 +124,17 @@ pub fn run(a: Args) -> Result<()> {
         reg::bail_input!("--resolution: {resolution} is not a multiple of 32");
     }
     let vae = match (&a.vae, from_reg) {
-        (Some(v), _) => Some(Vae::load(v, device)?),
+        (Some(v), _) => Some(Decoder::load(v, device)?),
         (None, false) => reg::bail_input!("--vae: needed to encode images (a diffusers AutoencoderKL folder)"),
         (None, true) => None,
     };
+    if let Some(d) = vae.as_ref().filter(|d| resolution as i64 % d.downsampling() != 0) {
+        reg::bail_input!(
+            "--vae: {} needs a resolution divisible by {}, got {resolution}",
+            a.vae.as_deref().unwrap_or("?"),
+            d.downsampling()
+        );
+    }
     let encoder = match (&a.encoder, a.no_features) {
         (_, true) => None,
         (Some(e), false) => Some((folder_name(e), Dinov2::load(e, device, resolution as i64 * 224 / 256)?)),
@@ -137,11 +145,15 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(first)) => read_moments(first)?.size(),
         _ => {
             let c = vae.as_ref().map(|v| v.latent_channels()).unwrap_or(4);
-            let s = resolution as i64 / 8;
+            let s = resolution as i64 / vae.as_ref().map(|v| v.downsampling()).unwrap_or(8);
             vec![2 * c, s, s]
         }
     };
-    let vae_name = a.vae.as_deref().map(folder_name).unwrap_or_else(|| "from-reg:vae-sd".into());
+    let vae_name = match (&a.vae, &vae) {
+        (Some(spec), Some(Decoder::Identity { .. })) => spec.clone(),
+        (Some(dir), _) => folder_name(Path::new(dir)),
+        (None, _) => "from-reg:vae-sd".into(),
+    };
     let models = Encoders { vae, encoder, text, device, kind };
     let opts = Options {
         resolution,

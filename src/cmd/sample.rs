@@ -9,8 +9,8 @@ use reg::config::Config;
 use reg::diffusion::generate::{latents, to_images, Labels, SampleSpec};
 use reg::diffusion::sampler::{Guidance, Sampler, SamplerMode};
 use reg::dist::{Collectives, Launch};
+use reg::encoders::decoder::Decoder;
 use reg::encoders::text::TextEncoder;
-use reg::encoders::vae::Vae;
 use reg::formats::npy::NpzWriter;
 use reg::formats::weights;
 use reg::model::build_sit;
@@ -31,9 +31,10 @@ pub struct Args {
     /// The run config (model section) for --weights.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// SD-VAE model folder (diffusers layout) to decode the latents.
+    /// SD-VAE model folder (diffusers layout) to decode the latents, or `identity` /
+    /// `identity:K` for a model trained on pixels (`prepare --vae identity`).
     #[arg(long)]
-    pub vae: PathBuf,
+    pub vae: String,
     /// Images to generate (default: 50,000; with --prompts one per prompt; with
     /// --captions 30,000).
     #[arg(long)]
@@ -223,9 +224,9 @@ pub fn run(a: Args) -> Result<()> {
     // The position table is fixed: a weights file written without it still loads.
     named.entry("pos_embed".into()).or_insert_with(|| model.pos_embed.to_device(tch::Device::Cpu));
     params.load_into(&params.flat, &named, &source)?;
-    let vae = Vae::load(&a.vae, device)?;
+    let vae = Decoder::load(&a.vae, device)?;
     if vae.latent_channels() != dims.in_channels {
-        bail_input!("{}: latent_channels {} but the model has {} input channels", a.vae.display(), vae.latent_channels(), dims.in_channels);
+        bail_input!("--vae {}: latent_channels {} but the model has {} input channels", a.vae, vae.latent_channels(), dims.in_channels);
     }
     let kind = a.precision.kind_on(device);
     let spec = SampleSpec { sampler, path: cfg.loss.path, seed: a.seed, labels, kind };

@@ -7,6 +7,7 @@ pub mod decode;
 pub mod loader;
 pub mod prepare;
 pub mod reg_layout;
+pub mod shapes;
 pub mod shards;
 pub mod synthetic;
 pub mod verify;

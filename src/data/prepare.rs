@@ -7,7 +7,7 @@ use super::crop::center_crop_adm;
 use super::reg_layout::{self, Blob};
 use super::shards::{shard_name, write_index, EncoderInfo, Index, ShardInfo, TextInfo, NULL_CAPTION};
 use crate::bail_input;
-use crate::encoders::{dinov2::Dinov2, vae::Vae};
+use crate::encoders::{decoder::Decoder, dinov2::Dinov2};
 use crate::error::bad_input;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
@@ -89,7 +89,8 @@ pub fn read_moments(blob: &Blob) -> Result<Tensor> {
 
 /// The models preparation runs, on one device.
 pub struct Encoders {
-    pub vae: Option<Vae>,
+    /// The SD-VAE or the identity map of the pixel-space path.
+    pub vae: Option<Decoder>,
     pub encoder: Option<(String, Dinov2)>,
     /// The tokenizer (and text tower) of a captioned dataset.
     pub text: Option<CaptionEncoder>,

@@ -4,8 +4,8 @@
 
 use crate::diffusion::path::PathType;
 use crate::diffusion::sampler::{NoiseSource, PerImageNoise, Sampler};
+use crate::encoders::decoder::Decoder;
 use crate::encoders::text::TextEncoder;
-use crate::encoders::vae::Vae;
 use crate::model::sit::SiT;
 use crate::model::{Caption, Cond};
 use anyhow::Result;
@@ -109,9 +109,10 @@ pub fn latents(model: &SiT, indices: &[u64], spec: &SampleSpec, text: Option<&Te
     Ok(spec.sampler.run(model, &z, &cls, &y, &y_null, spec.path, spec.kind, &mut noise).to_kind(Kind::Float))
 }
 
-/// Images as `[B, H, W, 3]` u8: decoded by the VAE, or without one (synthetic data)
-/// the first three latent channels mapped to colours, for a look at training.
-pub fn to_images(latents: &Tensor, vae: Option<&Vae>, kind: Kind) -> Tensor {
+/// Images as `[B, H, W, 3]` u8: decoded by the VAE (or the identity map of the pixel-space
+/// path), or without one (synthetic data) the first three latent channels mapped to
+/// colours, for a look at training.
+pub fn to_images(latents: &Tensor, vae: Option<&Decoder>, kind: Kind) -> Tensor {
     let px = match vae {
         Some(v) => v.decode(latents, kind),
         None => {

@@ -1,8 +1,9 @@
 //! Frozen networks that turn pixels into features or latents, loaded from their
-//! published safetensors: SD-VAE (diffusers), DINOv2 and CLIP (transformers), FID Inception-v3.
+//! published safetensors: SD-VAE (diffusers), DINOv2 and CLIP (transformers), FID Inception-v3; and the identity decoder of the pixel-space path.
 
 pub mod clip;
 pub mod clip_tokenizer;
+pub mod decoder;
 pub mod dinov2;
 pub mod inception;
 pub mod layers;

@@ -4,8 +4,8 @@
 use super::Trainer;
 use crate::config::Config;
 use crate::diffusion::generate::{latents, to_images, Labels, SampleSpec};
+use crate::encoders::decoder::Decoder;
 use crate::encoders::inception::Inception;
-use crate::encoders::vae::Vae;
 use crate::eval::features::features_by_rank;
 use crate::eval::reference::{Reference, Scores};
 use anyhow::Result;
@@ -14,7 +14,7 @@ use std::path::Path;
 /// The networks and reference an evaluation needs, loaded once per run.
 pub struct FidProbe {
     net: Inception,
-    vae: Vae,
+    vae: Decoder,
     /// On rank 0 only.
     reference: Option<Reference>,
     spec: SampleSpec,
@@ -34,7 +34,7 @@ impl FidProbe {
         // Validation made sure these are present.
         let (reference, inception) = (e.reference.as_deref().expect("eval.ref"), e.inception.as_deref().expect("eval.inception"));
         let vae = e.vae.as_ref().or(cfg.sample.vae.as_ref()).expect("eval.vae or sample.vae");
-        let vae = Vae::load(Path::new(vae), t.device)?;
+        let vae = Decoder::load(vae, t.device)?;
         if vae.latent_channels() != t.dims.in_channels {
             crate::bail_input!(
                 "eval.vae: latent_channels {} but the model has {} input channels",

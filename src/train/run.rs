@@ -10,7 +10,7 @@ use super::{StepStats, Trainer};
 use crate::config::Config;
 use crate::diffusion::generate::{grid, latents, to_images, Labels};
 use crate::dist::{watchdog::Watchdog, Launch};
-use crate::encoders::vae::Vae;
+use crate::encoders::decoder::Decoder;
 use crate::formats::tboard::EventWriter;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -80,7 +80,7 @@ pub fn preemption_flag() -> Result<Arc<AtomicBool>> {
 
 /// A grid of EMA samples with fixed noise and labels (the same images every time, so
 /// the grids of a run show its progress): PNG bytes, height, width.
-fn sample_grid(t: &Trainer, vae: Option<&Vae>) -> Result<(Vec<u8>, i32, i32)> {
+fn sample_grid(t: &Trainer, vae: Option<&Decoder>) -> Result<(Vec<u8>, i32, i32)> {
     let c = &t.cfg.sample;
     let spec = t.sample_spec(c.sampler(), t.cfg.train.seed, Labels::Balanced);
     let indices: Vec<u64> = (0..c.num as u64).collect();
@@ -137,7 +137,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
         }
     }
     let vae = match (&t.cfg.sample.vae, rank) {
-        (Some(v), 0) if t.cfg.sample.every > 0 => Some(Vae::load(Path::new(v), t.device)?),
+        (Some(v), 0) if t.cfg.sample.every > 0 => Some(Decoder::load(v, t.device)?),
         _ => None,
     };
     let fid = FidProbe::new(&t)?;
