@@ -72,6 +72,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     sets.push("data.source=synthetic".into());
     sets.push("data.path=null".into());
+    // A text model trains on synthetic caption states: the frozen text encoder (CLIP-L's
+    // text tower, small next to SiT-XL) is neither loaded nor timed.
+    sets.push("data.text_encoder_path=null".into());
     if a.sample {
         if a.sample_steps < 2 || a.sample_batches < 1 {
             reg::bail_input!("--sample-steps: at least 2; --sample-batches: at least 1");
