@@ -2,6 +2,7 @@
 //! published safetensors: SD-VAE (diffusers), DINOv2 and CLIP (transformers), FID Inception-v3.
 
 pub mod clip;
+pub mod clip_image;
 pub mod clip_tokenizer;
 pub mod dinov2;
 pub mod inception;

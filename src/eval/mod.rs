@@ -2,8 +2,11 @@
 //! FID and sFID (Frechet distance of Gaussian statistics), Inception Score, and
 //! precision/recall of k-nearest-neighbour manifolds (k = 3).
 
+pub mod clip_score;
 pub mod features;
 pub mod reference;
+
+pub use clip_score::clip_score;
 
 use tch::{Kind, Tensor};
 
