@@ -98,7 +98,9 @@ pub fn run(a: Args) -> Result<()> {
         let secs = started.elapsed().as_secs_f64();
         if let Some(reference) = reference {
             let Scores { fid, sfid, inception_score: is, inception_score_std: is_std } = reference.scores(&out);
-            let pr = reference.pool.as_ref().map(|r| precision_recall(r, &out.pool, 3));
+            // k = 3 nearest neighbours need at least 4 images on each side.
+            let enough = |t: &tch::Tensor| t.size()[0] > 3;
+            let pr = reference.pool.as_ref().filter(|r| enough(r) && enough(&out.pool)).map(|r| precision_recall(r, &out.pool, 3));
             eprintln!(
                 "reg-ddp eval: Inception features of {n} images in {secs:.1} s ({:.0} images/s over {} ranks)",
                 n as f64 / secs,
@@ -113,7 +115,8 @@ pub fn run(a: Args) -> Result<()> {
             table.push(format!("| FID | {fid:.4} |\n| sFID | {sfid:.4} |\n| Inception Score | {is:.3} +- {is_std:.3} |"));
             table.push(match pr {
                 Some((p, r)) => format!("| precision | {p:.4} |\n| recall | {r:.4} |"),
-                None => "| precision / recall | (the reference has no images) |".to_string(),
+                None if reference.pool.is_none() => "| precision / recall | (the reference has no images) |".to_string(),
+                None => "| precision / recall | (needs at least 4 images on each side) |".to_string(),
             });
         }
     }

@@ -108,7 +108,8 @@ impl ClipImageProcessor {
             };
         }
         if let Some(v) = obj.get("rescale_factor") {
-            p.rescale_factor = v.as_f64().filter(|f| f.is_finite() && *f > 0.0).ok_or_else(|| field_err("rescale_factor", "a positive number", v))?;
+            p.rescale_factor =
+                v.as_f64().filter(|f| f.is_finite() && *f > 0.0).ok_or_else(|| field_err("rescale_factor", "a positive number", v))?;
         }
         for (name, out) in [("image_mean", &mut p.image_mean), ("image_std", &mut p.image_std)] {
             if let Some(v) = obj.get(name) {

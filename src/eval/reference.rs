@@ -124,7 +124,8 @@ impl Reference {
             })?;
             let (s, ss) = (Stats::of(&out.pool), Stats::of(&out.spatial));
             let map = HashMap::from(
-                [("mu", s.mu), ("sigma", s.sigma), ("mu_s", ss.mu), ("sigma_s", ss.sigma), ("pool", out.pool)].map(|(k, v)| (k.to_string(), v)),
+                [("mu", s.mu), ("sigma", s.sigma), ("mu_s", ss.mu), ("sigma_s", ss.sigma), ("pool", out.pool)]
+                    .map(|(k, v)| (k.to_string(), v)),
             );
             Ok((map, true))
         })?;
