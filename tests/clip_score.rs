@@ -92,7 +92,7 @@ fn bad_preprocessor_configs_are_input_errors() {
         (r#"{"size": {"shortest_edge": 224, "longest_edge": 300}}"#, "field size.longest_edge"),
         ("[1]", "expected a JSON object"),
     ] {
-        let e = ClipImageProcessor::parse(json, "preprocessor_config.json", 224).err().expect(json);
+        let e = ClipImageProcessor::parse(json, "preprocessor_config.json", 224).expect_err(json);
         let msg = e.to_string();
         assert!(reg::error::is_input_error(&e), "{msg}");
         assert!(msg.contains("preprocessor_config.json") && msg.contains(field) && !msg.contains('\n'), "{json}: {msg}");
