@@ -10,8 +10,8 @@
 // normalisation) away from Pillow.
 
 use crate::bail_input;
-use crate::data::crop::{resize, Filter};
 use crate::error::bad_input;
+use crate::formats::pillow_resample::{resize, Filter};
 use anyhow::Result;
 use image::RgbImage;
 use serde_json::Value;

@@ -9,12 +9,12 @@
 use super::features::{check_images, features_by_rank, features_of, ImageSet};
 use super::{frechet_distance, inception_score, Stats};
 use crate::bail_input;
-use crate::data::crop::center_crop_adm;
-use crate::data::decode::decode_rgb;
 use crate::dist::{agree, all_ok, Comm};
 use crate::encoders::inception::{Inception, InceptionOutput};
 use crate::error::bad_input;
 use crate::formats::npy::NpzArray;
+use crate::formats::pillow_decode::decode_rgb;
+use crate::formats::pillow_resample::center_crop_adm;
 use crate::formats::weights;
 use anyhow::Result;
 use std::collections::HashMap;
