@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::rel;
+use common::{make_weights, rel};
 
 use reg::encoders::inception::Inception;
 use reg::error::is_input_error;
@@ -22,43 +22,6 @@ fn golden_path() -> PathBuf {
 
 fn golden() -> HashMap<String, Tensor> {
     weights::read_map(&golden_path()).unwrap()
-}
-
-/// [name, shape] of every parameter, in sorted name order, from the golden's metadata.
-fn params() -> Vec<(String, Vec<i64>)> {
-    let bytes = std::fs::read(golden_path()).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let text = meta.metadata().as_ref().unwrap()["params"].clone();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// tools/golden/inception.py's `make_weights`: for tensor j, element k,
-/// v = frac(sin(0.37 k + 0.11 j) * 43758.5453) in f64, scaled per kind of tensor, cast to f32.
-fn make_weights() -> Vec<(String, Tensor)> {
-    params()
-        .into_iter()
-        .enumerate()
-        .map(|(j, (name, shape))| {
-            let n: i64 = shape.iter().product();
-            let k = Tensor::arange(n, (Kind::Double, Device::Cpu));
-            let v = ((k * 0.37 + 0.11 * j as f64).sin() * 43758.5453).frac().reshape(&shape[..]);
-            let t = if name.ends_with("conv.weight") {
-                let fan_in: i64 = shape[1..].iter().product();
-                v * (12.0 / fan_in as f64).sqrt()
-            } else if name.ends_with("bn.weight") {
-                v * 0.1 + 1.0
-            } else if name.ends_with("bn.bias") || name.ends_with("running_mean") || name == "fc.bias" {
-                v * 0.05
-            } else if name.ends_with("running_var") {
-                v.abs() * 0.5 + 1.0
-            } else if name == "fc.weight" {
-                v * (0.05 * (3.0f64 / 2048.0).sqrt())
-            } else {
-                panic!("unexpected parameter {name}")
-            };
-            (name, t.to_kind(Kind::Float))
-        })
-        .collect()
 }
 
 fn write_weights(dir: &Path, tensors: &[(String, Tensor)]) -> PathBuf {

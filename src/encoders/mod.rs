@@ -2,6 +2,7 @@
 //! published safetensors: SD-VAE (diffusers), DINOv2 and CLIP (transformers), FID Inception-v3; and the identity decoder of the pixel-space path.
 
 pub mod clip;
+pub mod clip_image;
 pub mod clip_tokenizer;
 pub mod decoder;
 pub mod dinov2;

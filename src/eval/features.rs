@@ -112,8 +112,35 @@ impl ImageSet {
         }
     }
 
+    /// (height, width) of the images (of the first one in a PNG folder).
+    pub fn size(&self) -> Result<(i64, i64)> {
+        match self {
+            ImageSet::Npz(a) => Ok((a.shape[1], a.shape[2])),
+            ImageSet::Pngs(p) => {
+                let (w, h) = image::image_dimensions(&p[0]).map_err(|e| bad_input(format!("{}: {e}", p[0].display())))?;
+                Ok((h as i64, w as i64))
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Image `i` alone, at its own size (CLIP preprocesses each image on its own).
+    pub fn image(&self, i: i64) -> Result<image::RgbImage> {
+        match self {
+            ImageSet::Npz(a) => {
+                let t = a.rows(i, 1).get(0).contiguous();
+                let (h, w) = (t.size()[0] as u32, t.size()[1] as u32);
+                let data = Vec::<u8>::try_from(t.flatten(0, -1))?;
+                Ok(image::RgbImage::from_raw(w, h, data).expect("[H, W, 3] u8 holds H * W * 3 bytes"))
+            }
+            ImageSet::Pngs(p) => {
+                let p = &p[i as usize];
+                Ok(images::open(p).map_err(|e| bad_input(format!("{}: {}", p.display(), images::why(&e))))?.to_rgb8())
+            }
+        }
     }
 
     /// Images `[lo, lo + n)` as [n, H, W, 3] u8. PNGs must all have the first one's size.

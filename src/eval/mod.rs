@@ -4,8 +4,11 @@
 //! reader of the captioned shapes set (`attributes`).
 
 pub mod attributes;
+pub mod clip_score;
 pub mod features;
 pub mod reference;
+
+pub use clip_score::clip_score;
 
 use tch::{Kind, Tensor};
 

@@ -5,7 +5,7 @@ use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -156,4 +156,41 @@ print(json.dumps(out))
     let out = Command::new(&py).arg("-c").arg(script).arg(dir).output().expect("run .venv python (./launch/setup.sh installs it)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Inception-v3: [name, shape] of every parameter, in sorted name order, from the golden's metadata.
+pub fn params() -> Vec<(String, Vec<i64>)> {
+    let bytes = std::fs::read(repo().join("tests/data/inception_golden.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let text = meta.metadata().as_ref().unwrap()["params"].clone();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// tools/golden/inception.py's `make_weights`: for tensor j, element k,
+/// v = frac(sin(0.37 k + 0.11 j) * 43758.5453) in f64, scaled per kind of tensor, cast to f32.
+pub fn make_weights() -> Vec<(String, Tensor)> {
+    params()
+        .into_iter()
+        .enumerate()
+        .map(|(j, (name, shape))| {
+            let n: i64 = shape.iter().product();
+            let k = Tensor::arange(n, (Kind::Double, Device::Cpu));
+            let v = ((k * 0.37 + 0.11 * j as f64).sin() * 43758.5453).frac().reshape(&shape[..]);
+            let t = if name.ends_with("conv.weight") {
+                let fan_in: i64 = shape[1..].iter().product();
+                v * (12.0 / fan_in as f64).sqrt()
+            } else if name.ends_with("bn.weight") {
+                v * 0.1 + 1.0
+            } else if name.ends_with("bn.bias") || name.ends_with("running_mean") || name == "fc.bias" {
+                v * 0.05
+            } else if name.ends_with("running_var") {
+                v.abs() * 0.5 + 1.0
+            } else if name == "fc.weight" {
+                v * (0.05 * (3.0f64 / 2048.0).sqrt())
+            } else {
+                panic!("unexpected parameter {name}")
+            };
+            (name, t.to_kind(Kind::Float))
+        })
+        .collect()
 }
