@@ -266,3 +266,77 @@ fn bad_prompts_and_mismatched_conditions_exit_2_with_one_line() {
     std::fs::write(&prompts, "a red disc\n").unwrap();
     assert_bad_input(&bin().args(sample_args(&class_ckpt, &prompts, &out)).output().unwrap(), &["--prompts", "classes"]);
 }
+
+/// Captions beside the classic demo images: class `c` is described in two wordings.
+fn captioned_demo(dir: &Path) {
+    ok(bin().args(["demo-images", "--classes", "3", "--per-class", "8", "--out"]).arg(dir).output().unwrap());
+    let words = ["a bright disc", "a square block", "a thin ring"];
+    for (c, w) in words.iter().enumerate() {
+        for e in std::fs::read_dir(dir.join(format!("class{c:02}"))).unwrap().flatten() {
+            let txt = e.path().with_extension("txt");
+            std::fs::write(txt, format!("{w}\nthe picture shows {w} on a dark background\n")).unwrap();
+        }
+    }
+}
+
+/// The whole text pipeline on a tiny captioned set: `prepare` with captions -> `train`
+/// (CLIP online, then from precomputed states) -> `sample --prompts` -> `eval` with CLIP
+/// score and FID against the real images.
+#[test]
+fn captions_go_through_prepare_train_sample_and_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let images = d.join("images");
+    captioned_demo(&images);
+    let (vae, dino, clip) = (repo().join("tests/data/vae_tiny"), repo().join("tests/data/dinov2_tiny"), repo().join(CLIP));
+    let prepare = |out: &Path, extra: &[&str]| {
+        let mut c = bin();
+        c.args(["prepare", "--images"]).arg(&images).arg("--out").arg(out).arg("--vae").arg(&vae).arg("--encoder").arg(&dino);
+        c.args(["--resolution", "64", "--shard-size", "16", "--batch", "8", "--caption-files", "--text-encoder"]).arg(&clip);
+        ok(c.args(extra).output().unwrap())
+    };
+    let (online, pre) = (d.join("online"), d.join("pre"));
+    prepare(&online, &[]);
+    prepare(&pre, &["--text-precomputed"]);
+
+    let run = |data: &Path, name: &str, extra: &[&str]| {
+        let path = format!("data.path={}", data.display());
+        let mut sets: Vec<&str> = TEXT.to_vec();
+        sets.extend(["--set", &path, "--set", "data.source=shards", "--set", "train.global_batch=8", "--set", "model.num_classes=1"]);
+        sets.extend(extra);
+        ok(bin().args(train_args(&d.display().to_string(), name, &sets)).output().unwrap())
+    };
+    run(&online, "online", &["--set", "train.steps=20"]);
+    // Precomputed states train without CLIP: the empty caption comes from the dataset.
+    let o =
+        run(&pre, "pre", &["--set", "train.steps=2", "--set", "model.text_encoder=precomputed", "--set", "data.text_encoder_path=null"]);
+    assert_eq!(json_lines(&o.stdout).iter().filter(|l| l["loss"].as_f64().is_some_and(f64::is_finite)).count(), 1);
+
+    let prompts = d.join("prompts.txt");
+    std::fs::write(&prompts, "a bright disc\na square block\na thin ring\n").unwrap();
+    let samples = d.join("samples");
+    ok(bin().args(sample_args(&d.join("online/step-0000020"), &prompts, &samples)).output().unwrap());
+
+    let inception = d.join("inception.safetensors");
+    reg::formats::weights::write(&inception, &common::make_weights(), None).unwrap();
+    let result = d.join("eval.json");
+    let mut e = bin();
+    e.args(["eval", "--device", "cpu", "--threads", "1", "--batch", "3", "--samples"]).arg(&samples);
+    e.arg("--clip").arg(&clip).arg("--ref").arg(&images).arg("--inception").arg(&inception).arg("--out").arg(&result);
+    ok(e.output().unwrap());
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    let (clip_score, fid) = (j["clip_score"].as_f64().unwrap(), j["fid"].as_f64().unwrap());
+    assert!(clip_score.is_finite() && (0.0..=100.0).contains(&clip_score), "{j}");
+    assert!(fid.is_finite() && fid > 0.0, "{j}");
+
+    // A text model refuses a dataset without captions, and another tokenizer's ids.
+    let plain = d.join("plain");
+    let mut c = bin();
+    c.args(["prepare", "--images"]).arg(&images).arg("--out").arg(&plain).arg("--vae").arg(&vae).arg("--encoder").arg(&dino);
+    ok(c.args(["--resolution", "64", "--shard-size", "16", "--batch", "8"]).output().unwrap());
+    let path = format!("data.path={}", plain.display());
+    let mut sets: Vec<&str> = TEXT.to_vec();
+    sets.extend(["--set", &path, "--set", "data.source=shards", "--set", "train.global_batch=8", "--set", "train.steps=1"]);
+    let o = bin().args(train_args(&d.display().to_string(), "plain", &sets)).output().unwrap();
+    common::assert_bad_input_midway(&o, &["index.json", "text: missing"]);
+}

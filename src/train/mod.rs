@@ -47,7 +47,8 @@ pub fn check_dataset(ds: &Dataset, d: &SitDims, online: Option<&Dinov2>) -> Resu
     if z_dim != d.z_dim {
         crate::bail_input!("{file}: {what}: encoder z_dim {z_dim}, model.z_dim is {}", d.z_dim);
     }
-    if ix.num_classes() != d.num_classes {
+    // A text model reads no labels.
+    if d.text_dim == 0 && ix.num_classes() != d.num_classes {
         crate::bail_input!("{file}: class_names: {} classes, model.num_classes is {}", ix.num_classes(), d.num_classes);
     }
     Ok(())
