@@ -233,6 +233,18 @@ pub struct ModelConfig {
     /// `precomputed` (hidden states in the shards, `prepare --text-precomputed`).
     #[serde(default, skip_serializing_if = "is_default")]
     pub text_encoder: TextEncoderMode,
+    /// `false`: the REG token's input is zero (a constant register token), for plain SiT
+    /// and SiT + REPA baselines (with `loss.cls_coeff: 0`, and `loss.proj_coeff: 0` for SiT).
+    #[serde(default = "d_true", skip_serializing_if = "is_true")]
+    pub reg_token: bool,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -320,6 +332,7 @@ impl ModelConfig {
             mlp_ratio: self.mlp_ratio,
             text_dim: 0,
             text_len: 0,
+            reg_token: self.reg_token,
         };
         let mut dims = dims;
         match self.condition {

@@ -80,6 +80,7 @@ fn model_config(c: &Case) -> ModelConfig {
         text_dim: None,
         text_len: None,
         text_encoder: Default::default(),
+        reg_token: true,
     }
 }
 

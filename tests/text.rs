@@ -42,7 +42,7 @@ fn model() -> (SiT, TextEncoder) {
     let (m, p) = build_sit(&config(&[]).dims(), Device::Cpu, 3).unwrap();
     tch::manual_seed(11);
     let _g = tch::no_grad_guard();
-    let _ = p.flat.shallow_clone().copy_(&(Tensor::randn_like(&p.flat) * 0.05));
+    p.flat.shallow_clone().copy_(&(Tensor::randn_like(&p.flat) * 0.05));
     (m, TextEncoder::load(Path::new(CLIP), Device::Cpu).unwrap())
 }
 
@@ -339,4 +339,33 @@ fn captions_go_through_prepare_train_sample_and_eval() {
     sets.extend(["--set", &path, "--set", "data.source=shards", "--set", "train.global_batch=8", "--set", "train.steps=1"]);
     let o = bin().args(train_args(&d.display().to_string(), "plain", &sets)).output().unwrap();
     common::assert_bad_input_midway(&o, &["index.json", "text: missing"]);
+}
+
+/// `model.reg_token: false` (the study's SiT and SiT + REPA arms): the token's input is
+/// ignored, so the prediction does not depend on it; with the token it does.
+#[test]
+fn without_the_reg_token_its_input_is_ignored() {
+    std::env::set_current_dir(repo()).unwrap();
+    for (reg_token, moves) in [("true", true), ("false", false)] {
+        let dims = config(&[&format!("model.reg_token={reg_token}")]).dims();
+        let (m, p) = build_sit(&dims, Device::Cpu, 1).unwrap();
+        tch::manual_seed(2);
+        let _g = tch::no_grad_guard();
+        p.flat.shallow_clone().copy_(&(Tensor::randn_like(&p.flat) * 0.05));
+        let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[1i64]);
+        let t = Tensor::from_slice(&[0.5f32]);
+        let (a, b) = (Tensor::randn([1, 32], (Kind::Float, Device::Cpu)), Tensor::randn([1, 32], (Kind::Float, Device::Cpu)));
+        let mut class = dims;
+        class.text_dim = 0;
+        class.text_len = 0;
+        let (m2, p2) = build_sit(&class, Device::Cpu, 1).unwrap();
+        p2.flat.shallow_clone().copy_(&(Tensor::randn_like(&p2.flat) * 0.05));
+        for (model, cond) in
+            [(&m, caption(&TextEncoder::load(Path::new(CLIP), Device::Cpu).unwrap(), &["a disc"])), (&m2, Cond::Class(y.shallow_clone()))]
+        {
+            let d = max_diff(&model.forward_cond(&x, &t, &cond, &a, Kind::Float).x, &model.forward_cond(&x, &t, &cond, &b, Kind::Float).x);
+            assert_eq!(d > 1e-6, moves, "reg_token {reg_token}: the token input moved the prediction by {d:e}");
+        }
+    }
 }

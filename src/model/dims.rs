@@ -20,6 +20,9 @@ pub struct SitDims {
     pub text_dim: i64,
     /// Caption tokens in the sequence (77 for CLIP); 0 for the class model.
     pub text_len: i64,
+    /// The REG token carries the noised encoder class token; without it (plain SiT and
+    /// SiT + REPA arms of a study) its input is zero, a constant register token.
+    pub reg_token: bool,
 }
 
 /// The numbers a size name fixes; patch size, input and encoder widths come separately.
@@ -106,6 +109,7 @@ mod tests {
             mlp_ratio: 4.0,
             text_dim: 0,
             text_len: 0,
+            reg_token: true,
         }
     }
 

@@ -380,7 +380,8 @@ impl SiT {
     /// Tokens after embedding: REG token in front, position table added. [N, T+1, D]
     pub fn embed(&self, x: &Tensor, cls: &Tensor, kind: Kind) -> Tensor {
         let img = self.x_embedder.forward(&x.to_kind(kind));
-        let reg = self.wg_norm.forward(&self.cls_projectors2.forward(&cls.to_kind(kind)));
+        let cls = if self.dims.reg_token { cls.to_kind(kind) } else { cls.zeros_like().to_kind(kind) };
+        let reg = self.wg_norm.forward(&self.cls_projectors2.forward(&cls));
         Tensor::cat(&[reg.unsqueeze(1), img], 1) + self.pos_embed.to_kind(kind)
     }
 
