@@ -25,6 +25,8 @@ enum Command {
     Sample(cmd::sample::Args),
     /// Attribute accuracy and diversity of generated images of the captioned shapes set (one JSON line).
     ScoreShapes(cmd::score_shapes::Args),
+    /// The REG-with-captions study on the shapes set: {SiT, +REPA, +REG} x {class, caption} x seeds, curves and a table
+    Study(cmd::study::Args),
     /// FID, sFID, Inception Score, precision/recall of samples against an ADM reference batch.
     Eval(cmd::eval::Args),
     /// Measure how fast the data loader feeds one rank from a dataset folder.
@@ -53,6 +55,7 @@ fn main() {
         Command::Sample(a) => cmd::sample::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::ScoreShapes(a) => cmd::score_shapes::run(a),
+        Command::Study(a) => cmd::study::run(a),
         Command::DemoImages(a) => cmd::demo_images::run(a),
         Command::Import(a) => cmd::import::run(a),
     };

@@ -9,6 +9,7 @@ pub mod import;
 pub mod prepare;
 pub mod sample;
 pub mod score_shapes;
+pub mod study;
 pub mod train;
 pub mod verify;
 

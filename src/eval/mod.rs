@@ -5,6 +5,7 @@
 
 pub mod attributes;
 pub mod clip_score;
+pub mod curves;
 pub mod features;
 pub mod reference;
 
