@@ -7,8 +7,9 @@ cd "$REPO"
 
 # 1. Debian packages: C/C++ toolchain (the ATen shim), libclang + pkg-config (mpi-sys
 #    bindings), Open MPI (data-parallel runs and tests), cmake + nasm (turbojpeg-sys
-#    builds its vendored libjpeg-turbo, SIMD included: Pillow's JPEG decoder).
-pkgs=(build-essential pkg-config libclang-dev clang openmpi-bin libopenmpi-dev cmake nasm python3-venv ca-certificates curl)
+#    builds its vendored libjpeg-turbo, SIMD included: Pillow's JPEG decoder), DejaVu
+#    (the labels of the study's plots).
+pkgs=(build-essential pkg-config libclang-dev clang openmpi-bin libopenmpi-dev cmake nasm python3-venv ca-certificates curl fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
