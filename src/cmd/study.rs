@@ -50,6 +50,9 @@ pub struct Args {
     /// The CLIP folder whose tokenizer and (random, tiny) text tower read the captions.
     #[arg(long, default_value = "tests/data/clip_tiny")]
     pub clip: PathBuf,
+    /// Training steps of the shapes encoder (default: `train-encoder`'s).
+    #[arg(long)]
+    pub encoder_steps: Option<i64>,
     /// CPU threads for each training / sampling process.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -261,6 +264,9 @@ pub fn run(a: Args) -> Result<()> {
         let mut args: Vec<String> = ["train-encoder", "--images"].map(s).to_vec();
         args.extend([s(out.join("data/encoder").display()), s("--out"), s(encoder.display()), s("--patch"), s(8)]);
         args.extend([s("--resolution"), s(SIZE), s("--threads"), s(a.threads)]);
+        if let Some(n) = a.encoder_steps {
+            args.extend([s("--steps"), s(n)]);
+        }
         reg_ddp("train-encoder", &args)?;
     }
     let enc_cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(encoder.join("config.json"))?)?;
