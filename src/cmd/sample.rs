@@ -75,6 +75,9 @@ pub struct Args {
     pub batch: usize,
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write `<out>.grid.png`: all the images, this many a row.
+    #[arg(long, default_value_t = 0)]
+    pub grid: u32,
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Compute precision of SiT and the VAE decoder: `fp32` by default, as REG's
@@ -279,6 +282,15 @@ pub fn run(a: Args) -> Result<()> {
         let npz = a.out.with_extension("npz");
         write_npz(&npz, &a.out, num as u64, first.height(), first.width())?;
         eprintln!("reg-ddp sample: wrote {} ({num} images; {ips:.2} images/s on rank 0)", npz.display());
+        if a.grid > 0 {
+            let images: Vec<image::RgbImage> =
+                (0..num as u64).map(|g| image::open(a.out.join(png_name(g))).map(|i| i.to_rgb8())).collect::<Result<_, _>>()?;
+            let grid = reg::diffusion::generate::grid_of(&images, a.grid);
+            let big = image::imageops::resize(&grid, grid.width() * 4, grid.height() * 4, image::imageops::FilterType::Nearest);
+            let path = a.out.with_extension("grid.png");
+            big.save(&path).with_context(|| format!("{}: cannot write", path.display()))?;
+            eprintln!("reg-ddp sample: wrote {} ({} a row, scaled 4x)", path.display(), a.grid);
+        }
         println!("{}", serde_json::json!({"images": num, "images_per_s_rank0": ips, "npz": npz.display().to_string()}));
     }
     Ok(())

@@ -329,14 +329,7 @@ pub fn run(a: Args) -> Result<()> {
 
 /// The images in rows of 8, scaled up 2x for a look by eye.
 fn grid_png(images: &[image::RgbImage], path: &Path) -> Result<()> {
-    let (w, h) = images.first().map(|i| (i.width(), i.height())).unwrap_or((1, 1));
-    let cols = 8u32;
-    let rows = (images.len() as u32).div_ceil(cols);
-    let mut g = image::RgbImage::new(cols * w, rows * h);
-    for (i, img) in images.iter().enumerate() {
-        let (c, r) = (i as u32 % cols, i as u32 / cols);
-        image::imageops::replace(&mut g, img, (c * w) as i64, (r * h) as i64);
-    }
+    let g = reg::diffusion::generate::grid_of(images, 8);
     let big = image::imageops::resize(&g, g.width() * 2, g.height() * 2, image::imageops::FilterType::Nearest);
     big.save(path).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())

@@ -142,3 +142,16 @@ pub fn grid(images: &Tensor, cols: i64) -> image::RgbImage {
     }
     out
 }
+
+/// Tiles images of one size into rows of `cols`.
+pub fn grid_of(images: &[image::RgbImage], cols: u32) -> image::RgbImage {
+    let (w, h) = images.first().map(|i| (i.width(), i.height())).unwrap_or((1, 1));
+    let cols = cols.max(1);
+    let rows = (images.len() as u32).div_ceil(cols).max(1);
+    let mut g = image::RgbImage::new(cols * w, rows * h);
+    for (i, img) in images.iter().enumerate() {
+        let (c, r) = (i as u32 % cols, i as u32 / cols);
+        image::imageops::replace(&mut g, img, (c * w) as i64, (r * h) as i64);
+    }
+    g
+}
