@@ -10,6 +10,7 @@ pub mod prepare;
 pub mod sample;
 pub mod score_shapes;
 pub mod train;
+pub mod train_encoder;
 pub mod verify;
 
 use anyhow::Result;
