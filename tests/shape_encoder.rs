@@ -128,8 +128,7 @@ fn short_training_lowers_the_loss_and_saves_what_it_trained() {
     assert!(loaded.features(&images, Kind::Float).equal(&model.model.features(&images, Kind::Float)));
 }
 
-/// The patch targets: each image's coverage adds up to its foreground, and sits in the
-/// quadrant its attributes name.
+/// The patch targets sit in the quadrant the attributes name, also on mirrored images.
 #[test]
 fn patch_targets_follow_the_object() {
     let tmp = tempfile::tempdir().unwrap();
@@ -138,16 +137,25 @@ fn patch_targets_follow_the_object() {
     let data = read_set(&enc, 32, 4).unwrap();
     assert_eq!(data.coverage.size(), [30, 64]);
     let grid = Tensor::arange(8, (Kind::Float, Device::Cpu)) + 0.5;
-    let cov = data.coverage.view([30, 8, 8]);
-    let mass = cov.sum_dim_intlist([1, 2].as_slice(), false, Kind::Float);
-    let cy = (&cov * grid.view([1, 8, 1])).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) / &mass;
-    let cx = (&cov * grid.view([1, 1, 8])).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) / &mass;
-    for i in 0..30 {
-        assert!(mass.double_value(&[i]) > 0.5, "image {i}: no object");
-        let pos = Position::ALL[data.labels.int64_value(&[i, 3]) as usize];
-        let got = Position::from_halves(cx.double_value(&[i]) > 4.0, cy.double_value(&[i]) > 4.0);
-        assert_eq!(got, pos, "image {i}");
-    }
+    let check = |data: &reg::encoders::shape_encoder::Labelled, what: &str| {
+        let cov = data.coverage.view([30, 8, 8]);
+        let mass = cov.sum_dim_intlist([1, 2].as_slice(), false, Kind::Float);
+        let cy = (&cov * grid.view([1, 8, 1])).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) / &mass;
+        let cx = (&cov * grid.view([1, 1, 8])).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) / &mass;
+        for i in 0..30 {
+            assert!(mass.double_value(&[i]) > 0.5, "{what} image {i}: no object");
+            let pos = Position::ALL[data.labels.int64_value(&[i, 3]) as usize];
+            let got = Position::from_halves(cx.double_value(&[i]) > 4.0, cy.double_value(&[i]) > 4.0);
+            assert_eq!(got, pos, "{what} image {i}");
+        }
+    };
+    check(&data, "original");
+    // Mirrored images keep their targets on the object, and their position label follows.
+    let flip = Tensor::arange(30, (Kind::Int64, Device::Cpu)).remainder(2).eq(1);
+    let m = data.mirrored(&flip);
+    check(&m, "mirrored");
+    assert!(m.images.get(1).equal(&data.images.get(1).flip([2])) && m.images.get(0).equal(&data.images.get(0)));
+    assert!(m.labels.narrow(1, 0, 3).equal(&data.labels.narrow(1, 0, 3)), "shape, colour and size are kept");
 }
 
 fn index(dir: &Path) -> serde_json::Value {

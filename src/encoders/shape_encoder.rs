@@ -88,6 +88,31 @@ impl Labelled {
         }
     }
 
+    /// The images mirrored left to right where `flip` [N] bool is set, with their labels:
+    /// every shape is symmetric about its vertical axis and the centres' jitter about the
+    /// image's, so a mirrored image is another draw of the set, its position on the other side.
+    pub fn mirrored(&self, flip: &Tensor) -> Labelled {
+        let n = self.len();
+        let g = (self.coverage.size()[1] as f64).sqrt().round() as i64;
+        let other_side: Vec<i64> = Position::ALL
+            .iter()
+            .map(|p| {
+                let (right, bottom) = p.halves();
+                Position::from_halves(!right, bottom).index() as i64
+            })
+            .collect();
+        let position = self.labels.select(1, 3);
+        let swapped = Tensor::from_slice(&other_side).index_select(0, &position);
+        let labels = self.labels.copy();
+        labels.select(1, 3).copy_(&swapped.where_self(flip, &position));
+        let coverage = self.coverage.view([n, g, g]);
+        Labelled {
+            images: self.images.flip([3]).where_self(&flip.view([n, 1, 1, 1]), &self.images),
+            labels,
+            coverage: coverage.flip([2]).where_self(&flip.view([n, 1, 1]), &coverage).view([n, g * g]),
+        }
+    }
+
     fn narrow(&self, start: i64, len: i64) -> Labelled {
         Labelled {
             images: self.images.narrow(0, start, len),
@@ -316,7 +341,8 @@ impl ShapeEncoder {
     }
 
     /// Trains on `data` for `opts.steps` steps of `opts.batch` images drawn without
-    /// replacement, epoch by epoch in an order the global torch seed decides.
+    /// replacement, epoch by epoch in an order the global torch seed decides, half of them
+    /// mirrored (`Labelled::mirrored`).
     pub fn train(&mut self, data: &Labelled, opts: &TrainOptions, mut progress: impl FnMut(i64, f64)) -> Result<TrainReport> {
         if opts.steps <= 0 || opts.batch <= 0 {
             bail_input!("--steps and --batch: must be positive, found {} and {}", opts.steps, opts.batch);
@@ -337,7 +363,9 @@ impl ShapeEncoder {
                 order = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
                 at = 0;
             }
+            // Each image mirrored with probability 1/2: twice the distinct images.
             let b = data.select(&order.narrow(0, at, batch));
+            let b = b.mirrored(&Tensor::rand([batch], (Kind::Float, Device::Cpu)).lt(0.5));
             at += batch;
             let lr = if step < warmup {
                 opts.lr * (step + 1) as f64 / warmup as f64
