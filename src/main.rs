@@ -21,6 +21,8 @@ enum Command {
     Prepare(cmd::prepare::Args),
     /// Write the small built-in image set of the demo (one folder per class).
     DemoImages(cmd::demo_images::Args),
+    /// Train the captioned shapes set's representation encoder (a DINOv2-layout ViT) for REG/REPA.
+    TrainEncoder(cmd::train_encoder::Args),
     /// Generate images (PNGs and an ADM-evaluator .npz) from trained weights.
     Sample(cmd::sample::Args),
     /// Attribute accuracy and diversity of generated images of the captioned shapes set (one JSON line).
@@ -58,6 +60,7 @@ fn main() {
         Command::Study(a) => cmd::study::run(a),
         Command::DemoImages(a) => cmd::demo_images::run(a),
         Command::Import(a) => cmd::import::run(a),
+        Command::TrainEncoder(a) => cmd::train_encoder::run(a),
     };
     if let Err(e) = result {
         let input = reg::error::is_input_error(&e);

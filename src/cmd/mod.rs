@@ -11,6 +11,7 @@ pub mod sample;
 pub mod score_shapes;
 pub mod study;
 pub mod train;
+pub mod train_encoder;
 pub mod verify;
 
 use anyhow::Result;

@@ -44,6 +44,11 @@ pub struct Args {
     /// DINOv2 model folder (transformers layout); needed unless --no-features.
     #[arg(long)]
     pub encoder: Option<PathBuf>,
+    /// Side the encoder sees the images at (default: resolution * 224 / 256, REG's 224 for
+    /// 256 px with DINOv2/14). Its tokens, (side / encoder patch)^2 + 1, must be the SiT
+    /// model's patches + 1: 32 for a patch-4 `train-encoder` model on 32 px images gives 65.
+    #[arg(long, requires = "encoder")]
+    pub encoder_resolution: Option<u32>,
     /// Image side after the ADM center crop (256 or 512 for ImageNet; default 256). With
     /// --from-reg, the side of its images unless given.
     #[arg(long)]
@@ -137,7 +142,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let encoder = match (&a.encoder, a.no_features) {
         (_, true) => None,
-        (Some(e), false) => Some((folder_name(e), Dinov2::load(e, device, resolution as i64 * 224 / 256)?)),
+        (Some(e), false) => {
+            let side = a.encoder_resolution.unwrap_or(resolution * 224 / 256) as i64;
+            Some((folder_name(e), Dinov2::load(e, device, side)?))
+        }
         (None, false) => reg::bail_input!("--encoder: needed for features (a transformers Dinov2Model folder), or --no-features"),
     };
     let latent_shape = match (&vae, entries.first().and_then(|e| e.moments.as_ref())) {

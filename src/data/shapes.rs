@@ -267,29 +267,49 @@ fn draw_attributes(key: u64, class_attribute: Attribute, class: &str) -> Attribu
     a
 }
 
-/// Draws `a` at `side` x `side` pixels; `key` decides the jitter and the noise.
-pub fn render(a: &Attributes, side: u32, key: u64) -> image::RgbImage {
-    let r = |i: u64| hash(key ^ (i << 48) ^ 0x5A5E);
-    let s = side as f32;
-    let (right, bottom) = a.position.halves();
-    // Centres near the middle of their quadrant (0.28 or 0.72 of the side, ±0.03).
-    let centre = |far: bool, h: u64| s * (if far { 0.72 } else { 0.28 } + (unit(h) - 0.5) * 0.06);
-    let (cx, cy) = (centre(right, r(1)), centre(bottom, r(2)));
-    let rad = s * (a.size.radius() + (unit(r(3)) - 0.5) * 0.02);
-    let fg = a.colour.rgb().map(|v| v as i32);
-    let tint = [r(4), r(5), r(6)].map(|h| (h % 25) as i32 - 12);
-    let bg = [r(7), r(8), r(9)].map(|h| 10 + (h % 36) as i32);
-    image::RgbImage::from_fn(side, side, |x, y| {
-        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+/// Where and how big the shape of an image keyed `key` is drawn, in pixels.
+struct Placement {
+    cx: f32,
+    cy: f32,
+    rad: f32,
+}
+
+impl Placement {
+    fn of(a: &Attributes, side: u32, key: u64) -> Placement {
+        let r = |i: u64| hash(key ^ (i << 48) ^ 0x5A5E);
+        let s = side as f32;
+        let (right, bottom) = a.position.halves();
+        // Centres near the middle of their quadrant (0.28 or 0.72 of the side, ±0.03).
+        let centre = |far: bool, h: u64| s * (if far { 0.72 } else { 0.28 } + (unit(h) - 0.5) * 0.06);
+        let (cx, cy) = (centre(right, r(1)), centre(bottom, r(2)));
+        let rad = s * (a.size.radius() + (unit(r(3)) - 0.5) * 0.02);
+        Placement { cx, cy, rad }
+    }
+
+    /// Whether pixel (x, y) is part of the shape.
+    fn covers(&self, shape: Shape, x: u32, y: u32) -> bool {
+        let (dx, dy, rad) = (x as f32 + 0.5 - self.cx, y as f32 + 0.5 - self.cy, self.rad);
         let d = (dx * dx + dy * dy).sqrt();
-        let inside = match a.shape {
+        match shape {
             Shape::Disc => d < rad,
             Shape::Square => dx.abs() < rad * 0.9 && dy.abs() < rad * 0.9,
             // Apex up: the half-width grows from 0 at the top to rad at the base.
             Shape::Triangle => dy > -rad && dy < rad && dx.abs() < (dy + rad) * 0.5,
             Shape::Ring => d < rad && d > rad * 0.5,
             Shape::Cross => dx.abs().max(dy.abs()) < rad && dx.abs().min(dy.abs()) < rad * 0.35,
-        };
+        }
+    }
+}
+
+/// Draws `a` at `side` x `side` pixels; `key` decides the jitter and the noise.
+pub fn render(a: &Attributes, side: u32, key: u64) -> image::RgbImage {
+    let r = |i: u64| hash(key ^ (i << 48) ^ 0x5A5E);
+    let place = Placement::of(a, side, key);
+    let fg = a.colour.rgb().map(|v| v as i32);
+    let tint = [r(4), r(5), r(6)].map(|h| (h % 25) as i32 - 12);
+    let bg = [r(7), r(8), r(9)].map(|h| 10 + (h % 36) as i32);
+    image::RgbImage::from_fn(side, side, |x, y| {
+        let inside = place.covers(a.shape, x, y);
         let n = hash(r(10) ^ ((x as u64) << 20) ^ y as u64);
         let px: [u8; 3] = std::array::from_fn(|i| {
             let noise = ((n >> (8 * i)) % 13) as i32 - 6;
@@ -298,6 +318,22 @@ pub fn render(a: &Attributes, side: u32, key: u64) -> image::RgbImage {
         });
         image::Rgb(px)
     })
+}
+
+/// The shape's pixels of the image `render(a, side, key)` draws, row by row.
+pub fn mask(a: &Attributes, side: u32, key: u64) -> Vec<bool> {
+    let place = Placement::of(a, side, key);
+    (0..side).flat_map(|y| (0..side).map(move |x| (x, y))).map(|(x, y)| place.covers(a.shape, x, y)).collect()
+}
+
+/// Whether a pixel of a rendered image belongs to the shape, read from its value alone:
+/// the background is at most 45 + 6 in every channel, and every colour has a channel of
+/// at least 190 - 12 - 6 = 172 (green's, with the tint and the noise against it), so the
+/// brightest channel splits them with 60 levels to spare on either side. Exact on
+/// unaltered renders (the unit test checks it against `mask`); the encoder's patch
+/// targets come from it, as a set on disk keeps no render keys.
+pub fn is_foreground(px: [u8; 3]) -> bool {
+    px.into_iter().max().unwrap_or(0) >= 112
 }
 
 fn shape_words(s: Shape) -> &'static [&'static str] {
@@ -447,6 +483,20 @@ mod tests {
         }
         assert_eq!(Position::parse("bottom_right"), Some(Position::BottomRight));
         assert_eq!(serde_json::to_string(&Position::TopLeft).unwrap(), "\"top_left\"");
+    }
+
+    #[test]
+    fn foreground_is_read_back_exactly_from_pixels() {
+        for split in [Split::Train, Split::Encoder] {
+            let spec = SetSpec { size: 32, split, seed: 3, class_attribute: Attribute::Colour, per_class: 30, captions_per_image: 1 };
+            for (c, k) in (0..7).flat_map(|c| (0..30).map(move |k| (c, k))) {
+                let it = item(&spec, c, k);
+                let want = mask(&it.attributes, spec.size, key(&spec, c, k));
+                let got: Vec<bool> = it.image.pixels().map(|p| is_foreground(p.0)).collect();
+                assert!(want.iter().any(|&m| m), "{}: empty shape", it.stem);
+                assert_eq!(got, want, "{}", it.stem);
+            }
+        }
     }
 
     #[test]

@@ -145,6 +145,41 @@ impl Dinov2Config {
     pub fn head_dim(&self) -> i64 {
         self.hidden_size / self.num_attention_heads
     }
+
+    /// `config.json` as transformers' `Dinov2Config.to_dict()` names the fields, so that
+    /// `Dinov2Model.from_pretrained` and `parse` both read it. Dropouts are 0 and the
+    /// initial layer scale 1.0 (the values `train-encoder` trains with).
+    pub fn to_json(&self) -> Value {
+        let act = match self.hidden_act {
+            Activation::Gelu => "gelu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+            Activation::Relu => "relu",
+            Activation::Silu => "silu",
+        };
+        serde_json::json!({
+            "architectures": ["Dinov2Model"],
+            "model_type": "dinov2",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "patch_size": self.patch_size,
+            "image_size": self.image_size,
+            "num_channels": self.num_channels,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": act,
+            "qkv_bias": self.qkv_bias,
+            "use_swiglu_ffn": self.use_swiglu_ffn,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "drop_path_rate": 0.0,
+            "initializer_range": 0.02,
+            "layerscale_value": 1.0,
+            "apply_layernorm": true,
+            "use_mask_token": true,
+            "dtype": "float32",
+        })
+    }
 }
 
 /// `embeddings`: patch projection, class token, position table (already at the run's grid).
@@ -292,25 +327,45 @@ impl Dinov2 {
     /// `input_size / patch_size` (16 for 224), bicubic, antialiased, align_corners = false, as
     /// timm's `resample_abs_pos_embed` does (class-token row kept as is).
     pub fn load(dir: &Path, device: Device, input_size: i64) -> Result<Dinov2> {
+        let (config, cfg_file) = Self::read_config(dir)?;
+        let mut ld = Loader::open(&dir.join("model.safetensors"), device)?;
+        Self::from_loader(config, &mut ld, device, input_size, &cfg_file)
+    }
+
+    /// As `load`, at the resolution that gives a `grid` x `grid` patch grid with the folder's
+    /// own patch size (`grid * patch_size`: 224 for DINOv2/14 on a 16 x 16 grid), so that
+    /// its tokens match a model with that many patches whatever the encoder's patch.
+    pub fn load_grid(dir: &Path, device: Device, grid: i64) -> Result<Dinov2> {
+        let (config, _) = Self::read_config(dir)?;
+        Self::load(dir, device, grid * config.patch_size)
+    }
+
+    fn read_config(dir: &Path) -> Result<(Dinov2Config, String)> {
         let cfg_path = dir.join("config.json");
         let cfg_file = cfg_path.display().to_string();
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad_input(format!("{cfg_file}: cannot read: {e}")))?;
-        let config = Dinov2Config::parse(&text, &cfg_file)?;
+        Ok((Dinov2Config::parse(&text, &cfg_file)?, cfg_file))
+    }
+
+    /// Builds the network from the tensors `ld` hands out under transformers' names. The
+    /// tensors are used as given (no copy when already f32 on `device`), so a `Loader` over
+    /// variables that require grad gives a trainable network (`encoders::shape_encoder`).
+    /// `what` names the config in errors.
+    pub fn from_loader(config: Dinov2Config, ld: &mut Loader, device: Device, input_size: i64, what: &str) -> Result<Dinov2> {
         let p = config.patch_size;
         if input_size <= 0 || input_size % p != 0 {
-            bail_input!("{cfg_file}: input size {input_size} is not a positive multiple of patch_size {p}");
+            bail_input!("{what}: input size {input_size} is not a positive multiple of patch_size {p}");
         }
-        let mut ld = Loader::open(&dir.join("model.safetensors"), device)?;
         let d = config.hidden_size;
         let g0 = config.image_size / p;
         let table = ld.get("embeddings.position_embeddings", &[1, 1 + g0 * g0, d])?;
         let embeddings = Embeddings {
             cls_token: ld.get("embeddings.cls_token", &[1, 1, d])?,
             position_embeddings: resample_pos_embed(&table, input_size / p),
-            projection: Conv2d::load(&mut ld, "embeddings.patch_embeddings.projection", config.num_channels, d, [p, p], true)?.stride(p),
+            projection: Conv2d::load(ld, "embeddings.patch_embeddings.projection", config.num_channels, d, [p, p], true)?.stride(p),
         };
-        let layers = (0..config.num_hidden_layers).map(|i| Layer::load(&mut ld, i, &config)).collect::<Result<_>>()?;
-        let layernorm = LayerNorm::load(&mut ld, "layernorm", d, config.layer_norm_eps)?;
+        let layers = (0..config.num_hidden_layers).map(|i| Layer::load(ld, i, &config)).collect::<Result<_>>()?;
+        let layernorm = LayerNorm::load(ld, "layernorm", d, config.layer_norm_eps)?;
         // Tensors left over (mask_token, pooler heads) are not used by the forward pass.
         Ok(Dinov2 { config, embeddings, layers, layernorm, input_size, device })
     }
@@ -331,36 +386,46 @@ impl Dinov2 {
     }
 
     /// Pixels [N, 3, H, W] u8 -> [N, 1 + T, D] f32 (class token first, after the final
-    /// LayerNorm), as REG preprocesses: x / 255, ImageNet normalisation, bicubic resize to
-    /// `input_size` (align_corners = false, no antialias; `F.interpolate`'s defaults), all in f32;
-    /// the ViT then computes in `kind`. No grad.
+    /// LayerNorm), as REG preprocesses (`preprocess`); the ViT then computes in `kind`. No grad.
     pub fn features(&self, pixels: &Tensor, kind: Kind) -> Tensor {
-        tch::no_grad(|| {
-            let (_, c, h, w) = pixels.size4().expect("pixels are [N, 3, H, W]");
-            assert_eq!(c, 3, "pixels are [N, 3, H, W]");
-            let mean = Tensor::from_slice(&MEAN).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
-            let std = Tensor::from_slice(&STD).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
-            let x = pixels.to_device(self.device).to_kind(Kind::Float) / 255.0;
-            let x = (x - mean) / std;
-            let s = self.input_size;
-            // At the same size bicubic is the identity; skipping it saves a pass.
-            let x = if (h, w) == (s, s) { x } else { x.upsample_bicubic2d([s, s], false, None, None) };
-            self.forward_preprocessed(&x, kind)
-        })
+        tch::no_grad(|| self.forward_preprocessed(&self.preprocess(pixels), kind))
+    }
+
+    /// Pixels [N, 3, H, W] u8 -> [N, 3, input_size, input_size] f32 the way REG feeds the
+    /// encoder: x / 255, ImageNet normalisation, bicubic resize to `input_size`
+    /// (align_corners = false, no antialias; `F.interpolate`'s defaults), all in f32.
+    pub fn preprocess(&self, pixels: &Tensor) -> Tensor {
+        let (_, c, h, w) = pixels.size4().expect("pixels are [N, 3, H, W]");
+        assert_eq!(c, 3, "pixels are [N, 3, H, W]");
+        let mean = Tensor::from_slice(&MEAN).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
+        let std = Tensor::from_slice(&STD).to_kind(Kind::Float).to_device(self.device).reshape([1, 3, 1, 1]);
+        let x = pixels.to_device(self.device).to_kind(Kind::Float) / 255.0;
+        let x = (x - mean) / std;
+        let s = self.input_size;
+        // At the same size bicubic is the identity; skipping it saves a pass.
+        if (h, w) == (s, s) {
+            x
+        } else {
+            x.upsample_bicubic2d([s, s], false, None, None)
+        }
     }
 
     /// The ViT on already-preprocessed input [N, 3, input_size, input_size] f32 -> [N, 1 + T, D] f32,
     /// computing in `kind`. No grad.
     pub fn forward_preprocessed(&self, x: &Tensor, kind: Kind) -> Tensor {
-        tch::no_grad(|| {
-            let s = self.input_size;
-            let size = x.size();
-            assert!(size.len() == 4 && size[1] == 3 && size[2] == s && size[3] == s, "input is [N, 3, {s}, {s}], found {size:?}");
-            let mut h = self.embeddings.forward(&x.to_device(self.device).to_kind(kind));
-            for layer in &self.layers {
-                h = layer.forward(&h);
-            }
-            self.layernorm.forward(&h).to_kind(Kind::Float)
-        })
+        tch::no_grad(|| self.forward(x, kind))
+    }
+
+    /// As `forward_preprocessed`, recording the graph when grad is enabled: the one forward
+    /// pass that both the frozen encoder and `train-encoder` run.
+    pub fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let s = self.input_size;
+        let size = x.size();
+        assert!(size.len() == 4 && size[1] == 3 && size[2] == s && size[3] == s, "input is [N, 3, {s}, {s}], found {size:?}");
+        let mut h = self.embeddings.forward(&x.to_device(self.device).to_kind(kind));
+        for layer in &self.layers {
+            h = layer.forward(&h);
+        }
+        self.layernorm.forward(&h).to_kind(Kind::Float)
     }
 }

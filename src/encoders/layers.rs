@@ -21,6 +21,13 @@ impl Loader {
         Self::open_renamed(path, device, str::to_string)
     }
 
+    /// Hands out `tensors` (already in memory) as if read from `file`. A tensor already f32
+    /// on `device` is handed out as is, not copied: variables that require grad stay the
+    /// leaves of the graph.
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, file: &str, device: Device) -> Loader {
+        Loader { tensors, file: file.to_string(), device }
+    }
+
     /// As `open`, with every stored name passed through `rename` (an older naming of the
     /// same network). A file holding one tensor under two names that map to the same new
     /// name is an input error: which copy to use would be a guess.

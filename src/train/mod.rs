@@ -254,11 +254,10 @@ impl Trainer {
         let rows = cfg.train.global_batch / world;
         let micro = cfg.micro_batch(world);
         debug_assert_eq!(rows * world, cfg.train.global_batch, "Config::local_batch was not checked");
-        // The encoder sees the image at the resolution that gives one token per patch.
+        // The encoder sees the image at the resolution that gives one token per patch
+        // (its own patch size: 14 for DINOv2, 4 for the shapes set's `train-encoder` model).
         let online = match (cfg.model.encoder, &cfg.data.encoder_path) {
-            (EncoderMode::Online, Some(p)) => {
-                Some(Dinov2::load(std::path::Path::new(p), device, (dims.input_size / dims.patch_size) * 14)?)
-            }
+            (EncoderMode::Online, Some(p)) => Some(Dinov2::load_grid(std::path::Path::new(p), device, dims.input_size / dims.patch_size)?),
             _ => None,
         };
         let text = match (cfg.model.condition, &cfg.data.text_encoder_path) {
