@@ -40,7 +40,7 @@ pub trait Value: Copy + Eq + 'static {
 
 macro_rules! value_enum {
     ($t:ident { $($v:ident = $n:literal),* $(,)? }) => {
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(rename_all = "snake_case")]
         pub enum $t { $($v),* }
         impl Value for $t {
@@ -104,7 +104,7 @@ impl Position {
 }
 
 /// The true attributes of one image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Attributes {
     pub shape: Shape,
     pub colour: Colour,

@@ -18,7 +18,6 @@ use crate::error::bad_input;
 use crate::formats::npy::NpzArray;
 use anyhow::Result;
 use serde::Serialize;
-use std::collections::HashMap;
 use std::path::Path;
 
 /// Brightest-channel level that separates object from background.
@@ -199,8 +198,9 @@ pub struct Distance {
     pub joint: f64,
 }
 
-fn total_variation<K: std::hash::Hash + Eq>(a: impl Iterator<Item = K>, b: impl Iterator<Item = K>) -> f64 {
-    let mut h: HashMap<K, (f64, f64)> = HashMap::new();
+/// Summed over the keys in order: a hash map's order would change the rounding from run to run.
+fn total_variation<K: Ord>(a: impl Iterator<Item = K>, b: impl Iterator<Item = K>) -> f64 {
+    let mut h: std::collections::BTreeMap<K, (f64, f64)> = std::collections::BTreeMap::new();
     let (mut na, mut nb) = (0f64, 0f64);
     for k in a {
         h.entry(k).or_default().0 += 1.0;
