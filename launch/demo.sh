@@ -1,36 +1,21 @@
 #!/usr/bin/env bash
-# The main job on an embedded default, through the real pipeline, in pixel space: set up,
-# build in release, draw the procedural shapes set (demo-images --captioned: one shape with
-# a colour, size and position per 32 px image; class = shape), train the small shapes
-# encoder on a disjoint split (the REG token's and REPA's targets), prepare the images
-# as identity:4 latents with its features, train SiT + REG (configs/demo-shapes.yaml),
-# and end with a grid of EMA samples, one column per shape, scored by the analytic
-# attribute reader. A few minutes on 2 cores; resumable.
+# The main job on an embedded default, through the real pipeline: set up, build in
+# release, draw the built-in image set, prepare it (ADM crop, SD-VAE moments, DINOv2
+# features; small random VAE and DINOv2 configurations from tests/data, or the
+# published weights if you point --vae/--encoder at them), train the tiny CPU preset on
+# it. TensorBoard logs and checkpoints land under checkpoints/demo/.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 "$REPO/launch/setup.sh"
 cd "$REPO"
 cargo build --release --quiet
 BIN=./target/release/reg-ddp
-D=data/demo-shapes-src
-[ -f $D/train/attributes.jsonl ] || $BIN demo-images --captioned --split train --per-class 400 --out $D/train
-[ -f $D/encoder/attributes.jsonl ] || $BIN demo-images --captioned --split encoder --per-class 400 --out $D/encoder
-[ -f data/demo-shapes-encoder/model.safetensors ] ||
-  $BIN train-encoder --images $D/encoder --out data/demo-shapes-encoder --patch 8 --resolution 32
+VAE="${DEMO_VAE:-tests/data/vae_tiny}"
+ENCODER="${DEMO_ENCODER:-tests/data/dinov2_tiny}"
+[ -d data/demo-images ] || $BIN demo-images --out data/demo-images
 # Resumable: finished shards are verified and kept.
-$BIN prepare --images $D/train --out data/demo-shapes --vae identity:4 --encoder data/demo-shapes-encoder \
-  --encoder-resolution 32 --resolution 32 --shard-size 512 --batch 64
-$BIN train --config configs/demo-shapes.yaml --resume auto "$@"
-RUN=checkpoints/demo-shapes
-LAST=$(ls -d $RUN/step-* | sort | tail -1)
-# 40 EMA samples: image i asked for shape i % 5 (disc, square, triangle, ring, cross in
-# class order), 8 of each; the grid has one column per shape.
-rm -rf $RUN/demo-samples $RUN/demo-samples.npz
-$BIN sample --ckpt "$LAST" --ema --vae identity:4 --labels balanced --num 40 --mode ode --heun --steps 16 \
-  --cfg 2.0 --cls-cfg 2.0 --interval 0,1 --out $RUN/demo-samples --batch 40 --device cpu --grid 5
-# What each image was asked for (its shape), for the attribute reader.
-classes=($(ls $D/train | grep -v jsonl | sort))
-for i in $(seq 0 39); do echo "{\"shape\": \"${classes[$((i % 5))]}\"}"; done > $RUN/demo-wanted.jsonl
-$BIN score-shapes --samples $RUN/demo-samples --attributes $RUN/demo-wanted.jsonl --real $D/train/attributes.jsonl
-echo "demo: EMA samples of $LAST in $RUN/demo-samples.grid.png, one column per shape: ${classes[*]}"
-echo "demo: TensorBoard grids during training in $RUN/tb (tensorboard --logdir checkpoints)"
+$BIN prepare --images data/demo-images --out data/demo --vae "$VAE" --encoder "$ENCODER" \
+  --resolution 64 --shard-size 64 --batch 32
+$BIN train --config configs/demo.yaml --set data.source=shards --set data.path=data/demo "$@"
+echo "demo: TensorBoard logs in checkpoints/demo/tb (tensorboard --logdir checkpoints), checkpoints in checkpoints/demo/step-*"
+echo "demo: export the EMA weights with: $BIN export --ckpt checkpoints/demo/step-0000300 --ema --out demo-ema.safetensors"

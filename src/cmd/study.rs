@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
     /// Training steps per run.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1000)]
     pub steps: i64,
     /// Steps between evaluations (EMA checkpoints).
     #[arg(long, default_value_t = 100)]
@@ -58,8 +58,10 @@ pub struct Args {
     pub threads: usize,
 }
 
-/// Image side; `identity:4` latents are 8 x 8 x 48, SiT patch 2 gives 16 tokens, and the
-/// encoder's patch 8 at 32 px gives the same 16 (+ its class token).
+/// Image side; `identity:4` latents are 8 x 8 x 48, SiT patch 1 gives 64 tokens (a 4 x 4
+/// pixel block, 48 values, each: fewer than the width, which v-prediction in pixel space
+/// needs to pass the noise through), and the encoder's patch 4 at 32 px the same 64 (+ its
+/// class token).
 const SIZE: u32 = 32;
 const VAE: &str = "identity:4";
 /// Caption tokens (the study's captions are short; the tokenizer pads and cuts to this).
@@ -146,7 +148,7 @@ model:
   depth: {depth}
   hidden_size: {hidden}
   num_heads: {heads}
-  patch_size: 2
+  patch_size: 1
   input_size: 8
   in_channels: 48
   num_classes: 5
@@ -262,7 +264,7 @@ pub fn run(a: Args) -> Result<()> {
     if !encoder.join("model.safetensors").exists() {
         stage("training the shapes encoder");
         let mut args: Vec<String> = ["train-encoder", "--images"].map(s).to_vec();
-        args.extend([s(out.join("data/encoder").display()), s("--out"), s(encoder.display()), s("--patch"), s(8)]);
+        args.extend([s(out.join("data/encoder").display()), s("--out"), s(encoder.display()), s("--patch"), s(4)]);
         args.extend([s("--resolution"), s(SIZE), s("--threads"), s(a.threads)]);
         if let Some(n) = a.encoder_steps {
             args.extend([s("--steps"), s(n)]);
