@@ -231,17 +231,17 @@ pub fn distance(generated: &[Option<Attributes>], real: &[Attributes]) -> Distan
 /// written for samples: any of `shape`, `colour`, `size`, `position`; other fields are
 /// ignored). A bad line is an input error naming the file and line.
 pub fn read_wanted(path: &Path) -> Result<Vec<Wanted>> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| bad_input(format!("{}: line {}: {e}", path.display(), i + 1))))
-        .collect()
+    read_jsonl(path)
 }
 
 /// The complete attributes of every line (for the real side of `distance`); a line that
 /// lacks one is an input error.
 pub fn read_attributes(path: &Path) -> Result<Vec<Attributes>> {
+    read_jsonl(path)
+}
+
+/// Every non-empty line of a JSON-lines file as a `T`.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
     text.lines()
         .enumerate()
