@@ -225,6 +225,24 @@ fn a_tiny_text_model_learns_and_samples_the_same_images_on_one_and_two_ranks() {
     // Image i was asked for prompt i % 3 (the empty line is not a prompt): captions.json says so.
     let captions: Vec<String> = serde_json::from_slice(&std::fs::read(one.join("captions.json")).unwrap()).unwrap();
     assert_eq!(captions, ["a red disc", "a blue square at the top", "three rings", "a red disc", "a blue square at the top"]);
+    // COCO's evaluation protocol: --num captions drawn without replacement, seeded.
+    let coco = repo().join("tests/data/coco_captions/captions_val2014_excerpt.json");
+    let all: serde_json::Value = serde_json::from_slice(&std::fs::read(&coco).unwrap()).unwrap();
+    let all: Vec<String> =
+        all["annotations"].as_array().unwrap().iter().map(|a| a["caption"].as_str().unwrap().trim().to_string()).collect();
+    let drawn = |out: &Path, seed: &str| {
+        let mut args = sample_args(&ckpt, &prompts, out);
+        let at = args.iter().position(|a| a == "--prompts").unwrap();
+        args.splice(at..at + 2, ["--captions".to_string(), coco.display().to_string(), "--seed".into(), seed.into()]);
+        ok(bin().args(&args).output().unwrap());
+        serde_json::from_slice::<Vec<String>>(&std::fs::read(out.join("captions.json")).unwrap()).unwrap()
+    };
+    let (c1, c2, c3) = (drawn(&tmp.path().join("c1"), "0"), drawn(&tmp.path().join("c2"), "0"), drawn(&tmp.path().join("c3"), "1"));
+    assert_eq!(c1.len(), 5);
+    assert!(c1.iter().all(|c| all.contains(c)), "{c1:?}");
+    assert_eq!(c1.iter().collect::<std::collections::BTreeSet<_>>().len(), 5, "drawn without replacement");
+    assert_eq!(c1, c2, "the same seed draws the same captions");
+    assert_ne!(c1, c3, "another seed draws others");
     // The same noise under another prompt list gives other images.
     std::fs::write(&prompts, "a green cross\n").unwrap();
     let other = tmp.path().join("other");
