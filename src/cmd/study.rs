@@ -222,8 +222,12 @@ fn evaluate(a: &Args, run: &Path, step: i64, cond: &str, method: &str, seed: u64
         step,
         accuracy: acc.all,
         shape_accuracy: shape.all,
+        colour_accuracy: acc.colour,
+        size_accuracy: acc.size,
+        position_accuracy: acc.position,
         readable: acc.readable,
         distance: dist.joint,
+        marginal_distance: (dist.shape + dist.colour + dist.size + dist.position) / 4.0,
     })
 }
 
