@@ -1,6 +1,7 @@
 //! reg: SiT + REG (Representation Entanglement for Generation) training on libtorch.
 //! Layers, each importing only those below it: `train` -> `config` -> {`data`,
-//! `diffusion`, `eval`, `optim`} -> {`model`, `encoders`, `dist`} -> {`formats`, `rng`, `shim`}
+//! `diffusion`, `eval`, `optim`} -> {`model`, `encoders`, `dist`} -> {`formats`, `rng`, `shim`,
+//! `shapes`}
 //! -> `error` (checked by tests/layers.rs).
 
 pub mod config;
@@ -14,5 +15,6 @@ pub mod formats;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod shapes;
 pub mod shim;
 pub mod train;

@@ -7,7 +7,6 @@ pub mod decode;
 pub mod loader;
 pub mod prepare;
 pub mod reg_layout;
-pub mod shapes;
 pub mod shards;
 pub mod synthetic;
 pub mod verify;
@@ -37,3 +36,7 @@ pub trait BatchSource: Send {
     /// Rows `[lo, lo + n)` of the global batch of `step`.
     fn batch(&mut self, step: u64, lo: i64, n: i64) -> anyhow::Result<Batch>;
 }
+
+/// The procedural shapes set lives below the data layer (the encoder trainer and the
+/// attribute reader use it too); `data::shapes` stays its name for callers.
+pub use crate::shapes;

@@ -7,11 +7,11 @@
 // exactly, and a self-supervised objective would not learn them in minutes on 2 cores).
 
 use crate::bail_input;
-use crate::data::shapes::{self, Colour, Position, Record, Shape, Size, Value};
 use crate::encoders::dinov2::{Activation, Dinov2, Dinov2Config};
 use crate::encoders::layers::Loader;
 use crate::error::bad_input;
 use crate::formats::weights;
+use crate::shapes::{self, Colour, Position, Record, Shape, Size, Value};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::HashMap;

@@ -13,9 +13,9 @@
 // Size = the radius implied by the box extent and the shape (the square's half-side is
 // 0.9 r) against the midpoint of the two sizes' radii.
 
-use crate::data::shapes::{Attribute, Attributes, Colour, Position, Shape, Size, Value, Wanted};
 use crate::error::bad_input;
 use crate::formats::npy::NpzArray;
+use crate::shapes::{Attribute, Attributes, Colour, Position, Shape, Size, Value, Wanted};
 use anyhow::Result;
 use serde::Serialize;
 use std::path::Path;
