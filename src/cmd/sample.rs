@@ -285,10 +285,8 @@ pub fn run(a: Args) -> Result<()> {
         if a.grid > 0 {
             let images: Vec<image::RgbImage> =
                 (0..num as u64).map(|g| image::open(a.out.join(png_name(g))).map(|i| i.to_rgb8())).collect::<Result<_, _>>()?;
-            let grid = reg::diffusion::generate::grid_of(&images, a.grid);
-            let big = image::imageops::resize(&grid, grid.width() * 4, grid.height() * 4, image::imageops::FilterType::Nearest);
             let path = a.out.with_extension("grid.png");
-            big.save(&path).with_context(|| format!("{}: cannot write", path.display()))?;
+            reg::diffusion::generate::save_grid(&images, a.grid, 4, &path)?;
             eprintln!("reg-ddp sample: wrote {} ({} a row, scaled 4x)", path.display(), a.grid);
         }
         println!("{}", serde_json::json!({"images": num, "images_per_s_rank0": ips, "npz": npz.display().to_string()}));

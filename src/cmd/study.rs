@@ -311,7 +311,8 @@ pub fn run(a: Args) -> Result<()> {
                 if seed == 0 {
                     let last = out.join("samples").join(&name).join(format!("step-{:07}", a.steps));
                     let images = attributes::load_samples(&last)?;
-                    grid_png(&images, &out.join("grids").join(format!("{cond}-{method}.png")))?;
+                    // Rows of 8, scaled up 2x for a look by eye.
+                    reg::diffusion::generate::save_grid(&images, 8, 2, &out.join("grids").join(format!("{cond}-{method}.png")))?;
                 }
                 curves::write_csv(&out.join("study.csv"), &points)?;
             }
@@ -330,13 +331,5 @@ pub fn run(a: Args) -> Result<()> {
         out.join("study.md").display(),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// The images in rows of 8, scaled up 2x for a look by eye.
-fn grid_png(images: &[image::RgbImage], path: &Path) -> Result<()> {
-    let g = reg::diffusion::generate::grid_of(images, 8);
-    let big = image::imageops::resize(&g, g.width() * 2, g.height() * 2, image::imageops::FilterType::Nearest);
-    big.save(path).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
 }

@@ -155,3 +155,11 @@ pub fn grid_of(images: &[image::RgbImage], cols: u32) -> image::RgbImage {
     }
     g
 }
+
+/// Writes `images` as one PNG, `cols` a row, each pixel blown up to `scale` x `scale`
+/// (small samples, for a look by eye).
+pub fn save_grid(images: &[image::RgbImage], cols: u32, scale: u32, path: &std::path::Path) -> Result<()> {
+    let g = grid_of(images, cols);
+    let big = image::imageops::resize(&g, g.width() * scale, g.height() * scale, image::imageops::FilterType::Nearest);
+    big.save(path).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))
+}

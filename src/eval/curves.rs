@@ -103,13 +103,8 @@ fn register_font() -> bool {
 pub fn plot(path: &Path, points: &[Point]) -> Result<()> {
     let text = register_font();
     let c = curves(points, |p| p.accuracy);
-    let conditions: Vec<String> = {
-        let mut v: Vec<String> = points.iter().map(|p| p.condition.clone()).collect();
-        v.dedup();
-        v.sort();
-        v.dedup();
-        v
-    };
+    let conditions: Vec<String> =
+        points.iter().map(|p| p.condition.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let max_step = points.iter().map(|p| p.step).max().unwrap_or(1).max(1);
     let root = BitMapBackend::new(path, (560 * conditions.len().max(1) as u32, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;

@@ -301,20 +301,18 @@ impl Trainer {
                 Box::new(if dims.text_dim > 0 { s.with_text(dims.text_len, dims.text_dim) } else { s })
             }
         };
-        let null_text = match (&text, cfg.model.condition) {
-            _ if stored_null.is_some() => {
-                stored_null.map(|(hidden, pooled)| Caption { hidden: hidden.to_device(device), pooled: pooled.to_device(device) })
-            }
-            (Some(enc), _) => {
+        let null_text = match (stored_null, &text, cfg.model.condition) {
+            (Some((hidden, pooled)), _, _) => Some(Caption { hidden: hidden.to_device(device), pooled: pooled.to_device(device) }),
+            (None, Some(enc), _) => {
                 let n = enc.null(kind)?;
                 Some(Caption { hidden: n.last_hidden_state, pooled: n.pooled })
             }
             // Synthetic captions have no encoder: zeros stand for the empty caption.
-            (None, Condition::Text) => Some(Caption {
+            (None, None, Condition::Text) => Some(Caption {
                 hidden: Tensor::zeros([1, dims.text_len, dims.text_dim], (Kind::Float, device)),
                 pooled: Tensor::zeros([1, dims.text_dim], (Kind::Float, device)),
             }),
-            (None, Condition::Class) => None,
+            (None, None, Condition::Class) => None,
         };
         if let Some(n) = &null_text {
             check_text_width(&cfg, n)?;
