@@ -152,7 +152,8 @@ fn bench_sampler(a: &Args, cfg: &Config) -> Result<()> {
     let (model, _params) = build_sit(&cfg.dims(), device, cfg.train.seed)?;
     let kind = cfg.train.precision.kind_on(device);
     let batch = cfg.train.global_batch;
-    let spec = |steps| SampleSpec { sampler: Sampler::paper(steps), path: cfg.loss.path, seed: 0, labels: Labels::Random, kind };
+    let spec =
+        |steps| SampleSpec { sampler: Sampler::paper(steps), param: cfg.loss.parameterization(), seed: 0, labels: Labels::Random, kind };
     let indices: Vec<u64> = (0..batch as u64).collect();
     let sync = || {
         if let tch::Device::Cuda(i) = device {

@@ -232,7 +232,7 @@ pub fn run(a: Args) -> Result<()> {
         bail_input!("--vae {}: latent_channels {} but the model has {} input channels", a.vae, vae.latent_channels(), dims.in_channels);
     }
     let kind = a.precision.kind_on(device);
-    let spec = SampleSpec { sampler, path: cfg.loss.path, seed: a.seed, labels, kind };
+    let spec = SampleSpec { sampler, param: cfg.loss.parameterization(), seed: a.seed, labels, kind };
     std::fs::create_dir_all(&a.out)?;
     let (rank, world) = (comm.rank(), comm.world());
     if let (Labels::Captions(c), 0) = (&spec.labels, rank) {

@@ -2,7 +2,7 @@
 //! caption) and the noise, so the same seed gives the same images whatever the batch
 //! or rank.
 
-use crate::diffusion::path::PathType;
+use crate::diffusion::path::Parameterization;
 use crate::diffusion::sampler::{NoiseSource, PerImageNoise, Sampler};
 use crate::encoders::decoder::Decoder;
 use crate::encoders::text::TextEncoder;
@@ -85,12 +85,13 @@ impl Labels {
     }
 }
 
-/// What decides a generated image besides the weights: the sampler, the model's path,
+/// What decides a generated image besides the weights: the sampler, the model's path and
+/// prediction,
 /// the seed of its noise and labels, the compute precision.
 #[derive(Debug, Clone)]
 pub struct SampleSpec {
     pub sampler: Sampler,
-    pub path: PathType,
+    pub param: Parameterization,
     pub seed: u64,
     pub labels: Labels,
     pub kind: Kind,
@@ -106,7 +107,7 @@ pub fn latents(model: &SiT, indices: &[u64], spec: &SampleSpec, text: Option<&Te
     let z = noise.draw(&[b, d.in_channels, d.input_size, d.input_size]).to_device(device);
     let cls = noise.draw(&[b, d.z_dim]).to_device(device);
     let (y, y_null) = spec.labels.conditions(spec.seed, indices, d.num_classes, text, spec.kind, device)?;
-    Ok(spec.sampler.run(model, &z, &cls, &y, &y_null, spec.path, spec.kind, &mut noise).to_kind(Kind::Float))
+    Ok(spec.sampler.run(model, &z, &cls, &y, &y_null, spec.param, spec.kind, &mut noise).to_kind(Kind::Float))
 }
 
 /// Images as `[B, H, W, 3]` u8: decoded by the VAE (or the identity map of the pixel-space

@@ -1,6 +1,6 @@
 //! The REG loss: velocity matching of latents and REG token, plus REPA alignment.
 
-use crate::diffusion::path::{expand_like, Interpolant, PathType, Weighting};
+use crate::diffusion::path::{expand_like, Interpolant, Parameterization, PathType, Prediction, Weighting};
 use crate::model::sit::SiT;
 use crate::model::Cond;
 use crate::rng::{step_seed, stream};
@@ -12,6 +12,8 @@ use tch::{Device, Kind, Tensor};
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
     pub path: PathType,
+    /// What the network predicts (`velocity`, as REG; `data` for pixel space).
+    pub prediction: Prediction,
     pub weighting: Weighting,
     /// Weight of the REPA projection (cosine) term.
     pub proj_coeff: f64,
@@ -23,7 +25,20 @@ pub struct LossConfig {
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig { path: PathType::Linear, weighting: Weighting::Uniform, proj_coeff: 0.5, cls_coeff: 0.03, latent_scale: 0.18215 }
+        LossConfig {
+            path: PathType::Linear,
+            prediction: Prediction::Velocity,
+            weighting: Weighting::Uniform,
+            proj_coeff: 0.5,
+            cls_coeff: 0.03,
+            latent_scale: 0.18215,
+        }
+    }
+}
+
+impl LossConfig {
+    pub fn parameterization(&self) -> Parameterization {
+        Parameterization { path: self.path, prediction: self.prediction }
     }
 }
 
@@ -110,7 +125,7 @@ pub struct LossInputs<'a> {
     pub noise_cls: &'a Tensor,
 }
 
-/// REG loss with v-prediction; the model computes in `kind`, the loss in f32.
+/// REG loss: velocity matching (of the velocity the output stands for, see `Prediction`); the model computes in `kind`, the loss in f32.
 pub fn reg_loss(model: &SiT, inp: &LossInputs, cfg: &LossConfig, kind: Kind) -> LossTerms {
     let cls0 = inp.cls0.to_kind(Kind::Float);
     let p = Interpolant::at(cfg.path, inp.t);
@@ -122,8 +137,11 @@ pub fn reg_loss(model: &SiT, inp: &LossInputs, cfg: &LossConfig, kind: Kind) -> 
     let v_cls = e2(&p.d_alpha) * &cls0 + e2(&p.d_sigma) * inp.noise_cls;
 
     let out = model.forward_cond(&x_t, inp.t, inp.y, &cls_t, kind);
-    let denoise = (out.x.to_kind(Kind::Float) - v).square().flatten(1, -1).mean_dim(-1, false, None);
-    let cls = (out.cls.to_kind(Kind::Float) - v_cls).square().mean_dim(-1, false, None);
+    let param = cfg.parameterization();
+    let out_x = param.to_velocity(&out.x.to_kind(Kind::Float), &x_t, inp.t);
+    let out_cls = param.to_velocity(&out.cls.to_kind(Kind::Float), &cls_t, inp.t);
+    let denoise = (out_x - v).square().flatten(1, -1).mean_dim(-1, false, None);
+    let cls = (out_cls - v_cls).square().mean_dim(-1, false, None);
     // Cosine in float32 even under bf16: low precision here is a known NaN source late in training.
     let zs = normalize(&out.zs.to_kind(Kind::Float));
     let z = normalize(&inp.feat.to_kind(Kind::Float));

@@ -7,4 +7,4 @@ pub mod path;
 pub mod sampler;
 
 pub use loss::{reg_loss, LossConfig, LossTerms, StepDraws};
-pub use path::{Interpolant, PathType, Weighting};
+pub use path::{Interpolant, Parameterization, PathType, Prediction, Weighting};

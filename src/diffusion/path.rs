@@ -12,6 +12,49 @@ pub enum PathType {
     Cosine,
 }
 
+/// What the network outputs. `velocity`: the velocity itself (SiT, REG). `data`: the clean
+/// data, turned into a velocity at the input's `(x_t, t)` before the loss and the
+/// samplers (JiT, Li & He 2025): in pixel space a token holds more values than a small
+/// network's width, and a clean image is a much simpler target than noise.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Prediction {
+    #[default]
+    Velocity,
+    Data,
+}
+
+/// A model's path and what it predicts: everything the loss and the samplers need to
+/// read its output as a velocity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parameterization {
+    pub path: PathType,
+    pub prediction: Prediction,
+}
+
+impl Parameterization {
+    /// The REG / SiT model: velocity prediction on `path`.
+    pub fn velocity(path: PathType) -> Self {
+        Parameterization { path, prediction: Prediction::Velocity }
+    }
+
+    /// The velocity the output `out` of the network stands for at `(x_t, t)`; `t` is
+    /// `[N]`, or a scalar for a whole batch.
+    pub fn to_velocity(&self, out: &Tensor, x_t: &Tensor, t: &Tensor) -> Tensor {
+        match self.prediction {
+            Prediction::Velocity => out.shallow_clone(),
+            Prediction::Data => {
+                // eps = (x_t - alpha x) / sigma, v = d_alpha x + d_sigma eps. sigma is held at
+                // 0.05 or more, as JiT does, so that t -> 0 does not divide by zero.
+                let p = Interpolant::at(self.path, t);
+                let e = |v: &Tensor| if v.dim() == 0 { v.shallow_clone() } else { expand_like(v, out) };
+                let eps = (x_t - e(&p.alpha) * out) / e(&p.sigma.clamp_min(0.05));
+                e(&p.d_alpha) * out + e(&p.d_sigma) * eps
+            }
+        }
+    }
+}
+
 /// How training times are drawn.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -3,7 +3,7 @@
 //! probability-flow ODE (Euler or Heun), with classifier-free guidance inside an
 //! interval and a separate scale for the token.
 
-use crate::diffusion::path::{expand_like, Interpolant, PathType};
+use crate::diffusion::path::{expand_like, Interpolant, Parameterization, PathType};
 use crate::model::sit::SiT;
 use crate::model::Cond;
 use crate::rng::{step_seed, stream};
@@ -71,13 +71,13 @@ impl Sampler {
         cls: &Tensor,
         y: &Cond,
         y_null: &Cond,
-        path: PathType,
+        param: Parameterization,
         kind: Kind,
         noise: &mut dyn NoiseSource,
     ) -> Tensor {
         match self.mode {
-            SamplerMode::Sde => sample_sde(model, z, cls, y, y_null, self.steps, self.guidance, path, kind, noise),
-            SamplerMode::Ode => sample_ode(model, z, cls, y, y_null, self.steps, self.heun, self.guidance, kind),
+            SamplerMode::Sde => sample_sde(model, z, cls, y, y_null, self.steps, self.guidance, param, kind, noise),
+            SamplerMode::Ode => sample_ode(model, z, cls, y, y_null, self.steps, self.heun, self.guidance, param, kind),
         }
     }
 }
@@ -159,6 +159,7 @@ struct Stepper<'a> {
     y: &'a Cond,
     y_null: &'a Cond,
     g: Guidance,
+    param: Parameterization,
 }
 
 impl Stepper<'_> {
@@ -173,7 +174,10 @@ impl Stepper<'_> {
         };
         let ti = Tensor::full([xi.size()[0]], t, (Kind::Double, x.device()));
         let out = self.model.forward_cond(&xi.to_kind(self.kind), &ti.to_kind(self.kind), &yi, &ci.to_kind(self.kind), self.kind);
-        (xi, ci, out.x.to_kind(Kind::Double), out.cls.to_kind(Kind::Double), guided)
+        let tt = Tensor::from(t).to_device(x.device());
+        let v = self.param.to_velocity(&out.x.to_kind(Kind::Double), &xi, &tt);
+        let vc = self.param.to_velocity(&out.cls.to_kind(Kind::Double), &ci, &tt);
+        (xi, ci, v, vc, guided)
     }
 
     /// Combines the conditional and unconditional halves: `u + w (c - u)`; a token
@@ -212,13 +216,14 @@ pub fn sample_sde(
     y_null: &Cond,
     steps: i64,
     g: Guidance,
-    path: PathType,
+    param: Parameterization,
     kind: Kind,
     noise: &mut dyn NoiseSource,
 ) -> Tensor {
     let _ng = tch::no_grad_guard();
     let dev = z.device();
-    let s = Stepper { model, kind, y, y_null, g };
+    let path = param.path;
+    let s = Stepper { model, kind, y, y_null, g, param };
     // t: 1 -> 0.04 in `steps` points, then 0.
     let mut ts: Vec<f64> = (0..steps).map(|i| 1.0 + (0.04 - 1.0) * i as f64 / (steps - 1).max(1) as f64).collect();
     ts.push(0.0);
@@ -247,7 +252,7 @@ pub fn sample_sde(
 
 /// Probability-flow ODE on `linspace(1, 0, steps + 1)`: Euler, or Heun (a second
 /// evaluation at the end of each step except the last). The velocity is the ODE's
-/// drift on any path, so the path does not enter.
+/// drift on any path: the path enters only to read a data prediction as a velocity.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_ode(
     model: &SiT,
@@ -258,10 +263,11 @@ pub fn sample_ode(
     steps: i64,
     heun: bool,
     g: Guidance,
+    param: Parameterization,
     kind: Kind,
 ) -> Tensor {
     let _ng = tch::no_grad_guard();
-    let s = Stepper { model, kind, y, y_null, g };
+    let s = Stepper { model, kind, y, y_null, g, param };
     let vel = |x: &Tensor, c: &Tensor, t: f64| {
         let (_, _, v, vc, guided) = s.velocity(x, c, t);
         (s.guide(v, g.cfg, guided), s.guide(vc, g.cls_cfg, guided))

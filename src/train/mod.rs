@@ -377,7 +377,7 @@ impl Trainer {
     /// draws its captions from `sample.prompts` instead of `labels`.
     pub fn sample_spec(&self, sampler: Sampler, seed: u64, labels: Labels) -> SampleSpec {
         let labels = if self.dims.text_dim > 0 { Labels::Captions(self.cfg.sample.prompts.clone()) } else { labels };
-        SampleSpec { sampler, path: self.cfg.loss.path, seed, labels, kind: self.kind }
+        SampleSpec { sampler, param: self.cfg.loss.parameterization(), seed, labels, kind: self.kind }
     }
 
     pub fn rank(&self) -> i64 {
