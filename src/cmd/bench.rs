@@ -57,14 +57,6 @@ fn gpu_peak_flops() -> Option<(String, f64)> {
     Some((name, peak))
 }
 
-/// Peak resident memory of this process (VmHWM), for CPU runs.
-fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 pub fn run(a: Args) -> Result<()> {
     let mut sets = Vec::new();
     if let Some(b) = a.batch {
@@ -109,7 +101,7 @@ pub fn run(a: Args) -> Result<()> {
     let mfu = gpu.as_ref().map(|(_, peak)| flops * ips / peak);
     let peak_mem = match device {
         tch::Device::Cuda(i) => Some(reg::shim::cuda_peak_allocated(i)? as u64),
-        _ => peak_rss_bytes(),
+        _ => super::proc_status_bytes("VmHWM"),
     };
     let phases = if a.profile {
         t.profile_phases();

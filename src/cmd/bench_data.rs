@@ -1,4 +1,5 @@
-//! `reg-ddp bench-data`: how fast the loader feeds one rank from a dataset folder.
+//! `reg-ddp bench-data`: how fast the loader feeds the ranks of one node from a dataset
+//! folder, and how much memory it holds while doing so.
 
 use anyhow::Result;
 use reg::data::loader::ShardLoader;
@@ -19,6 +20,10 @@ pub struct Args {
     /// Ranks to divide the batch among (this process measures rank 0's share).
     #[arg(long, default_value_t = 1)]
     pub world: i64,
+    /// Ranks of one node to run at once, each with its own loader reading its own rows
+    /// (ranks 0 .. N-1 of `--world`), as the ranks of a node share its disk and cores.
+    #[arg(long, default_value_t = 1)]
+    pub ranks: i64,
     #[arg(long, default_value_t = 50)]
     pub steps: u64,
     #[arg(long, default_value_t = 4)]
@@ -30,7 +35,8 @@ pub struct Args {
     #[arg(long)]
     pub latents_only: bool,
     /// First write a random dataset of this many records to --data, with ImageNet
-    /// 256 px shapes (latents [8, 32, 32] f32, DINOv2-B features [257, 768] bf16).
+    /// 256 px shapes (latents [8, 32, 32] f32, DINOv2-B features [257, 768] bf16):
+    /// 426 KB a record, so 94,000 records are 40 GB.
     #[arg(long)]
     pub make: Option<i64>,
 }
@@ -71,10 +77,30 @@ fn make_dataset(dir: &std::path::Path, records: i64) -> Result<()> {
     write_index(dir, &index)
 }
 
+/// One simulated rank's reading: `steps` batches of its rows after a first, untimed one.
+fn read_rank(ds: &Arc<Dataset>, a: &Args, rank: i64, rows: i64) -> Result<f64> {
+    let mut loader = ShardLoader::new(ds.clone(), 0, a.batch, a.prefetch, tch::Device::Cpu)?;
+    if a.latents_only {
+        loader = loader.latents_only();
+    }
+    let lo = rank * rows;
+    // First batch outside the timing: thread start, first-touch checksums.
+    loader.batch(0, lo, rows)?;
+    let start = Instant::now();
+    for step in 1..=a.steps {
+        let b = loader.batch(step, lo, rows)?;
+        std::hint::black_box(&b);
+    }
+    Ok((rows * a.steps as i64) as f64 / start.elapsed().as_secs_f64())
+}
+
 pub fn run(a: Args) -> Result<()> {
     // Both divide the batch: zero would end in a division by zero inside the loader thread.
     if a.batch <= 0 || a.world <= 0 || a.batch < a.world {
         reg::bail_input!("--batch {} / --world {}: need 1 <= world <= batch", a.batch, a.world);
+    }
+    if a.ranks < 1 || a.ranks > a.world {
+        reg::bail_input!("--ranks {}: need 1 <= ranks <= world ({})", a.ranks, a.world);
     }
     if let Some(n) = a.make {
         make_dataset(&a.data, n)?;
@@ -82,26 +108,42 @@ pub fn run(a: Args) -> Result<()> {
     let ds = Arc::new(Dataset::open(&a.data, !a.no_verify)?);
     let (features, images) = (ds.index.features, ds.index.images);
     let rows = a.batch / a.world.max(1);
-    let mut loader = ShardLoader::new(ds.clone(), 0, a.batch, a.prefetch, tch::Device::Cpu)?;
-    if a.latents_only {
-        loader = loader.latents_only();
-    }
-    // First batch outside the timing: thread start, first-touch checksums.
-    loader.batch(0, 0, rows)?;
+    let anon_before = super::proc_status_bytes("RssAnon");
     let start = Instant::now();
-    for step in 1..=a.steps {
-        let b = loader.batch(step, 0, rows)?;
-        std::hint::black_box(&b);
-    }
+    let rates: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..a.ranks)
+            .map(|r| {
+                s.spawn({
+                    let (ds, a) = (&ds, &a);
+                    move || read_rank(ds, a, r, rows)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rank's reader panicked")).collect::<Result<Vec<_>>>()
+    })?;
     let secs = start.elapsed().as_secs_f64();
+    let mb = |b: Option<u64>| b.map(|b| (b as f64 / 1e6).round());
+    let bytes: u64 = ds.shards.iter().filter_map(|s| std::fs::metadata(&s.path).ok()).map(|m| m.len()).sum();
     let line = serde_json::json!({
         "data": a.data.display().to_string(),
         "records": ds.len(),
+        "dataset_gb": (bytes as f64 / 1e9 * 10.0).round() / 10.0,
         "features": features && !a.latents_only,
         "images": images,
         "rows_per_rank": rows,
-        "samples_per_s_per_rank": (rows * a.steps as i64) as f64 / secs,
+        "ranks": a.ranks,
+        // Rank 0's rate is the single-rank figure of earlier versions.
+        "samples_per_s_per_rank": rates[0],
+        "samples_per_s_per_rank_min": rates.iter().cloned().fold(f64::INFINITY, f64::min),
+        "samples_per_s_all_ranks": rates.iter().sum::<f64>(),
+        "seconds": secs,
         "copy_threads": reg::data::loader::COPY_THREADS,
+        // Private memory is what must not grow with the dataset; mapped file pages are
+        // the page cache's, dropped under pressure.
+        "rss_anon_mb_before": mb(anon_before),
+        "rss_anon_mb_after": mb(super::proc_status_bytes("RssAnon")),
+        "rss_file_mb_after": mb(super::proc_status_bytes("RssFile")),
+        "peak_rss_mb": mb(super::proc_status_bytes("VmHWM")),
     });
     println!("{line}");
     Ok(())

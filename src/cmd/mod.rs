@@ -20,6 +20,16 @@ use reg::dist::{Collectives, Launch, LaunchInfo};
 use reg::error::bad_input;
 use std::path::PathBuf;
 
+/// A memory figure of this process from `/proc/self/status` (`VmHWM`: peak resident;
+/// `RssAnon`: private memory now; `RssFile`: mapped file pages now, which the kernel
+/// drops under pressure), in bytes.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// The run config on the command line: a YAML file and `--set` overrides.
 #[derive(clap::Args, Debug)]
 pub struct ConfigArgs {

@@ -111,6 +111,11 @@ pub trait Comm {
     fn barrier(&self) -> Result<()>;
     /// The device whose tensors this backend moves.
     fn device(&self) -> Device;
+    /// A handle the watchdog polls and aborts from its own thread; `None` for backends
+    /// whose failures surface as errors of the calls themselves (MPI).
+    fn guard(&self) -> Option<std::sync::Arc<dyn watchdog::CommGuard>> {
+        None
+    }
 }
 
 /// World size 1: every collective is the identity.

@@ -3,16 +3,52 @@
 //! unique id travels over MPI.
 
 use super::mpi_comm::MpiComm;
+use super::watchdog::CommGuard;
 use super::Comm;
 use crate::shim;
 use anyhow::{bail, Context, Result};
 use cudarc::nccl::{result as nccl, sys};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 pub struct NcclComm {
     mpi: MpiComm,
     comm: sys::ncclComm_t,
     index: usize,
+    handle: Arc<Handle>,
+}
+
+/// The communicator as the watchdog's thread sees it. NCCL allows
+/// `ncclCommGetAsyncError` and `ncclCommAbort` from another thread while a call is
+/// blocked; after an abort the communicator must not be destroyed again.
+struct Handle {
+    comm: usize,
+    aborted: AtomicBool,
+}
+
+impl CommGuard for Handle {
+    fn async_error(&self) -> Option<String> {
+        if self.aborted.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: the communicator is live (not yet destroyed or aborted: `Drop` and
+        // `abort` set `aborted` first); `state` is an out-pointer.
+        let called = unsafe { sys::ncclCommGetAsyncError(self.comm as sys::ncclComm_t, &mut state) };
+        match (called, state) {
+            (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) => None,
+            (sys::ncclResult_t::ncclSuccess, e) => Some(format!("NCCL asynchronous error {e:?}")),
+            (e, _) => Some(format!("ncclCommGetAsyncError: {e:?}")),
+        }
+    }
+
+    fn abort(&self) {
+        if !self.aborted.swap(true, Ordering::AcqRel) {
+            // SAFETY: the first and only abort of a live communicator.
+            let _ = unsafe { nccl::comm_abort(self.comm as sys::ncclComm_t) };
+        }
+    }
 }
 
 fn dtype(k: Kind) -> Result<sys::ncclDataType_t> {
@@ -56,7 +92,8 @@ impl NcclComm {
         unsafe { nccl::comm_init_rank(&mut comm, mpi.world() as i32, uid, mpi.rank() as i32) }
             .map_err(|e| anyhow::anyhow!("ncclCommInitRank: {e:?}"))
             .context("NCCL communicator (one GPU per rank)")?;
-        Ok(NcclComm { mpi, comm, index })
+        let handle = Arc::new(Handle { comm: comm as usize, aborted: AtomicBool::new(false) });
+        Ok(NcclComm { mpi, comm, index, handle })
     }
 
     fn stream(&self) -> Result<sys::cudaStream_t> {
@@ -152,11 +189,17 @@ impl Comm for NcclComm {
     fn device(&self) -> Device {
         Device::Cuda(self.index)
     }
+    fn guard(&self) -> Option<Arc<dyn CommGuard>> {
+        Some(self.handle.clone())
+    }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: the communicator was created by comm_init_rank and is not used after.
-        let _ = unsafe { nccl::comm_destroy(self.comm) };
+        if !self.handle.aborted.swap(true, Ordering::AcqRel) {
+            // SAFETY: the communicator was created by comm_init_rank, not aborted, and is
+            // not used after.
+            let _ = unsafe { nccl::comm_destroy(self.comm) };
+        }
     }
 }

@@ -1,15 +1,26 @@
 //! Ends this rank when the job stops making progress: a peer that died or hangs
 //! otherwise leaves every other rank blocked in a collective forever. Heartbeat files
-//! let the rank that gives up name the ones that stopped.
+//! let the rank that gives up name the ones that stopped; a backend that can fail
+//! asynchronously (NCCL) is polled for its errors and aborted before the rank exits.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// What the watchdog's thread may do with a communicator while the main thread is
+/// blocked in it: read an asynchronous error (NCCL reports a dead peer or a broken
+/// socket this way, not as a return value), and abort it, so that GPU work waiting on
+/// a peer ends instead of keeping the process alive at exit.
+pub trait CommGuard: Send + Sync {
+    fn async_error(&self) -> Option<String>;
+    fn abort(&self);
+}
+
 /// Call `beat` after each unit of progress (a training step); if none comes within
-/// `timeout`, the process prints one line naming its rank and the ranks whose
-/// heartbeat stopped, and exits with code 3.
+/// `timeout`, or the communicator reports an asynchronous error, the process prints
+/// one line naming its rank and the ranks whose heartbeat stopped, aborts the
+/// communicator, and exits with code 3.
 pub struct Watchdog {
     last_ms: Arc<AtomicU64>,
     step: Arc<AtomicI64>,
@@ -72,7 +83,7 @@ fn peers(dir: &Path, rank: i64, world: i64, step: i64, timeout: Duration) -> Str
 impl Watchdog {
     /// Starts the thread. With `heartbeats` (a folder every rank can see, such as the
     /// run folder), ranks publish their progress there for the message.
-    pub fn start(rank: i64, world: i64, timeout: Duration, heartbeats: Option<PathBuf>) -> Self {
+    pub fn start(rank: i64, world: i64, timeout: Duration, heartbeats: Option<PathBuf>, guard: Option<Arc<dyn CommGuard>>) -> Self {
         let start = Instant::now();
         let last_ms = Arc::new(AtomicU64::new(0));
         let step = Arc::new(AtomicI64::new(-1));
@@ -94,15 +105,20 @@ impl Watchdog {
                         }
                     }
                     let idle = start.elapsed().saturating_sub(Duration::from_millis(l.load(Ordering::Relaxed)));
-                    if idle >= timeout {
+                    let failed = guard.as_ref().and_then(|g| g.async_error());
+                    if idle >= timeout || failed.is_some() {
                         let others = match &heartbeats {
                             Some(dir) => peers(dir, rank, world, current, timeout),
                             None => "another rank died or hangs".into(),
                         };
-                        crate::error::print_line(&format!(
-                            "error: rank {rank}: no progress for {} s after step {current}; {others}; aborting",
-                            timeout.as_secs_f64()
-                        ));
+                        let why = match &failed {
+                            Some(e) => format!("the communicator failed after step {current} ({e})"),
+                            None => format!("no progress for {} s after step {current}", timeout.as_secs_f64()),
+                        };
+                        crate::error::print_line(&format!("error: rank {rank}: {why}; {others}; aborting"));
+                        if let Some(g) = &guard {
+                            g.abort();
+                        }
                         // _exit: no atexit handlers (MPI's could block on the dead peer).
                         // SAFETY: terminates the process.
                         unsafe { libc::_exit(3) };

@@ -384,6 +384,11 @@ impl Trainer {
         self.comm.rank()
     }
 
+    /// The communicator's handle for the watchdog (see `dist::watchdog::CommGuard`).
+    pub fn comm_guard(&self) -> Option<std::sync::Arc<dyn crate::dist::watchdog::CommGuard>> {
+        self.comm.guard()
+    }
+
     pub fn world(&self) -> i64 {
         self.comm.world()
     }

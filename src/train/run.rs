@@ -142,7 +142,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
     };
     let fid = FidProbe::new(&t)?;
     let timeout = std::time::Duration::from_secs_f64(t.cfg.dist.timeout_s);
-    let watchdog = (world > 1).then(|| Watchdog::start(rank, world, timeout, Some(run_dir.join(".heartbeat"))));
+    let watchdog = (world > 1).then(|| Watchdog::start(rank, world, timeout, Some(run_dir.join(".heartbeat")), t.comm_guard()));
     if opts.json {
         // Every rank reports what it holds: the optimiser state is only its shard.
         println!(
