@@ -89,9 +89,11 @@ fn dims(c: &Case) -> SitDims {
 }
 
 fn loss_config(c: &Case) -> LossConfig {
-    assert_eq!(setting(c, "prediction"), "v", "{}: we train v-prediction only", c.name);
+    // The original trains v-prediction only; `Prediction::Data` has no golden.
+    assert_eq!(setting(c, "prediction"), "v", "{}: the goldens are v-prediction", c.name);
     LossConfig {
         path: serde_json::from_value::<PathType>(setting(c, "path_type").clone()).unwrap(),
+        prediction: reg::diffusion::Prediction::Velocity,
         weighting: serde_json::from_value::<Weighting>(setting(c, "weighting").clone()).unwrap(),
         proj_coeff: num(c, "proj_coeff"),
         cls_coeff: num(c, "cls_coeff"),

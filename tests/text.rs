@@ -8,7 +8,7 @@ mod common;
 use common::{assert_bad_input, json_lines, mpirun, repo, tensorboard, train_args};
 use reg::config::Config;
 use reg::diffusion::sampler::{sample_ode, sample_sde, Guidance, PerImageNoise};
-use reg::diffusion::PathType;
+use reg::diffusion::{Parameterization, PathType};
 use reg::encoders::text::TextEncoder;
 use reg::model::{build_sit, Caption, Cond, SiT};
 use std::path::{Path, PathBuf};
@@ -112,18 +112,18 @@ fn guidance_scale_one_equals_the_conditional_prediction() {
     let n = null(&enc, &y);
     let none = Guidance::none();
     let one = Guidance { cfg: 1.0, cls_cfg: 1.0, low: 0.0, high: 1.0, force_doubled: true };
-    let a = sample_ode(&m, &z, &c, &y, &n, 6, true, none, Kind::Float);
-    let b = sample_ode(&m, &z, &c, &y, &n, 6, true, one, Kind::Float);
+    let a = sample_ode(&m, &z, &c, &y, &n, 6, true, none, Parameterization::velocity(PathType::Linear), Kind::Float);
+    let b = sample_ode(&m, &z, &c, &y, &n, 6, true, one, Parameterization::velocity(PathType::Linear), Kind::Float);
     let r = common::rel(&b, &a);
     assert!(r <= 1e-6, "ODE: {r:e}");
     let (mut n1, mut n2) = (PerImageNoise::new(9, vec![0, 1, 2]), PerImageNoise::new(9, vec![0, 1, 2]));
-    let a = sample_sde(&m, &z, &c, &y, &n, 6, none, PathType::Linear, Kind::Float, &mut n1);
-    let b = sample_sde(&m, &z, &c, &y, &n, 6, one, PathType::Linear, Kind::Float, &mut n2);
+    let a = sample_sde(&m, &z, &c, &y, &n, 6, none, Parameterization::velocity(PathType::Linear), Kind::Float, &mut n1);
+    let b = sample_sde(&m, &z, &c, &y, &n, 6, one, Parameterization::velocity(PathType::Linear), Kind::Float, &mut n2);
     let r = common::rel(&b, &a);
     assert!(r <= 1e-6, "SDE: {r:e}");
     let two = Guidance { cfg: 2.0, ..one };
-    let d = sample_ode(&m, &z, &c, &y, &n, 6, true, two, Kind::Float);
-    let e = sample_ode(&m, &z, &c, &y, &n, 6, true, none, Kind::Float);
+    let d = sample_ode(&m, &z, &c, &y, &n, 6, true, two, Parameterization::velocity(PathType::Linear), Kind::Float);
+    let e = sample_ode(&m, &z, &c, &y, &n, 6, true, none, Parameterization::velocity(PathType::Linear), Kind::Float);
     assert!(common::rel(&d, &e) > 1e-3, "scale 2 must move the samples (the null half is there)");
 }
 
