@@ -1,8 +1,10 @@
 //! `reg-ddp score-shapes`: reads generated images of the captioned shapes set with the
 //! analytic attribute reader and prints one JSON line: accuracy against what each image
-//! was asked for, and the distance of their attribute histograms from the real set's.
+//! was asked for, which shape was read for each shape asked for, and the distance of
+//! their attribute histograms from the real set's.
 
 use anyhow::Result;
+use reg::data::shapes::Value;
 use reg::eval::attributes::{accuracy, distance, load_samples, read, read_attributes, read_wanted};
 use std::path::PathBuf;
 
@@ -28,7 +30,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     let real = read_attributes(a.real.as_ref().unwrap_or(&a.attributes))?;
     let got: Vec<_> = images.iter().map(read).collect();
-    let out = serde_json::json!({"accuracy": accuracy(&got, &wanted), "distance": distance(&got, &real)});
+    // Which shape was read for each shape asked for: a model that draws blobs shows up
+    // as one column here, whatever its accuracy.
+    let mut confusion = std::collections::BTreeMap::<&str, std::collections::BTreeMap<&str, usize>>::new();
+    for (g, w) in got.iter().zip(&wanted) {
+        if let Some(asked) = w.shape {
+            let seen = g.map(|a| a.shape.name()).unwrap_or("unreadable");
+            *confusion.entry(asked.name()).or_default().entry(seen).or_default() += 1;
+        }
+    }
+    let out = serde_json::json!({"accuracy": accuracy(&got, &wanted), "distance": distance(&got, &real), "shape_read_as": confusion});
     println!("{out}");
     Ok(())
 }
