@@ -205,6 +205,45 @@ impl From<&Attributes> for Wanted {
     }
 }
 
+impl Wanted {
+    /// `colour=white,size=large`: values by attribute name (the `--fix` flags); empty is none.
+    pub fn parse(s: &str) -> Result<Wanted, String> {
+        let mut w = Wanted::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected attribute=value"))?;
+            let bad = || format!("{part:?}: {v:?} is not a {k}");
+            match k {
+                "shape" => w.shape = Some(Shape::parse(v).ok_or_else(bad)?),
+                "colour" => w.colour = Some(Colour::parse(v).ok_or_else(bad)?),
+                "size" => w.size = Some(Size::parse(v).ok_or_else(bad)?),
+                "position" => w.position = Some(Position::parse(v).ok_or_else(bad)?),
+                _ => return Err(format!("{part:?}: no attribute {k:?} (shape, colour, size, position)")),
+            }
+        }
+        Ok(w)
+    }
+
+    /// Whether `attribute` has a value here.
+    pub fn has(&self, attribute: Attribute) -> bool {
+        match attribute {
+            Attribute::Shape => self.shape.is_some(),
+            Attribute::Colour => self.colour.is_some(),
+            Attribute::Size => self.size.is_some(),
+            Attribute::Position => self.position.is_some(),
+        }
+    }
+
+    /// These values without the attributes `other` has.
+    pub fn without(&self, other: &Wanted) -> Wanted {
+        Wanted {
+            shape: self.shape.filter(|_| other.shape.is_none()),
+            colour: self.colour.filter(|_| other.colour.is_none()),
+            size: self.size.filter(|_| other.size.is_none()),
+            position: self.position.filter(|_| other.position.is_none()),
+        }
+    }
+}
+
 impl Caption {
     /// The attributes of `a` that this caption names.
     pub fn wanted(&self, a: &Attributes) -> Wanted {
@@ -228,6 +267,9 @@ pub struct SetSpec {
     pub class_attribute: Attribute,
     pub per_class: u32,
     pub captions_per_image: u32,
+    /// Attributes every image shares (the rest vary): a simpler world for small budgets.
+    /// Images keep the keys, so an attribute left free is drawn as without `fixed`.
+    pub fixed: Wanted,
 }
 
 /// One image of the set with everything said about it.
@@ -250,7 +292,7 @@ fn key(spec: &SetSpec, c: usize, k: u32) -> u64 {
 }
 
 /// The attributes of the image keyed `key` whose class attribute has value `class`.
-fn draw_attributes(key: u64, class_attribute: Attribute, class: &str) -> Attributes {
+fn draw_attributes(key: u64, class_attribute: Attribute, class: &str, fixed: &Wanted) -> Attributes {
     let r = |i: u64| hash(key ^ (i << 56));
     let mut a = Attributes {
         shape: pick(Shape::ALL, r(1)),
@@ -258,6 +300,10 @@ fn draw_attributes(key: u64, class_attribute: Attribute, class: &str) -> Attribu
         size: pick(Size::ALL, r(3)),
         position: pick(Position::ALL, r(4)),
     };
+    a.shape = fixed.shape.unwrap_or(a.shape);
+    a.colour = fixed.colour.unwrap_or(a.colour);
+    a.size = fixed.size.unwrap_or(a.size);
+    a.position = fixed.position.unwrap_or(a.position);
     match class_attribute {
         Attribute::Shape => a.shape = Shape::parse(class).expect("a shape"),
         Attribute::Colour => a.colour = Colour::parse(class).expect("a colour"),
@@ -413,7 +459,7 @@ pub fn caption(a: &Attributes, h: u64) -> Caption {
 pub fn item(spec: &SetSpec, c: usize, k: u32) -> Item {
     let class = spec.class_attribute.values()[c];
     let key = key(spec, c, k);
-    let attributes = draw_attributes(key, spec.class_attribute, class);
+    let attributes = draw_attributes(key, spec.class_attribute, class, &spec.fixed);
     let image = render(&attributes, spec.size, key);
     // Distinct captions where the wordings allow (a few retries, then accept a repeat).
     let mut captions: Vec<Caption> = Vec::new();
@@ -454,6 +500,9 @@ pub fn write_set(out: &Path, spec: &SetSpec) -> Result<usize> {
     if spec.captions_per_image == 0 {
         crate::bail_input!("--captions: at least one caption per image");
     }
+    if spec.fixed.has(spec.class_attribute) {
+        crate::bail_input!("--fix: the class attribute {} cannot be fixed", spec.class_attribute.name());
+    }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let jsonl = out.join("attributes.jsonl");
     let mut lines = std::io::BufWriter::new(std::fs::File::create(&jsonl).with_context(|| format!("{}: cannot create", jsonl.display()))?);
@@ -488,7 +537,15 @@ mod tests {
     #[test]
     fn foreground_is_read_back_exactly_from_pixels() {
         for split in [Split::Train, Split::Encoder] {
-            let spec = SetSpec { size: 32, split, seed: 3, class_attribute: Attribute::Colour, per_class: 30, captions_per_image: 1 };
+            let spec = SetSpec {
+                size: 32,
+                split,
+                seed: 3,
+                class_attribute: Attribute::Colour,
+                per_class: 30,
+                captions_per_image: 1,
+                fixed: Wanted::default(),
+            };
             for (c, k) in (0..7).flat_map(|c| (0..30).map(move |k| (c, k))) {
                 let it = item(&spec, c, k);
                 let want = mask(&it.attributes, spec.size, key(&spec, c, k));

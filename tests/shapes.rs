@@ -22,7 +22,7 @@ fn ok(c: &mut Command) -> String {
 }
 
 fn spec(split: Split, per_class: u32) -> SetSpec {
-    SetSpec { size: 32, split, seed: 0, class_attribute: Attribute::Shape, per_class, captions_per_image: 4 }
+    SetSpec { size: 32, split, seed: 0, class_attribute: Attribute::Shape, per_class, captions_per_image: 4, fixed: Wanted::default() }
 }
 
 /// `prepare --vae SPEC` of `images` at 32 px, then the stored means decoded: they must be
@@ -204,4 +204,22 @@ fn captioned_demo_images_write_a_class_tree_with_captions() {
     // --classes belongs to the other set.
     let o = bin().args(["demo-images", "--captioned", "--classes", "3", "--out"]).arg(tmp.path().join("x")).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
+}
+
+/// `--fix`: every image has the fixed values, the free attributes are the ones the same
+/// keys draw without it, and the class attribute cannot be fixed.
+#[test]
+fn fixed_attributes_hold_and_leave_the_rest_as_drawn() {
+    let fixed = Wanted::parse("colour=white, size=large").unwrap();
+    let free: Vec<Attributes> = shapes::items(&spec(Split::Train, 40)).map(|i| i.attributes).collect();
+    let held: Vec<Attributes> = shapes::items(&SetSpec { fixed, ..spec(Split::Train, 40) }).map(|i| i.attributes).collect();
+    for (f, h) in free.iter().zip(&held) {
+        assert_eq!((h.colour, h.size), (shapes::Colour::White, shapes::Size::Large));
+        assert_eq!((h.shape, h.position), (f.shape, f.position));
+    }
+    assert!(Wanted::parse("colour=mauve").unwrap_err().contains("not a colour"));
+    assert!(Wanted::parse("hue=red").unwrap_err().contains("no attribute"));
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SetSpec { fixed: Wanted::parse("shape=disc").unwrap(), ..spec(Split::Train, 2) };
+    assert!(format!("{:#}", shapes::write_set(dir.path(), &shape).unwrap_err()).contains("cannot be fixed"));
 }

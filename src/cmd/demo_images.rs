@@ -3,7 +3,7 @@
 //! captioned attribute set of `data::shapes` for the text-conditioning study.
 
 use anyhow::Result;
-use reg::data::shapes::{self, hash, Attribute, SetSpec, Split};
+use reg::data::shapes::{self, hash, Attribute, SetSpec, Split, Wanted};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -33,6 +33,10 @@ pub struct Args {
     /// With --captioned: captions per image.
     #[arg(long, default_value_t = 4)]
     pub captions: u32,
+    /// With --captioned: attributes every image shares, e.g. `colour=white,size=large`
+    /// (captions still name them).
+    #[arg(long, default_value = "")]
+    pub fix: String,
 }
 
 /// Class `c` is a shape (disc, square, ring, stripes, cross) in a class colour on a
@@ -75,6 +79,7 @@ pub fn run(a: Args) -> Result<()> {
             class_attribute: a.class_attribute,
             per_class: a.per_class,
             captions_per_image: a.captions,
+            fixed: Wanted::parse(&a.fix).map_err(|e| reg::error::bad_input(format!("--fix {e}")))?,
         };
         let n = shapes::write_set(&a.out, &spec)?;
         let classes = a.class_attribute.values().len();
