@@ -26,11 +26,19 @@ pub struct Args {
     pub ranks: i64,
     #[arg(long, default_value_t = 50)]
     pub steps: u64,
+    /// The data order's seed: another seed reads other records, not the ones a
+    /// previous run left in the page cache.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[arg(long, default_value_t = 4)]
     pub prefetch: usize,
     /// Skip the SHA-256 check on first read (measures reading alone).
     #[arg(long)]
     pub no_verify: bool,
+    /// Drop the dataset's pages from the page cache first (`posix_fadvise(DONTNEED)`), so
+    /// that the records come from the disk.
+    #[arg(long)]
+    pub cold: bool,
     /// Read latents and labels only.
     #[arg(long)]
     pub latents_only: bool,
@@ -77,9 +85,21 @@ fn make_dataset(dir: &std::path::Path, records: i64) -> Result<()> {
     write_index(dir, &index)
 }
 
+/// Drops a file's clean pages from the page cache.
+fn evict(path: &std::path::Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: advice on a file descriptor that stays open for the call.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        anyhow::bail!("{}: posix_fadvise: error {rc}", path.display());
+    }
+    Ok(())
+}
+
 /// One simulated rank's reading: `steps` batches of its rows after a first, untimed one.
 fn read_rank(ds: &Arc<Dataset>, a: &Args, rank: i64, rows: i64) -> Result<f64> {
-    let mut loader = ShardLoader::new(ds.clone(), 0, a.batch, a.prefetch, tch::Device::Cpu)?;
+    let mut loader = ShardLoader::new(ds.clone(), a.seed, a.batch, a.prefetch, tch::Device::Cpu)?;
     if a.latents_only {
         loader = loader.latents_only();
     }
@@ -106,6 +126,11 @@ pub fn run(a: Args) -> Result<()> {
         make_dataset(&a.data, n)?;
     }
     let ds = Arc::new(Dataset::open(&a.data, !a.no_verify)?);
+    if a.cold {
+        for shard in &ds.shards {
+            evict(&shard.path)?;
+        }
+    }
     let (features, images) = (ds.index.features, ds.index.images);
     let rows = a.batch / a.world.max(1);
     let anon_before = super::proc_status_bytes("RssAnon");
@@ -138,6 +163,7 @@ pub fn run(a: Args) -> Result<()> {
         "samples_per_s_all_ranks": rates.iter().sum::<f64>(),
         "seconds": secs,
         "copy_threads": reg::data::loader::COPY_THREADS,
+        "cold": a.cold,
         // Private memory is what must not grow with the dataset; mapped file pages are
         // the page cache's, dropped under pressure.
         "rss_anon_mb_before": mb(anon_before),

@@ -85,6 +85,10 @@ pub fn assemble(ds: &Dataset, perm: &[i64], start: i64, lo: i64, n: i64, latents
         if idx.is_empty() {
             return Ok(t);
         }
+        for &i in idx {
+            let (s, row) = ds.locate(i);
+            ds.will_need(s, name, row);
+        }
         let rows_each = idx.len().div_ceil(COPY_THREADS);
         std::thread::scope(|sc| {
             let parts: Vec<_> =

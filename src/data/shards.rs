@@ -258,6 +258,19 @@ impl Dataset {
         self.rows_bytes(s, name, row, 1)
     }
 
+    /// Asks the kernel to start reading record `row` of tensor `name` in shard `s` now
+    /// (`madvise(MADV_WILLNEED)`): a batch's scattered records are then read from disk
+    /// at once instead of one page fault after another. Advice only: errors are ignored.
+    pub fn will_need(&self, s: usize, name: &str, row: i64) {
+        let shard = &self.shards[s];
+        if let (Ok(map), Some((_, f))) = (shard.mapped(self.verify_checksums), shard.fields.iter().find(|(n, _)| n == name)) {
+            let lo = f.offset + f.bytes_per_row * row as usize;
+            if lo + f.bytes_per_row <= map.len() {
+                let _ = map.advise_range(memmap2::Advice::WillNeed, lo, f.bytes_per_row);
+            }
+        }
+    }
+
     /// The bytes of rows `[row, row + count)` of tensor `name` in shard `s` (rows along
     /// its first dimension: records, or captions for `caption_*`).
     pub fn rows_bytes(&self, s: usize, name: &str, row: i64, count: i64) -> Result<&[u8]> {
