@@ -11,6 +11,6 @@ cd "$REPO"
 cargo build --release --quiet
 if [ "${1:-}" = "--gpu" ]; then
   shift
-  exec ./target/release/reg-ddp study --out study-gpu --gpu --steps 4000 --every 500 --per-class 2000 --eval-num 200 --threads 8 "$@"
+  exec ./target/release/reg-ddp study --out study-gpu --gpu --steps 4000 --every 500 --per-class 2000 --eval-num 200 --jobs 1 --threads 8 "$@"
 fi
 exec ./target/release/reg-ddp study --out study "$@"

@@ -211,6 +211,9 @@ impl Wanted {
         let mut w = Wanted::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?}: expected attribute=value"))?;
+            if Attribute::ALL.iter().any(|a| a.name() == k && w.has(*a)) {
+                return Err(format!("{part:?}: {k} is given twice"));
+            }
             let bad = || format!("{part:?}: {v:?} is not a {k}");
             match k {
                 "shape" => w.shape = Some(Shape::parse(v).ok_or_else(bad)?),
@@ -221,6 +224,11 @@ impl Wanted {
             }
         }
         Ok(w)
+    }
+
+    /// `parse` for a command-line flag: a bad value is an input error naming the flag.
+    pub fn parse_flag(flag: &str, s: &str) -> anyhow::Result<Wanted> {
+        Wanted::parse(s).map_err(|e| crate::error::bad_input(format!("{flag} {e}")))
     }
 
     /// Whether `attribute` has a value here.

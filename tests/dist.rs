@@ -134,3 +134,30 @@ fn a_hung_rank_ends_the_job_within_the_timeout() {
     let line = err.iter().find(|l| l.contains("rank 0: no progress for 5 s")).unwrap_or_else(|| panic!("{err:?}"));
     assert!(line.contains("rank(s) [1]: dead or stopped"), "{line}");
 }
+
+/// `bench --comm` on 2 CPU ranks: every reduce-scatter bucket of the step is timed
+/// (their sizes add up to the flat buffer at `dist.bucket_mb`), and both all-gathers;
+/// one rank alone is refused with one line.
+#[test]
+fn bench_comm_times_every_bucket_on_the_ranks() {
+    let config = common::repo().join("configs/demo.yaml").display().to_string();
+    let args = ["bench", "--config", &config, "--comm", "--steps", "2", "--threads", "1", "--set", "dist.bucket_mb=0.5"];
+    let out = mpirun(2, &args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = json_lines(&out.stdout);
+    assert_eq!(lines.len(), 1, "rank 0 alone reports");
+    let j = &lines[0];
+    assert_eq!(j["world"], 2);
+    let buckets = j["reduce_scatter"]["buckets"].as_array().unwrap();
+    let total_mb: f64 = buckets.iter().map(|b| b["mb"].as_f64().unwrap()).sum();
+    assert!((total_mb - j["all_gather_f32"]["gb"].as_f64().unwrap() * 1e3).abs() < 1e-6, "{j}");
+    // 0.5 MB buckets: more than one for the demo model, none bigger.
+    assert!(buckets.len() >= 2 && buckets.iter().all(|b| b["mb"].as_f64().unwrap() <= 0.5 + 1e-9), "{j}");
+    for b in buckets {
+        assert!(b["ms"].as_f64().unwrap() > 0.0 && b["busbw_gb_s"].as_f64().unwrap() > 0.0, "{b}");
+    }
+    assert!(j["all_gather_bf16"]["gb"].as_f64().unwrap() * 2.0 == j["all_gather_f32"]["gb"].as_f64().unwrap());
+    let one = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp")).args(args).output().unwrap();
+    assert_eq!(one.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&one.stderr).contains("--comm: times collectives between ranks"));
+}

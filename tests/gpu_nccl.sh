@@ -94,11 +94,14 @@ done
 kill_check() {
     local start pid line
     start=$(date +%s)
+    # Job control: the job gets its own process group, which the clean-up kills whole.
+    set -m
     OMPI_MCA_orte_enable_recovery=1 mpirun_ranks 2 "$BIN" train --config configs/demo.yaml --set train.device="$DEVICE" \
         --set data.source=synthetic --set data.path=null --set train.steps=1000000 --set train.log_every=1000 \
         --set dist.timeout_s=20 --set sample.every=0 --set eval.fid_every=0 --set train.output_dir="$WORK/runs" \
         --set train.name=kill --json > "$WORK/kill.jsonl" 2> "$WORK/kill.err" &
     local job=$!
+    set +m
     for _ in $(seq 1 300); do
         pid=$($PY -c 'import json,sys
 for l in open(sys.argv[1]):
@@ -108,6 +111,11 @@ for l in open(sys.argv[1]):
         [ -n "$pid" ] && break
         sleep 1
     done
+    if [ -z "$pid" ]; then
+        kill -9 -- -$job 2> /dev/null || true
+        echo '{"ended": false, "error": "rank 1 never reported its pid"}' > "$WORK/kill.result"
+        return
+    fi
     sleep 5
     local killed_at
     killed_at=$(date +%s)
@@ -115,8 +123,7 @@ for l in open(sys.argv[1]):
     local limit=$((killed_at + 50))
     while kill -0 $job 2> /dev/null && [ "$(date +%s)" -lt $limit ]; do sleep 1; done
     if kill -0 $job 2> /dev/null; then
-        kill -9 $job 2> /dev/null || true
-        pkill -9 -f "train.name=kill" || true
+        kill -9 -- -$job 2> /dev/null || true
         echo "{\"ended\": false, \"seconds\": null}" > "$WORK/kill.result"
     else
         line=$(grep -m1 "^error: rank 0" "$WORK/kill.err" || true)

@@ -37,6 +37,13 @@ pub struct Args {
     /// With --sample: timed batches (after one untimed batch of 2 sampler steps).
     #[arg(long, default_value_t = 1)]
     pub sample_batches: i64,
+    /// Time the step's collectives instead, on the ranks the launcher started (2 or
+    /// more): each reduce-scatter bucket (`dist.bucket_mb`) and the weight all-gather
+    /// in fp32 and bf16, medians of `--steps` rounds, with NCCL-tests' bus bandwidth
+    /// (a reduce-scatter's time includes staging its bucket, as in the step).
+    /// These are the per-bucket costs `tools/scaling_model.py` takes.
+    #[arg(long)]
+    pub comm: bool,
 }
 
 /// Dense bf16 peak of known GPUs, from `nvidia-smi`'s name of device 0.
@@ -76,6 +83,9 @@ pub fn run(a: Args) -> Result<()> {
     let (cfg, launch) = a.run.launch(&sets, Collectives::OnDevice)?;
     let device = launch.device;
     let mut t = Trainer::new(cfg, launch, Faults::default())?;
+    if a.comm {
+        return bench_comm(&a, &mut t);
+    }
     if let tch::Device::Cuda(i) = device {
         reg::shim::cuda_reset_peak(i)?;
     }
@@ -130,6 +140,46 @@ pub fn run(a: Args) -> Result<()> {
         "comm_ms": comm_ms.map(per_step),
         "comm_gb": per_step(comm_gb),
         "phases_ms": phases,
+    });
+    if t.rank() == 0 {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// `bench --comm`: one JSON line (rank 0) with the cost of each collective of the step.
+fn bench_comm(a: &Args, t: &mut Trainer) -> Result<()> {
+    let world = t.world();
+    if world < 2 {
+        reg::bail_input!("--comm: times collectives between ranks; start 2 or more (mpirun -np N, or launch/mpirun.sh)");
+    }
+    // A rank whose collective fails returns here; the others would wait for it forever.
+    let timeout = std::time::Duration::from_secs_f64(t.cfg().dist.timeout_s);
+    let watchdog = reg::dist::watchdog::Watchdog::start(t.rank(), world, timeout, None, t.comm_guard());
+    watchdog.beat(0);
+    let p = t.time_collectives(a.steps.max(1))?;
+    let share = (world - 1) as f64 / world as f64;
+    // NCCL-tests' bus bandwidth of a reduce-scatter or all-gather: the bytes of the whole
+    // buffer times (n - 1) / n, over the time; comparable across world sizes.
+    let busbw = |bytes: f64, ms: f64| if ms > 0.0 { bytes * share / (ms * 1e6) } else { 0.0 };
+    let buckets: Vec<serde_json::Value> = p
+        .bucket_elements
+        .iter()
+        .zip(&p.reduce_scatter_ms)
+        .map(|(&n, &ms)| serde_json::json!({"mb": n as f64 * 4.0 / 1e6, "ms": ms, "busbw_gb_s": busbw(n as f64 * 4.0, ms)}))
+        .collect();
+    let rs_ms: f64 = p.reduce_scatter_ms.iter().sum();
+    let rs_bytes = p.bucket_elements.iter().sum::<i64>() as f64 * 4.0;
+    let gather = p.gather_elements as f64;
+    let line = serde_json::json!({
+        "config": a.run.config.display().to_string(),
+        "device": format!("{:?}", t.comm_device()),
+        "world": world,
+        "params": t.num_params(),
+        "rounds": a.steps.max(1),
+        "reduce_scatter": {"buckets": buckets, "ms": rs_ms, "gb": rs_bytes / 1e9, "busbw_gb_s": busbw(rs_bytes, rs_ms)},
+        "all_gather_f32": {"ms": p.all_gather_f32_ms, "gb": gather * 4.0 / 1e9, "busbw_gb_s": busbw(gather * 4.0, p.all_gather_f32_ms)},
+        "all_gather_bf16": {"ms": p.all_gather_bf16_ms, "gb": gather * 2.0 / 1e9, "busbw_gb_s": busbw(gather * 2.0, p.all_gather_bf16_ms)},
     });
     if t.rank() == 0 {
         println!("{line}");

@@ -35,8 +35,9 @@ pub struct Args {
     /// Skip the SHA-256 check on first read (measures reading alone).
     #[arg(long)]
     pub no_verify: bool,
-    /// Drop the dataset's pages from the page cache first (`posix_fadvise(DONTNEED)`), so
-    /// that the records come from the disk.
+    /// Drop the dataset's pages from the page cache after every rank's first (untimed)
+    /// batch, which maps and checks the shards (`posix_fadvise(DONTNEED)`), so that the
+    /// timed records come from the disk.
     #[arg(long)]
     pub cold: bool,
     /// Read latents and labels only.
@@ -89,6 +90,8 @@ fn make_dataset(dir: &std::path::Path, records: i64) -> Result<()> {
 fn evict(path: &std::path::Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(path)?;
+    // Dirty pages (a set `--make` just wrote) are not dropped: write them out first.
+    f.sync_all()?;
     // SAFETY: advice on a file descriptor that stays open for the call.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {
@@ -98,16 +101,29 @@ fn evict(path: &std::path::Path) -> Result<()> {
 }
 
 /// One simulated rank's reading: `steps` batches of its rows after a first, untimed one.
-fn read_rank(ds: &Arc<Dataset>, a: &Args, rank: i64, rows: i64) -> Result<f64> {
+/// With `--cold`, rank 0 evicts the dataset between the two, while the others wait.
+fn read_rank(ds: &Arc<Dataset>, a: &Args, rank: i64, rows: i64, ready: &std::sync::Barrier) -> Result<f64> {
     let mut loader = ShardLoader::new(ds.clone(), a.seed, a.batch, a.prefetch, tch::Device::Cpu)?;
     if a.latents_only {
         loader = loader.latents_only();
     }
     let lo = rank * rows;
     // First batch outside the timing: thread start, first-touch checksums.
-    loader.batch(0, lo, rows)?;
+    let first = loader.batch(0, lo, rows).map(|_| ());
+    // Every rank reaches the barriers, even after an error, so none waits forever.
+    ready.wait();
+    let evicted = if a.cold && rank == 0 { ds.shards.iter().try_for_each(|s| evict(&s.path)) } else { Ok(()) };
+    ready.wait();
+    first?;
+    evicted?;
+    // The loader thread read up to `prefetch` + 1 batches ahead before the eviction:
+    // those come from memory, so they stay out of the timing too.
+    let skip = if a.cold { a.prefetch as u64 + 1 } else { 0 };
+    for step in 1..=skip {
+        loader.batch(step, lo, rows)?;
+    }
     let start = Instant::now();
-    for step in 1..=a.steps {
+    for step in skip + 1..=skip + a.steps {
         let b = loader.batch(step, lo, rows)?;
         std::hint::black_box(&b);
     }
@@ -126,22 +142,16 @@ pub fn run(a: Args) -> Result<()> {
         make_dataset(&a.data, n)?;
     }
     let ds = Arc::new(Dataset::open(&a.data, !a.no_verify)?);
-    if a.cold {
-        for shard in &ds.shards {
-            evict(&shard.path)?;
-        }
-    }
     let (features, images) = (ds.index.features, ds.index.images);
     let rows = a.batch / a.world.max(1);
     let anon_before = super::proc_status_bytes("RssAnon");
     let start = Instant::now();
+    let ready = std::sync::Barrier::new(a.ranks as usize);
     let rates: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..a.ranks)
             .map(|r| {
-                s.spawn({
-                    let (ds, a) = (&ds, &a);
-                    move || read_rank(ds, a, r, rows)
-                })
+                let (ds, a, ready) = (&ds, &a, &ready);
+                s.spawn(move || read_rank(ds, a, r, rows, ready))
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("a rank's reader panicked")).collect::<Result<Vec<_>>>()

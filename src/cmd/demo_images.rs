@@ -79,13 +79,16 @@ pub fn run(a: Args) -> Result<()> {
             class_attribute: a.class_attribute,
             per_class: a.per_class,
             captions_per_image: a.captions,
-            fixed: Wanted::parse(&a.fix).map_err(|e| reg::error::bad_input(format!("--fix {e}")))?,
+            fixed: Wanted::parse_flag("--fix", &a.fix)?,
         };
         let n = shapes::write_set(&a.out, &spec)?;
         let classes = a.class_attribute.values().len();
         let (side, split, out) = (a.size, a.split, a.out.display());
         eprintln!("reg-ddp: wrote {n} captioned {side}x{side} images ({split:?} split) in {classes} classes to {out}");
         return Ok(());
+    }
+    if !a.fix.is_empty() {
+        reg::bail_input!("--fix: only with --captioned (the default set has no attributes to fix)");
     }
     let classes = a.classes.unwrap_or(10);
     for c in 0..classes {

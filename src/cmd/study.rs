@@ -257,12 +257,23 @@ pub fn run(a: Args) -> Result<()> {
     if a.seeds == 0 || a.steps <= 0 || a.every <= 0 || a.steps % a.every != 0 || a.eval_num < 5 {
         reg::bail_input!("--seeds, --steps, --every: positive, --every dividing --steps; --eval-num: at least 5");
     }
-    let fixed = Wanted::parse(&a.fix).map_err(|e| reg::error::bad_input(format!("--fix {e}")))?;
-    if fixed.has(Attribute::Shape) || a.jobs == 0 {
-        reg::bail_input!("--fix: the shape is the class and cannot be fixed; --jobs: at least 1");
+    let fixed = Wanted::parse_flag("--fix", &a.fix)?;
+    if a.jobs == 0 {
+        reg::bail_input!("--jobs: at least 1");
     }
     let out = &a.out;
     std::fs::create_dir_all(out)?;
+    // Everything in the folder (data, runs, samples) was made for one world: a rerun
+    // with another --fix would mix them.
+    let world = out.join("fixed.json");
+    let this = serde_json::to_string(&fixed)?;
+    match std::fs::read_to_string(&world) {
+        Ok(before) if before != this => {
+            reg::bail_input!("{}: this study was drawn with --fix {before}; use another --out for {this}", world.display())
+        }
+        Ok(_) => {}
+        Err(_) => std::fs::write(&world, &this)?,
+    }
     let started = std::time::Instant::now();
     let stage = |what: &str| eprintln!("reg-ddp study: [{:>6.0} s] {what}", started.elapsed().as_secs_f64());
 
@@ -345,18 +356,20 @@ pub fn run(a: Args) -> Result<()> {
                 sc.spawn(|| -> Result<()> {
                     loop {
                         let Some((i, seed, cond, method)) = queue.lock().expect("queue").pop_front() else { return Ok(()) };
-                        // A failed arm stops the others from starting new ones.
-                        let points = arm(seed, cond, method).inspect_err(|_| queue.lock().expect("queue").clear())?;
-                        let mut done = done.lock().expect("results");
-                        done.push((i, points));
-                        done.sort_by_key(|(i, _)| *i);
-                        let all: Vec<Point> = done.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
-                        curves::write_csv(&out.join("study.csv"), &all)?;
+                        let finished = arm(seed, cond, method).and_then(|points| {
+                            let mut done = done.lock().expect("results");
+                            done.push((i, points));
+                            done.sort_by_key(|(i, _)| *i);
+                            let all: Vec<Point> = done.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
+                            curves::write_csv(&out.join("study.csv"), &all)
+                        });
+                        // A failure stops the other workers from starting new arms.
+                        finished.inspect_err(|_| queue.lock().expect("queue").clear())?;
                     }
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().expect("a study worker panicked")).collect()
+        workers.into_iter().try_for_each(|w| w.join().expect("a study worker panicked"))
     })?;
     let points: Vec<Point> = done.into_inner().expect("results").into_iter().flat_map(|(_, p)| p).collect();
     // 5. Curves and the table.

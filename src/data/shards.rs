@@ -260,15 +260,24 @@ impl Dataset {
 
     /// Asks the kernel to start reading record `row` of tensor `name` in shard `s` now
     /// (`madvise(MADV_WILLNEED)`): a batch's scattered records are then read from disk
-    /// at once instead of one page fault after another. Advice only: errors are ignored.
+    /// at once instead of one page fault after another. Advice only: a shard not yet
+    /// mapped (and checked, on first touch) is left to the copy, errors are ignored.
     pub fn will_need(&self, s: usize, name: &str, row: i64) {
-        let shard = &self.shards[s];
-        if let (Ok(map), Some((_, f))) = (shard.mapped(self.verify_checksums), shard.fields.iter().find(|(n, _)| n == name)) {
-            let lo = f.offset + f.bytes_per_row * row as usize;
-            if lo + f.bytes_per_row <= map.len() {
-                let _ = map.advise_range(memmap2::Advice::WillNeed, lo, f.bytes_per_row);
+        if let (Some(Ok(map)), Ok(range)) = (self.shards[s].map.get(), self.field_range(s, name, row, 1)) {
+            if range.end <= map.len() {
+                let _ = map.advise_range(memmap2::Advice::WillNeed, range.start, range.len());
             }
         }
+    }
+
+    /// Where rows `[row, row + count)` of tensor `name` sit in shard `s`'s file.
+    fn field_range(&self, s: usize, name: &str, row: i64, count: i64) -> Result<std::ops::Range<usize>> {
+        let shard = &self.shards[s];
+        let Some((_, f)) = shard.fields.iter().find(|(n, _)| n == name) else {
+            bail_input!("{}: tensor {name}: missing", shard.path.display());
+        };
+        let lo = f.offset + f.bytes_per_row * row as usize;
+        Ok(lo..lo + f.bytes_per_row * count as usize)
     }
 
     /// The bytes of rows `[row, row + count)` of tensor `name` in shard `s` (rows along
@@ -276,13 +285,9 @@ impl Dataset {
     pub fn rows_bytes(&self, s: usize, name: &str, row: i64, count: i64) -> Result<&[u8]> {
         let shard = &self.shards[s];
         let map = shard.mapped(self.verify_checksums)?;
-        let Some((_, f)) = shard.fields.iter().find(|(n, _)| n == name) else {
-            bail_input!("{}: tensor {name}: missing", shard.path.display());
-        };
-        let lo = f.offset + f.bytes_per_row * row as usize;
+        let range = self.field_range(s, name, row, count)?;
         // The header was checked at open; a file replaced since then (unverified) may be shorter.
-        map.get(lo..lo + f.bytes_per_row * count as usize)
-            .ok_or_else(|| bad_input(format!("{}: tensor {name}: file shorter than its header says", shard.path.display())))
+        map.get(range).ok_or_else(|| bad_input(format!("{}: tensor {name}: file shorter than its header says", shard.path.display())))
     }
 
     /// The captions of record `row` of shard `s`: rows `[a, b)` of its `caption_ids`, from

@@ -140,6 +140,12 @@ pub fn reg_loss(model: &SiT, inp: &LossInputs, cfg: &LossConfig, kind: Kind) -> 
     let param = cfg.parameterization();
     let out_x = param.to_velocity(&out.x.to_kind(Kind::Float), &x_t, inp.t);
     let out_cls = param.to_velocity(&out.cls.to_kind(Kind::Float), &cls_t, inp.t);
+    // A data prediction's target is read the same way, sigma floor included (JiT): the
+    // loss is then a weighted |x_hat - x|^2, zero for the exact data at every t.
+    let (v, v_cls) = match cfg.prediction {
+        Prediction::Velocity => (v, v_cls),
+        Prediction::Data => (param.to_velocity(&inp.x0.to_kind(Kind::Float), &x_t, inp.t), param.to_velocity(&cls0, &cls_t, inp.t)),
+    };
     let denoise = (out_x - v).square().flatten(1, -1).mean_dim(-1, false, None);
     let cls = (out_cls - v_cls).square().mean_dim(-1, false, None);
     // Cosine in float32 even under bf16: low precision here is a known NaN source late in training.

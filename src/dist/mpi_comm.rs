@@ -122,6 +122,20 @@ impl Comm for MpiComm {
         }
         // The input may alias a slice of the output (the weights' own shard): send a copy.
         let send = input.copy();
+        if matches!(input.kind(), Kind::BFloat16 | Kind::Half) {
+            // Gathering moves bytes and adds nothing: 2-byte floats (bf16 working weights)
+            // travel as u16.
+            // SAFETY: contiguous CPU tensors of a 2-byte kind (checked above), viewed as u16
+            // of their own length; `send` is a private copy, `output` is not aliased by it.
+            let (s, r) = unsafe {
+                (
+                    std::slice::from_raw_parts(send.data_ptr() as *const u16, send.numel()),
+                    std::slice::from_raw_parts_mut(output.data_ptr() as *mut u16, output.numel()),
+                )
+            };
+            self.world_comm.all_gather_into(s, r);
+            return Ok(());
+        }
         typed!(send, |s: T| {
             // SAFETY: checked CPU + contiguous + same kind above.
             let r: &mut [T] = unsafe { view(output) };

@@ -8,8 +8,7 @@ use super::Comm;
 use crate::shim;
 use anyhow::{bail, Context, Result};
 use cudarc::nccl::{result as nccl, sys};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 
 pub struct NcclComm {
@@ -21,20 +20,33 @@ pub struct NcclComm {
 
 /// The communicator as the watchdog's thread sees it. NCCL allows
 /// `ncclCommGetAsyncError` and `ncclCommAbort` from another thread while a call is
-/// blocked; after an abort the communicator must not be destroyed again.
+/// blocked. The lock (held only around those calls and the final destroy, never during
+/// a collective) keeps a poll from touching a communicator that is being destroyed,
+/// and an aborted one from being destroyed again.
 struct Handle {
     comm: usize,
-    aborted: AtomicBool,
+    live: Mutex<bool>,
+}
+
+impl Handle {
+    /// Ends the communicator once, by `end` (abort or destroy); later calls do nothing.
+    fn end(&self, end: impl FnOnce(sys::ncclComm_t)) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::replace(&mut *live, false) {
+            end(self.comm as sys::ncclComm_t);
+        }
+    }
 }
 
 impl CommGuard for Handle {
     fn async_error(&self) -> Option<String> {
-        if self.aborted.load(Ordering::Acquire) {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if !*live {
             return None;
         }
         let mut state = sys::ncclResult_t::ncclSuccess;
-        // SAFETY: the communicator is live (not yet destroyed or aborted: `Drop` and
-        // `abort` set `aborted` first); `state` is an out-pointer.
+        // SAFETY: the communicator is live (checked under the lock that ending it takes);
+        // `state` is an out-pointer.
         let called = unsafe { sys::ncclCommGetAsyncError(self.comm as sys::ncclComm_t, &mut state) };
         match (called, state) {
             (sys::ncclResult_t::ncclSuccess, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) => None,
@@ -44,10 +56,8 @@ impl CommGuard for Handle {
     }
 
     fn abort(&self) {
-        if !self.aborted.swap(true, Ordering::AcqRel) {
-            // SAFETY: the first and only abort of a live communicator.
-            let _ = unsafe { nccl::comm_abort(self.comm as sys::ncclComm_t) };
-        }
+        // SAFETY: a live communicator, ended once.
+        self.end(|c| drop(unsafe { nccl::comm_abort(c) }));
     }
 }
 
@@ -92,7 +102,7 @@ impl NcclComm {
         unsafe { nccl::comm_init_rank(&mut comm, mpi.world() as i32, uid, mpi.rank() as i32) }
             .map_err(|e| anyhow::anyhow!("ncclCommInitRank: {e:?}"))
             .context("NCCL communicator (one GPU per rank)")?;
-        let handle = Arc::new(Handle { comm: comm as usize, aborted: AtomicBool::new(false) });
+        let handle = Arc::new(Handle { comm: comm as usize, live: Mutex::new(true) });
         Ok(NcclComm { mpi, comm, index, handle })
     }
 
@@ -196,10 +206,8 @@ impl Comm for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if !self.handle.aborted.swap(true, Ordering::AcqRel) {
-            // SAFETY: the communicator was created by comm_init_rank, not aborted, and is
-            // not used after.
-            let _ = unsafe { nccl::comm_destroy(self.comm) };
-        }
+        // SAFETY: the communicator was created by comm_init_rank, is ended once, and is
+        // not used after.
+        self.handle.end(|c| drop(unsafe { nccl::comm_destroy(c) }));
     }
 }

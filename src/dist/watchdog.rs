@@ -47,9 +47,9 @@ fn write_heartbeat(dir: &Path, rank: i64, step: i64) {
     }
 }
 
-/// What the heartbeats say about the other ranks: those silent for `timeout` (dead or
+/// What the heartbeats say about the other ranks: those silent for `stale` (dead or
 /// stopped), and those alive at an older step than ours (waiting or slow).
-fn peers(dir: &Path, rank: i64, world: i64, step: i64, timeout: Duration) -> String {
+fn peers(dir: &Path, rank: i64, world: i64, step: i64, stale: Duration) -> String {
     let (mut silent, mut behind, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
     for r in (0..world).filter(|r| *r != rank) {
         let beat = std::fs::read_to_string(heartbeat_file(dir, r)).ok().and_then(|s| {
@@ -58,14 +58,14 @@ fn peers(dir: &Path, rank: i64, world: i64, step: i64, timeout: Duration) -> Str
         });
         match beat {
             None => unknown.push(r),
-            Some((_, ms)) if now_ms().saturating_sub(ms) >= timeout.as_millis() as u64 => silent.push(r),
+            Some((_, ms)) if now_ms().saturating_sub(ms) >= stale.as_millis() as u64 => silent.push(r),
             Some((st, _)) if st < step => behind.push(format!("{r} (step {st})")),
             Some(_) => {}
         }
     }
     let mut parts = Vec::new();
     if !silent.is_empty() {
-        parts.push(format!("no heartbeat for {} s from rank(s) {silent:?}: dead or stopped", timeout.as_secs_f64()));
+        parts.push(format!("no heartbeat for {} s from rank(s) {silent:?}: dead or stopped", stale.as_secs_f64()));
     }
     if !behind.is_empty() {
         parts.push(format!("behind but alive: rank(s) {}", behind.join(", ")));
@@ -107,8 +107,17 @@ impl Watchdog {
                     let idle = start.elapsed().saturating_sub(Duration::from_millis(l.load(Ordering::Relaxed)));
                     let failed = guard.as_ref().and_then(|g| g.async_error());
                     if idle >= timeout || failed.is_some() {
+                        // NCCL reports a dead peer within a second or so, long before the
+                        // timeout: wait out a few heartbeats, then call silent whoever
+                        // missed them.
+                        let stale = if failed.is_some() {
+                            std::thread::sleep(Duration::from_millis(2500));
+                            Duration::from_secs(2)
+                        } else {
+                            timeout
+                        };
                         let others = match &heartbeats {
-                            Some(dir) => peers(dir, rank, world, current, timeout),
+                            Some(dir) => peers(dir, rank, world, current, stale),
                             None => "another rank died or hangs".into(),
                         };
                         let why = match &failed {

@@ -106,6 +106,20 @@ fn check_text_width(cfg: &Config, null: &Caption) -> Result<()> {
     Ok(())
 }
 
+/// The cost of a step's collectives, measured (`Trainer::time_collectives`). Sizes are
+/// whole buffers (all ranks' pieces), as NCCL's tests count them.
+#[derive(Debug, Clone)]
+pub struct CommProfile {
+    pub world: i64,
+    /// Elements of each reduce-scatter bucket (f32), and its median time.
+    pub bucket_elements: Vec<i64>,
+    pub reduce_scatter_ms: Vec<f64>,
+    /// Elements of the weight all-gather, and its median time in fp32 and in bf16.
+    pub gather_elements: i64,
+    pub all_gather_f32_ms: f64,
+    pub all_gather_bf16_ms: f64,
+}
+
 /// Metrics of one step, averaged over ranks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
@@ -393,6 +407,11 @@ impl Trainer {
         self.comm.world()
     }
 
+    /// Where the collectives run (this rank's GPU for NCCL, the CPU for MPI).
+    pub fn comm_device(&self) -> Device {
+        self.comm.device()
+    }
+
     /// This rank's slice of the live weights.
     fn shard(&self) -> Tensor {
         self.params.flat.narrow(0, self.shard_lo, self.shard_len)
@@ -541,22 +560,78 @@ impl Trainer {
     }
 
     /// Sums every rank's gradients into this rank's shard, bucket by bucket, and
-    /// averages. Bucket `j` holds piece `j` of every rank's shard, staged contiguously.
+    /// averages.
     fn reduce_scatter_grads(&mut self) -> Result<()> {
         let world = self.world();
         if world == 1 {
             return Ok(());
         }
-        let by_rank = self.params.grad.view([world, self.shard_len]);
-        let mut j = 0;
-        while j < self.shard_len {
-            let len = self.bucket.min(self.shard_len - j);
-            let staged = by_rank.narrow(1, j, len).contiguous().view([-1]);
-            self.comm.reduce_scatter_sum(&staged, &self.shard_grad.narrow(0, j, len))?;
-            j += len;
+        for (j, len) in self.buckets() {
+            self.reduce_scatter_bucket(j, len)?;
         }
         let _ = self.shard_grad.g_div_scalar_(world as f64);
         Ok(())
+    }
+
+    /// The reduce-scatter buckets: (start, length) within a rank's shard.
+    fn buckets(&self) -> Vec<(i64, i64)> {
+        (0..self.shard_len).step_by(self.bucket as usize).map(|j| (j, self.bucket.min(self.shard_len - j))).collect()
+    }
+
+    /// Bucket `[j, j + len)`: that piece of every rank's shard, staged contiguously,
+    /// summed into this rank's `shard_grad`.
+    fn reduce_scatter_bucket(&self, j: i64, len: i64) -> Result<()> {
+        let by_rank = self.params.grad.view([self.world(), self.shard_len]);
+        let staged = by_rank.narrow(1, j, len).contiguous().view([-1]);
+        self.comm.reduce_scatter_sum(&staged, &self.shard_grad.narrow(0, j, len))
+    }
+
+    /// What this step's collectives cost on the ranks at hand (`bench --comm`): each
+    /// bucket of the gradient reduce-scatter as `train_step` runs it, and the weight
+    /// all-gather in fp32 (today's masters) and in bf16 (working weights). Every rank
+    /// must call it; medians over `repeats` after one untimed round. Overwrites the
+    /// gradient shard, so not in the middle of training.
+    pub fn time_collectives(&mut self, repeats: usize) -> Result<CommProfile> {
+        let _g = tch::no_grad_guard();
+        let buckets = self.buckets();
+        let shard = self.shard();
+        // The bf16 gather starts from zeros but this rank's piece, so that its result
+        // (every rank's weights, which are the same) checks the gather itself.
+        let want = self.params.flat.to_kind(Kind::BFloat16);
+        let half_shard = want.narrow(0, self.shard_lo, self.shard_len).copy();
+        let half = want.zeros_like();
+        // Ranks start each collective together, and the device has finished it at the end.
+        let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            self.comm.barrier()?;
+            let start = std::time::Instant::now();
+            f()?;
+            self.sync();
+            Ok(start.elapsed().as_secs_f64() * 1e3)
+        };
+        let (mut rs, mut ag32, mut ag16) = (vec![Vec::new(); buckets.len()], Vec::new(), Vec::new());
+        for round in 0..=repeats {
+            let add = |v: &mut Vec<f64>, ms: f64| (round > 0).then(|| v.push(ms));
+            for (k, &(j, len)) in buckets.iter().enumerate() {
+                add(&mut rs[k], timed(&|| self.reduce_scatter_bucket(j, len))?);
+            }
+            add(&mut ag32, timed(&|| self.comm.all_gather(&shard, &self.params.flat))?);
+            add(&mut ag16, timed(&|| self.comm.all_gather(&half_shard, &half))?);
+        }
+        if !half.equal(&want) {
+            anyhow::bail!("bench --comm: the bf16 all-gather did not give back the weights");
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        Ok(CommProfile {
+            world: self.world(),
+            bucket_elements: buckets.iter().map(|&(_, len)| len * self.world()).collect(),
+            reduce_scatter_ms: rs.into_iter().map(median).collect(),
+            gather_elements: self.params.padded_len(),
+            all_gather_f32_ms: median(ag32),
+            all_gather_bf16_ms: median(ag16),
+        })
     }
 
     /// The full flat buffer of a per-rank shard (weights layout), on every rank.
