@@ -29,6 +29,25 @@ char *reg_cuda_set_device(int device) {
   return guard([&] { c10::cuda::set_device(static_cast<c10::DeviceIndex>(device)); });
 }
 
+// A stream of `device` for collectives that overlap with compute (one of libtorch's
+// pooled streams: it lives as long as the process).
+char *reg_cuda_side_stream(int device, void **out) {
+  return guard([&] {
+    *out = static_cast<void *>(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device)).stream());
+  });
+}
+
+// Work queued on `waiting` from now on runs after the work queued so far on `on` (on
+// the GPU; the host does not wait).
+char *reg_cuda_stream_wait(int device, void *waiting, void *on) {
+  return guard([&] {
+    c10::cuda::CUDAGuard on_device(static_cast<c10::DeviceIndex>(device));
+    at::cuda::CUDAEvent mark;
+    mark.record(c10::cuda::getStreamFromExternal(static_cast<cudaStream_t>(on), static_cast<c10::DeviceIndex>(device)));
+    mark.block(c10::cuda::getStreamFromExternal(static_cast<cudaStream_t>(waiting), static_cast<c10::DeviceIndex>(device)));
+  });
+}
+
 // Waits for everything queued on libtorch's current stream of `device`.
 char *reg_cuda_stream_sync(int device) {
   return guard([&] { c10::cuda::getCurrentCUDAStream(device).synchronize(); });

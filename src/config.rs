@@ -170,11 +170,22 @@ pub struct DistConfig {
     pub bucket_mb: f64,
     /// A rank that sees no progress for this long (a peer died or hangs) exits.
     pub timeout_s: f64,
+    /// Hand each gradient bucket to its reduce-scatter as soon as backward has written
+    /// it, while backward goes on (`null`: on for CPU ranks, off on GPUs until the
+    /// overlap is proven on a card; README "Multi-GPU").
+    pub overlap: Option<bool>,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        DistConfig { bucket_mb: 64.0, timeout_s: 600.0 }
+        DistConfig { bucket_mb: 64.0, timeout_s: 600.0, overlap: None }
+    }
+}
+
+impl DistConfig {
+    /// Whether the step overlaps its gradient reduce-scatter with backward on `device`.
+    pub fn overlap_on(&self, device: tch::Device) -> bool {
+        self.overlap.unwrap_or(device == tch::Device::Cpu)
     }
 }
 

@@ -21,8 +21,12 @@ extern "C" {
         eps: f64,
         found_inf: *mut C_tensor,
     ) -> *mut c_char;
+    fn reg_on_grad_ready(param: *mut C_tensor, f: Option<GradReadyFn>, ctx: *mut c_void, index: i64) -> *mut c_char;
     fn reg_free_error(e: *mut c_char);
 }
+
+/// What libtorch calls after it has accumulated a parameter's gradient: (context, index).
+pub type GradReadyFn = unsafe extern "C" fn(ctx: *mut c_void, index: i64);
 
 fn check(err: *mut c_char) -> Result<()> {
     if err.is_null() {
@@ -39,6 +43,16 @@ fn check(err: *mut c_char) -> Result<()> {
 pub fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     // SAFETY: both pointers are live tensors owned by the caller for this call.
     check(unsafe { reg_set_grad(param.as_ptr() as *mut C_tensor, grad.as_ptr() as *mut C_tensor) })
+}
+
+/// After every backward that accumulates into `param`'s gradient, libtorch calls
+/// `f(ctx, index)` (on the thread running backward); `None` removes the hook.
+///
+/// # Safety
+/// `ctx` must stay valid for `f` until the hook is removed or the parameter dropped,
+/// and `f` must not unwind.
+pub unsafe fn on_grad_ready(param: &Tensor, f: Option<GradReadyFn>, ctx: *mut c_void, index: i64) -> Result<()> {
+    check(reg_on_grad_ready(ptr(param), f, ctx, index))
 }
 
 fn ptr(t: &Tensor) -> *mut C_tensor {
@@ -68,6 +82,26 @@ extern "C" {
     fn reg_cuda_stream_sync(device: c_int) -> *mut c_char;
     fn reg_cuda_peak_allocated(device: c_int, out: *mut i64) -> *mut c_char;
     fn reg_cuda_reset_peak(device: c_int) -> *mut c_char;
+    fn reg_cuda_side_stream(device: c_int, out: *mut *mut c_void) -> *mut c_char;
+    fn reg_cuda_stream_wait(device: c_int, waiting: *mut c_void, on: *mut c_void) -> *mut c_char;
+}
+
+/// A pooled, high-priority `cudaStream_t` of GPU `device` for collectives that overlap
+/// with compute (owned by libtorch, lives as long as the process).
+pub fn cuda_side_stream(device: usize) -> Result<*mut c_void> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: `out` is a valid pointer slot for the call to write.
+    check(unsafe { reg_cuda_side_stream(device as c_int, &mut out) })?;
+    Ok(out)
+}
+
+/// Work queued on stream `waiting` from now on runs after the work queued so far on
+/// stream `on` (both streams of GPU `device`; the host does not wait).
+///
+/// # Safety
+/// Both must be live streams of `device` (libtorch's current or pooled streams).
+pub unsafe fn cuda_stream_wait(device: usize, waiting: *mut c_void, on: *mut c_void) -> Result<()> {
+    check(reg_cuda_stream_wait(device as c_int, waiting, on))
 }
 
 /// The `cudaStream_t` libtorch currently computes on for GPU `device` (owned by libtorch).

@@ -59,6 +59,76 @@ fn one_two_and_four_ranks_train_the_same_model() {
     assert!(ref_losses[19] < ref_losses[0]);
 }
 
+/// The ZeRO layout with many small buckets (parameters straddling their edges), each
+/// handed to its reduce-scatter during backward (`dist.overlap`) or after it, with
+/// several passes per rank: the same model bit for bit as one rank. A checkpoint of that
+/// layout resumes on other world and bucket sizes, and so does one in format 1 (one
+/// contiguous range per rank, before buckets were sliced).
+#[test]
+fn buckets_reduced_during_backward_train_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.display().to_string();
+    let run = |np: usize, name: &str, extra: &[&str]| {
+        let mut set = vec!["--set", "train.steps=12", "--set", "train.log_every=1", "--set", "train.micro_batch=4"];
+        set.extend_from_slice(&["--set", "train.checkpoint_every=6"]);
+        set.extend_from_slice(extra);
+        let args = train_args(&out, name, &set);
+        let o = mpirun(np, &args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        json_lines(&o.stdout)
+    };
+    let model = |name: &str| {
+        let ckpt = d.join(name).join("step-0000012");
+        (export(&ckpt, false), export(&ckpt, true))
+    };
+    let overlapped = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines.iter().filter_map(|j| j.get("loss").map(|_| j["overlapped"].as_f64().unwrap())).collect()
+    };
+    run(1, "one", &[]);
+    let (ref_w, ref_ema) = model("one");
+
+    let small = ["--set", "dist.bucket_mb=0.05"];
+    let during = run(2, "during", &[&small[..], &["--set", "dist.overlap=true"]].concat());
+    let buckets = during.iter().find_map(|j| j.get("buckets")?.as_i64()).unwrap();
+    assert!(buckets >= 8, "{buckets} buckets: too few to test their edges");
+    // Every bucket but those holding only padding or unused parameters goes early.
+    assert!(overlapped(&during).iter().all(|&f| f >= 0.75), "{:?}", overlapped(&during));
+    let (w, ema) = model("during");
+    assert_identical_model("2 ranks, buckets during backward", &w, &ema, &ref_w, &ref_ema);
+
+    let after = run(4, "after", &[&small[..], &["--set", "dist.overlap=false"]].concat());
+    assert!(overlapped(&after).iter().all(|&f| f == 0.0));
+    let (w, ema) = model("after");
+    assert_identical_model("4 ranks, buckets after backward", &w, &ema, &ref_w, &ref_ema);
+
+    // Resharded: 2 ranks' buckets of 0.05 MB read by 4 ranks of 0.03 MB and by 1 rank.
+    let at6 = d.join("during/step-0000006");
+    let m = common::manifest(&at6);
+    assert_eq!(m["format_version"], 2);
+    assert_eq!(m["shards"][0]["ranges"].as_array().unwrap().len() as i64, buckets);
+    for (np, bucket) in [(4usize, "dist.bucket_mb=0.03"), (1, "dist.bucket_mb=0.05")] {
+        let name = format!("resumed{np}");
+        run(np, &name, &["--set", bucket, "--resume", at6.to_str().unwrap()]);
+        let (w, ema) = model(&name);
+        assert_identical_model(&format!("resumed on {np} ranks"), &w, &ema, &ref_w, &ref_ema);
+    }
+
+    // Format 1: one bucket per rank is one contiguous range; without `ranges` it reads the same.
+    run(2, "whole", &[]);
+    let at6 = d.join("whole/step-0000006");
+    let mut m = common::manifest(&at6);
+    m["format_version"] = 1.into();
+    for s in m["shards"].as_array_mut().unwrap() {
+        let r = s.as_object_mut().unwrap().remove("ranges").unwrap();
+        assert_eq!((r[0][0].clone(), r[0][1].clone()), (s["lo"].clone(), s["len"].clone()));
+    }
+    std::fs::write(at6.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    run(4, "from_v1", &["--set", "dist.bucket_mb=0.05", "--resume", at6.to_str().unwrap()]);
+    let (w, ema) = model("from_v1");
+    assert_identical_model("format 1 resumed on 4 ranks", &w, &ema, &ref_w, &ref_ema);
+}
+
 /// Starts a long 2-rank run with a short watchdog; returns the child and rank 1's pid.
 /// `recovery`: mpirun keeps the job running when a rank dies (by default it kills the
 /// others at once, with its own message), so that our watchdog has to end it.

@@ -94,11 +94,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     t.sync();
     let start = Instant::now();
-    let (mut comm_ms, mut comm_gb) = (Some(0.0), 0.0);
+    let (mut comm_ms, mut comm_gb, mut overlapped) = (Some(0.0), 0.0, 0.0);
     for _ in 0..a.steps {
         let s = t.train_step()?;
         comm_ms = comm_ms.zip(s.comm_ms).map(|(a, b)| a + b);
         comm_gb += s.comm_gb;
+        overlapped += s.overlapped;
     }
     t.sync();
     let per_step = |x: f64| x / a.steps.max(1) as f64;
@@ -139,6 +140,7 @@ pub fn run(a: Args) -> Result<()> {
         "peak_mem_bytes": peak_mem,
         "comm_ms": comm_ms.map(per_step),
         "comm_gb": per_step(comm_gb),
+        "overlapped": per_step(overlapped),
         "phases_ms": phases,
     });
     if t.rank() == 0 {

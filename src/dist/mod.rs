@@ -104,6 +104,16 @@ pub trait Comm {
     /// `rank`. The MPI backend adds in `PairwiseSum` order over ranks, so a sum split
     /// over 1, 2 or 4 ranks rounds the same; NCCL uses its ring order.
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()>;
+    /// As `reduce_scatter_sum`, but free to run beside the compute queued after it
+    /// (NCCL: on a side stream, after the work queued so far); `wait_async` orders it
+    /// before what follows. Backends that block (MPI) finish it here.
+    fn reduce_scatter_sum_async(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        self.reduce_scatter_sum(input, output)
+    }
+    /// Work queued from now on runs after every `*_async` collective queued so far.
+    fn wait_async(&self) -> Result<()> {
+        Ok(())
+    }
     /// `output` (`[world * n]`) becomes the concatenation of every rank's `input` (`[n]`).
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()>;
     /// `t` becomes root's `t`.
@@ -166,26 +176,43 @@ pub struct PairwiseSum {
 
 impl PairwiseSum {
     pub fn push(&mut self, leaf: Tensor) {
-        let mut node = (0, leaf);
-        while let Some((level, _)) = self.stack.last() {
-            if *level != node.0 {
-                break;
-            }
-            let (level, left) = self.stack.pop().expect("checked");
-            node = (level + 1, left + node.1);
-        }
-        self.stack.push(node);
+        push_onto(&mut self.stack, leaf);
     }
 
     /// The sum (`None` when nothing was pushed). With a count that is not a power of
     /// two, the unequal subtrees are added from the right.
-    pub fn finish(mut self) -> Option<Tensor> {
-        let mut acc = self.stack.pop()?.1;
-        while let Some((_, left)) = self.stack.pop() {
-            acc = left + acc;
-        }
-        Some(acc)
+    pub fn finish(self) -> Option<Tensor> {
+        fold(self.stack)
     }
+
+    /// The sum with one more leaf, `last`, over a part of the leaves (`part` cuts the
+    /// same piece out of each earlier one): element-wise, the same floats as pushing
+    /// `last` and finishing, cut afterwards.
+    pub fn finish_with(&self, last: Tensor, part: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        let mut stack: Vec<(u32, Tensor)> = self.stack.iter().map(|(level, t)| (*level, part(t))).collect();
+        push_onto(&mut stack, last);
+        fold(stack).expect("one leaf at least")
+    }
+}
+
+fn push_onto(stack: &mut Vec<(u32, Tensor)>, leaf: Tensor) {
+    let mut node = (0, leaf);
+    while let Some((level, _)) = stack.last() {
+        if *level != node.0 {
+            break;
+        }
+        let (level, left) = stack.pop().expect("checked");
+        node = (level + 1, left + node.1);
+    }
+    stack.push(node);
+}
+
+fn fold(mut stack: Vec<(u32, Tensor)>) -> Option<Tensor> {
+    let mut acc = stack.pop()?.1;
+    while let Some((_, left)) = stack.pop() {
+        acc = left + acc;
+    }
+    Some(acc)
 }
 
 /// Sums a few numbers over all ranks (votes, flags, metrics); every rank gets the sums.
@@ -252,5 +279,12 @@ mod tests {
         assert!(PairwiseSum::default().finish().is_none());
         let three = sum(&leaves[..3]);
         assert!(three.equal(&(&leaves[0] + &leaves[1] + &leaves[2])));
+        // The last leaf added to a part of the earlier ones: the same floats, cut.
+        for n in 1..8 {
+            let mut s = PairwiseSum::default();
+            leaves[..n - 1].iter().for_each(|t| s.push(t.shallow_clone()));
+            let part = s.finish_with(leaves[n - 1].narrow(0, 100, 300), |t| t.narrow(0, 100, 300));
+            assert!(part.equal(&sum(&leaves[..n]).narrow(0, 100, 300)), "{n} leaves");
+        }
     }
 }

@@ -16,6 +16,8 @@ pub struct NcclComm {
     comm: sys::ncclComm_t,
     index: usize,
     handle: Arc<Handle>,
+    /// The side stream of `reduce_scatter_sum_async` (a `cudaStream_t`), once made.
+    side: std::sync::OnceLock<usize>,
 }
 
 /// The communicator as the watchdog's thread sees it. NCCL allows
@@ -103,11 +105,20 @@ impl NcclComm {
             .map_err(|e| anyhow::anyhow!("ncclCommInitRank: {e:?}"))
             .context("NCCL communicator (one GPU per rank)")?;
         let handle = Arc::new(Handle { comm: comm as usize, live: Mutex::new(true) });
-        Ok(NcclComm { mpi, comm, index, handle })
+        Ok(NcclComm { mpi, comm, index, handle, side: std::sync::OnceLock::new() })
     }
 
     fn stream(&self) -> Result<sys::cudaStream_t> {
         Ok(shim::cuda_current_stream(self.index)? as sys::cudaStream_t)
+    }
+
+    /// The stream overlapped collectives run on (made on first use).
+    fn side_stream(&self) -> Result<sys::cudaStream_t> {
+        if let Some(&s) = self.side.get() {
+            return Ok(s as sys::cudaStream_t);
+        }
+        let s = shim::cuda_side_stream(self.index)? as usize;
+        Ok(*self.side.get_or_init(|| s) as sys::cudaStream_t)
     }
 
     /// What every call's safety rests on: NCCL reads and writes `count` elements of
@@ -168,6 +179,28 @@ impl Comm for NcclComm {
             nccl::reduce_scatter(input.data_ptr(), output.data_ptr(), output.numel(), dt, sys::ncclRedOp_t::ncclSum, self.comm, stream)
         }
         .map_err(nccl_err("reduce-scatter"))?;
+        Ok(())
+    }
+    fn reduce_scatter_sum_async(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        self.check_pair(output, input, "reduce-scatter")?;
+        let (dt, current) = (dtype(input.kind())?, self.stream()?);
+        let side = self.side_stream()?;
+        // The gradients were written by the work queued on the compute stream so far.
+        // SAFETY: libtorch's current stream and a pooled one, both of this rank's GPU.
+        unsafe { shim::cuda_stream_wait(self.index, side as _, current as _)? };
+        // SAFETY: as `reduce_scatter_sum`; the buffers are persistent (the flat
+        // gradients and the shard's), and `wait_async` orders their next use after this.
+        unsafe {
+            nccl::reduce_scatter(input.data_ptr(), output.data_ptr(), output.numel(), dt, sys::ncclRedOp_t::ncclSum, self.comm, side)
+        }
+        .map_err(nccl_err("reduce-scatter"))?;
+        Ok(())
+    }
+    fn wait_async(&self) -> Result<()> {
+        if let Some(&side) = self.side.get() {
+            // SAFETY: libtorch's current stream and the pooled side stream of this GPU.
+            unsafe { shim::cuda_stream_wait(self.index, self.stream()? as _, side as _)? };
+        }
         Ok(())
     }
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {

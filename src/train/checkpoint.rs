@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use tch::{Device, Kind, Tensor};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: a shard holds one slice of every bucket (`ShardEntry::ranges`); 1 (still read):
+/// one contiguous range per rank.
+pub const FORMAT_VERSION: u32 = 2;
 /// The per-rank tensors, each a `[shard]` f32 slice of a flat buffer.
 pub const STATE: [&str; 4] = ["weights", "exp_avg", "exp_avg_sq", "ema"];
 
@@ -32,10 +34,31 @@ pub struct LayoutEntry {
 pub struct ShardEntry {
     pub file: String,
     pub rank: i64,
-    /// This shard covers `[lo, lo + len)` of the (padded) flat buffers.
+    /// Format 1: this shard covers `[lo, lo + len)` of the (padded) flat buffers.
+    /// Format 2: `len` elements, the first at `lo`, made of `ranges`.
     pub lo: i64,
     pub len: i64,
+    /// The pieces of the flat buffers this file holds, as (start, length), in file order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<(i64, i64)>,
     pub sha256: String,
+}
+
+impl ShardEntry {
+    /// (flat start, offset in the file's tensors, length) of each piece.
+    fn pieces(&self) -> Vec<(i64, i64, i64)> {
+        if self.ranges.is_empty() {
+            return vec![(self.lo, 0, self.len)];
+        }
+        let mut at = 0;
+        self.ranges
+            .iter()
+            .map(|&(lo, len)| {
+                at += len;
+                (lo, at - len, len)
+            })
+            .collect()
+    }
 }
 
 /// What `manifest.json` records: enough to rebuild the flat state at any world size.
@@ -118,7 +141,7 @@ pub fn start(run: &Path, t: &mut Trainer) -> Result<PendingSave> {
     // One metadata key holding a JSON object: a HashMap with several keys would be
     // serialised in random order, and identical states must give identical bytes.
     let info = serde_json::json!({
-        "step": t.step, "rank": rank, "world": world, "lo": t.shard_lo, "len": t.shard_len,
+        "step": t.step, "rank": rank, "world": world, "len": t.layout.shard_len(),
         "seed": t.cfg.train.seed, "samples_seen": t.samples_seen(), "adam_step": t.opt.step,
     });
     let meta = HashMap::from([("reg_ddp".to_string(), info.to_string())]);
@@ -180,14 +203,17 @@ pub fn finish(p: PendingSave, t: &Trainer) -> Result<PathBuf> {
     }
     let all: Vec<u8> = Vec::<u8>::try_from(all.to_device(Device::Cpu))?;
     let mut m = p.manifest;
-    let len = m.padded / world;
     m.shards = (0..world)
-        .map(|r| ShardEntry {
-            file: shard_file(r, world),
-            rank: r,
-            lo: r * len,
-            len,
-            sha256: weights::hex(&all[(32 * r) as usize..(32 * r + 32) as usize]),
+        .map(|r| {
+            let ranges = t.layout.ranges(r);
+            ShardEntry {
+                file: shard_file(r, world),
+                rank: r,
+                lo: ranges[0].0,
+                len: ranges.iter().map(|p| p.1).sum(),
+                ranges,
+                sha256: weights::hex(&all[(32 * r) as usize..(32 * r + 32) as usize]),
+            }
         })
         .collect();
     weights::write_atomic(&p.dir.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
@@ -235,7 +261,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
     let m: Manifest = serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: not a reg-ddp manifest: {e}", path.display())))?;
-    if m.format_version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&m.format_version) {
         bail_input!("{}: format_version {} (this build reads {FORMAT_VERSION})", path.display(), m.format_version);
     }
     for s in &m.shards {
@@ -272,8 +298,8 @@ fn read_range(dir: &Path, m: &Manifest, name: &str, lo: i64, dst: &Tensor) -> Re
     let len = dst.size()[0];
     let hi = (lo + len).min(m.total);
     for s in &m.shards {
-        let (a, b) = (lo.max(s.lo), hi.min(s.lo + s.len));
-        if a >= b {
+        let pieces: Vec<(i64, i64, i64)> = s.pieces().into_iter().filter(|&(p, _, n)| lo.max(p) < hi.min(p + n)).collect();
+        if pieces.is_empty() {
             continue;
         }
         let f = dir.join(&s.file);
@@ -286,9 +312,12 @@ fn read_range(dir: &Path, m: &Manifest, name: &str, lo: i64, dst: &Tensor) -> Re
         if view.shape() != [s.len as usize] || view.dtype() != safetensors::Dtype::F32 {
             bail_input!("{}: tensor {name}: expected f32 [{}]", f.display(), s.len);
         }
-        let bytes = &view.data()[((a - s.lo) * 4) as usize..((b - s.lo) * 4) as usize];
-        let src = Tensor::f_from_data_size(bytes, &[b - a], Kind::Float)?;
-        dst.narrow(0, a - lo, b - a).copy_(&src);
+        for (p, at, n) in pieces {
+            let (a, b) = (lo.max(p), hi.min(p + n));
+            let bytes = &view.data()[((a - p + at) * 4) as usize..((b - p + at) * 4) as usize];
+            let src = Tensor::f_from_data_size(bytes, &[b - a], Kind::Float)?;
+            dst.narrow(0, a - lo, b - a).copy_(&src);
+        }
     }
     Ok(())
 }
@@ -307,11 +336,15 @@ pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
         );
     }
     let _g = tch::no_grad_guard();
-    let lo = t.shard_lo;
-    let staging = Tensor::zeros([t.shard_len], (Kind::Float, Device::Cpu));
+    let staging = Tensor::zeros([t.layout.shard_len()], (Kind::Float, Device::Cpu));
+    let mine = t.layout.ranges(t.rank());
     for name in STATE {
         let _ = staging.shallow_clone().zero_();
-        read_range(dir, m, name, lo, &staging)?;
+        let mut at = 0;
+        for &(lo, len) in &mine {
+            read_range(dir, m, name, lo, &staging.narrow(0, at, len))?;
+            at += len;
+        }
         let dst = match name {
             "weights" => t.shard(),
             "exp_avg" => t.opt.exp_avg.shallow_clone(),
@@ -321,7 +354,7 @@ pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
         dst.shallow_clone().copy_(&staging);
     }
     if t.world() > 1 {
-        t.comm.all_gather(&t.shard(), &t.params.flat)?;
+        t.layout.all_gather(t.comm.as_ref(), &t.shard(), &t.params.flat)?;
     }
     t.opt.set_step(m.adam_step);
     t.step = m.step;

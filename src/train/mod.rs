@@ -6,8 +6,10 @@
 pub mod checkpoint;
 pub mod faults;
 pub mod fid;
+pub mod overlap;
 pub mod run;
 mod run_folder;
+pub mod zero;
 
 use crate::config::{Condition, Config, DataSource, EncoderMode, SitDims, TextEncoderMode};
 use crate::data::Batch;
@@ -22,8 +24,10 @@ use crate::model::{build_sit_padded, Caption, Cond, Params, SiT};
 use crate::optim::{clip_factor, sq_sum, AdamW, Ema};
 use anyhow::Result;
 use faults::Faults;
+use overlap::BucketWatch;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
+use zero::ShardLayout;
 
 /// A dataset must hold what the model expects: latent shape, encoder tokens and
 /// width, class count. Input errors name `index.json` and the field.
@@ -131,39 +135,43 @@ pub struct StepStats {
     /// The update was skipped (non-finite loss or gradients on some rank).
     pub skipped: bool,
     /// Milliseconds this rank spent blocked in the step's collectives: all of it is
-    /// exposed, as nothing overlaps them yet. Measured where collectives block the host
-    /// (MPI on the CPU); `None` on a GPU, where they are queued on the stream (`bench
-    /// --profile` times them there).
+    /// exposed, as MPI blocks the host even inside backward (`dist.overlap` changes
+    /// when, not how long). Measured where collectives block the host (MPI on the CPU);
+    /// `None` on a GPU, where they are queued on streams (`bench --profile` times
+    /// them there).
     pub comm_ms: Option<f64>,
     /// Gigabytes this rank sent in the step's collectives (a ring moves (w - 1) / w of
     /// each buffer per rank).
     pub comm_gb: f64,
+    /// Share of the gradient buckets handed to their reduce-scatter while backward was
+    /// still running (`dist.overlap`; 0 without it, or with one rank).
+    pub overlapped: f64,
 }
 
 /// The collectives of one step: host time blocked in them and bytes sent.
 struct CommMeter {
     world: i64,
     host_blocking: bool,
-    ms: f64,
-    bytes: f64,
+    ms: std::cell::Cell<f64>,
+    bytes: std::cell::Cell<f64>,
 }
 
 impl CommMeter {
     fn new(world: i64, device: Device) -> Self {
-        CommMeter { world, host_blocking: device == Device::Cpu, ms: 0.0, bytes: 0.0 }
+        CommMeter { world, host_blocking: device == Device::Cpu, ms: Default::default(), bytes: Default::default() }
     }
 
     /// Runs one collective over a buffer of `bytes` (the whole buffer, before sharding).
-    fn time<R>(&mut self, bytes: i64, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    fn time<R>(&self, bytes: i64, f: impl FnOnce() -> Result<R>) -> Result<R> {
         let start = std::time::Instant::now();
         let r = f();
-        self.ms += start.elapsed().as_secs_f64() * 1e3;
-        self.bytes += bytes as f64 * (self.world - 1) as f64 / self.world as f64;
+        self.ms.set(self.ms.get() + start.elapsed().as_secs_f64() * 1e3);
+        self.bytes.set(self.bytes.get() + bytes as f64 * (self.world - 1) as f64 / self.world as f64);
         r
     }
 
     fn read(&self) -> (Option<f64>, f64) {
-        (self.host_blocking.then_some(self.ms), self.bytes / 1e9)
+        (self.host_blocking.then_some(self.ms.get()), self.bytes.get() / 1e9)
     }
 }
 
@@ -242,13 +250,15 @@ pub struct Trainer {
     rows: i64,
     /// Rows per forward/backward pass (`train.micro_batch`).
     micro: i64,
-    /// This rank's slice of the flat buffers: `[shard_lo, shard_lo + shard_len)`.
-    shard_lo: i64,
-    shard_len: i64,
+    /// Which pieces of the flat buffers this rank owns: one slice of every bucket.
+    layout: ShardLayout,
+    /// Hooks that report buckets backward has finished (`dist.overlap`, several ranks).
+    watch: Option<BucketWatch>,
+    /// The fp32 master weights of those pieces, contiguous (with one rank: the flat
+    /// weights themselves).
+    master: Tensor,
     /// Reduced (averaged) gradients of the shard.
     shard_grad: Tensor,
-    /// Elements per rank in one reduce-scatter bucket.
-    bucket: i64,
     phases: Phases,
     /// A checkpoint copy in flight on a side stream (`train.async_checkpoint_copy`):
     /// the next update waits for it on the GPU.
@@ -279,14 +289,23 @@ impl Trainer {
             _ => None,
         };
         let (model, params) = build_sit_padded(&dims, device, cfg.train.seed, world * SHARD_ALIGN)?;
-        let shard_len = params.padded_len() / world;
-        let shard_lo = rank * shard_len;
-        let shard = params.flat.narrow(0, shard_lo, shard_len);
-        let opt = AdamW::new(&cfg.optim, &shard);
-        let ema = Ema::new(cfg.optim.ema_decay, &shard);
-        // With one rank the shard's gradient is the flat gradient itself: no copy.
-        let shard_grad = if world == 1 { params.grad.shallow_clone() } else { shard.zeros_like() };
-        let bucket = ((cfg.dist.bucket_mb * 1e6 / 4.0) as i64 / world).max(1);
+        let per_rank = (cfg.dist.bucket_mb * 1e6 / 4.0) as i64 / world;
+        let layout = ShardLayout::new(params.padded_len(), world, rank, per_rank, SHARD_ALIGN);
+        // With one rank the shard is the flat buffers themselves: no copies.
+        let (master, shard_grad) = if world == 1 {
+            (params.flat.shallow_clone(), params.grad.shallow_clone())
+        } else {
+            let master = params.flat.new_zeros([layout.shard_len()], (Kind::Float, device));
+            layout.copy_out(&params.flat, &master);
+            let grad = master.zeros_like();
+            (master, grad)
+        };
+        let watch = match world > 1 && cfg.dist.overlap_on(device) {
+            true => Some(BucketWatch::new(params.handles(), &params.entries, layout.buckets())?),
+            false => None,
+        };
+        let opt = AdamW::new(&cfg.optim, &master);
+        let ema = Ema::new(cfg.optim.ema_decay, &master);
         // A precomputed dataset holds its own empty caption's states.
         let mut stored_null = None;
         let source: Box<dyn BatchSource> = match cfg.data.resolved_source() {
@@ -353,10 +372,10 @@ impl Trainer {
             row_lo: rank * rows,
             rows,
             micro,
-            shard_lo,
-            shard_len,
+            layout,
+            watch,
+            master,
             shard_grad,
-            bucket,
             phases: Phases::default(),
             save_fence: None,
             staging: Vec::new(),
@@ -414,7 +433,7 @@ impl Trainer {
 
     /// This rank's slice of the live weights.
     fn shard(&self) -> Tensor {
-        self.params.flat.narrow(0, self.shard_lo, self.shard_len)
+        self.master.shallow_clone()
     }
 
     /// One optimisation step; returns its metrics averaged over ranks.
@@ -439,7 +458,10 @@ impl Trainer {
         self.phases.mark(device, "data");
 
         let passes = self.rows / self.micro;
+        let comm = CommMeter::new(self.world(), self.comm.device());
+        // The earlier passes' gradients, summed as a tree (see `PairwiseSum`).
         let mut grads = PairwiseSum::default();
+        let mut finished = vec![false; self.layout.buckets().len()];
         let (mut metrics, mut local_bad) = (Vec::new(), Vec::new());
         self.params.zero_grad();
         for pass in 0..passes {
@@ -461,9 +483,17 @@ impl Trainer {
                 terms.total = &terms.total * f64::NAN;
             }
             self.phases.mark(device, "forward");
-            terms.total.backward();
-            if passes > 1 {
-                // Each pass's gradient is a leaf of the sum tree (see `PairwiseSum`).
+            let last = pass + 1 == passes;
+            match &self.watch {
+                // The last pass: each bucket is reduce-scattered as soon as backward
+                // has written it.
+                Some(watch) if last => {
+                    let mut ready = |k: usize| self.finish_bucket(k, &grads, passes, &comm);
+                    finished = watch.during(&mut ready, || terms.total.backward())?;
+                }
+                _ => terms.total.backward(),
+            }
+            if !last {
                 grads.push(self.params.grad.copy());
                 self.params.zero_grad();
             }
@@ -475,14 +505,18 @@ impl Trainer {
                 0,
             ));
         }
-        if let Some(sum) = grads.finish() {
-            // A power-of-two count divides exactly: the mean rounds as the sum did.
-            self.params.grad.shallow_clone().copy_(&(sum / passes as f64));
-        }
 
         let _g = tch::no_grad_guard();
-        let mut comm = CommMeter::new(self.world(), self.comm.device());
-        comm.time(self.params.padded_len() * 4, || self.reduce_scatter_grads())?;
+        let overlapped = finished.iter().filter(|&&f| f).count() as f64 / finished.len() as f64;
+        // Buckets backward did not hand over (no overlap, or parameters it did not
+        // reach), last first.
+        for k in (0..finished.len()).rev().filter(|&k| !finished[k]) {
+            self.finish_bucket(k, &grads, passes, &comm)?;
+        }
+        if self.world() > 1 {
+            self.comm.wait_async()?;
+            let _ = self.shard_grad.g_div_scalar_(self.world() as f64);
+        }
         self.phases.mark(device, "reduce_scatter");
         // One all-reduce carries the gradient's sum of squares and "my loss is not
         // finite": every rank then agrees, on the device, whether to skip this update.
@@ -501,7 +535,7 @@ impl Trainer {
         self.ema.update_unless(&shard, &skip);
         self.phases.mark(device, "clip_adamw_ema");
         if self.world() > 1 {
-            comm.time(self.params.padded_len() * 4, || self.comm.all_gather(&shard, &self.params.flat))?;
+            comm.time(self.params.padded_len() * 4, || self.layout.all_gather(self.comm.as_ref(), &shard, &self.params.flat))?;
         }
         self.phases.mark(device, "all_gather");
         self.step += 1;
@@ -520,7 +554,7 @@ impl Trainer {
         let grad_norm = norm.double_value(&[]);
         self.phases.mark(device, "metrics");
         let (comm_ms, comm_gb) = comm.read();
-        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm, skipped, comm_ms, comm_gb })
+        Ok(StepStats { loss: m[0], denoise: m[1], proj: m[2], cls: m[3], grad_norm, skipped, comm_ms, comm_gb, overlapped })
     }
 
     /// The condition of rows `[lo, lo + n)` of this rank's batch, on the device: labels,
@@ -559,31 +593,27 @@ impl Trainer {
         crate::dist::agree(self.comm.as_ref(), values)
     }
 
-    /// Sums every rank's gradients into this rank's shard, bucket by bucket, and
-    /// averages.
-    fn reduce_scatter_grads(&mut self) -> Result<()> {
-        let world = self.world();
-        if world == 1 {
-            return Ok(());
+    /// Makes bucket `k`'s gradients final: the mean over this rank's passes (the
+    /// earlier ones summed in `earlier`, the last in `params.grad`), then every rank's
+    /// sum in this rank's slice of `shard_grad` (not yet divided by the rank count).
+    fn finish_bucket(&self, k: usize, earlier: &PairwiseSum, passes: i64, comm: &CommMeter) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let b = self.layout.buckets()[k];
+        if passes > 1 {
+            let grad = self.params.grad.narrow(0, b.lo, b.len);
+            let sum = earlier.finish_with(grad.copy(), |t| t.narrow(0, b.lo, b.len));
+            // A power-of-two count divides exactly: the mean rounds as the sum did.
+            grad.shallow_clone().copy_(&(sum / passes as f64));
         }
-        for (j, len) in self.buckets() {
-            self.reduce_scatter_bucket(j, len)?;
+        if self.world() > 1 {
+            let (comm_, grad, out) = (self.comm.as_ref(), &self.params.grad, &self.shard_grad);
+            // With overlap, beside backward (NCCL: on its side stream).
+            match self.watch {
+                Some(_) => comm.time(b.len * 4, || self.layout.reduce_scatter_async(comm_, &b, grad, out))?,
+                None => comm.time(b.len * 4, || self.layout.reduce_scatter(comm_, &b, grad, out))?,
+            }
         }
-        let _ = self.shard_grad.g_div_scalar_(world as f64);
         Ok(())
-    }
-
-    /// The reduce-scatter buckets: (start, length) within a rank's shard.
-    fn buckets(&self) -> Vec<(i64, i64)> {
-        (0..self.shard_len).step_by(self.bucket as usize).map(|j| (j, self.bucket.min(self.shard_len - j))).collect()
-    }
-
-    /// Bucket `[j, j + len)`: that piece of every rank's shard, staged contiguously,
-    /// summed into this rank's `shard_grad`.
-    fn reduce_scatter_bucket(&self, j: i64, len: i64) -> Result<()> {
-        let by_rank = self.params.grad.view([self.world(), self.shard_len]);
-        let staged = by_rank.narrow(1, j, len).contiguous().view([-1]);
-        self.comm.reduce_scatter_sum(&staged, &self.shard_grad.narrow(0, j, len))
     }
 
     /// What this step's collectives cost on the ranks at hand (`bench --comm`): each
@@ -593,13 +623,14 @@ impl Trainer {
     /// gradient shard, so not in the middle of training.
     pub fn time_collectives(&mut self, repeats: usize) -> Result<CommProfile> {
         let _g = tch::no_grad_guard();
-        let buckets = self.buckets();
+        let buckets = self.layout.buckets().to_vec();
         let shard = self.shard();
-        // The bf16 gather starts from zeros but this rank's piece, so that its result
+        // The bf16 gather starts from zeros but this rank's pieces, so that its result
         // (every rank's weights, which are the same) checks the gather itself.
         let want = self.params.flat.to_kind(Kind::BFloat16);
-        let half_shard = want.narrow(0, self.shard_lo, self.shard_len).copy();
+        let half_shard = shard.to_kind(Kind::BFloat16);
         let half = want.zeros_like();
+        let comm = self.comm.as_ref();
         // Ranks start each collective together, and the device has finished it at the end.
         let timed = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
             self.comm.barrier()?;
@@ -611,11 +642,11 @@ impl Trainer {
         let (mut rs, mut ag32, mut ag16) = (vec![Vec::new(); buckets.len()], Vec::new(), Vec::new());
         for round in 0..=repeats {
             let add = |v: &mut Vec<f64>, ms: f64| (round > 0).then(|| v.push(ms));
-            for (k, &(j, len)) in buckets.iter().enumerate() {
-                add(&mut rs[k], timed(&|| self.reduce_scatter_bucket(j, len))?);
+            for (k, b) in buckets.iter().enumerate() {
+                add(&mut rs[k], timed(&|| self.layout.reduce_scatter(comm, b, &self.params.grad, &self.shard_grad))?);
             }
-            add(&mut ag32, timed(&|| self.comm.all_gather(&shard, &self.params.flat))?);
-            add(&mut ag16, timed(&|| self.comm.all_gather(&half_shard, &half))?);
+            add(&mut ag32, timed(&|| self.layout.all_gather(comm, &shard, &self.params.flat))?);
+            add(&mut ag16, timed(&|| self.layout.all_gather(comm, &half_shard, &half))?);
         }
         if !half.equal(&want) {
             anyhow::bail!("bench --comm: the bf16 all-gather did not give back the weights");
@@ -626,7 +657,7 @@ impl Trainer {
         };
         Ok(CommProfile {
             world: self.world(),
-            bucket_elements: buckets.iter().map(|&(_, len)| len * self.world()).collect(),
+            bucket_elements: buckets.iter().map(|b| b.len).collect(),
             reduce_scatter_ms: rs.into_iter().map(median).collect(),
             gather_elements: self.params.padded_len(),
             all_gather_f32_ms: median(ag32),
@@ -640,7 +671,7 @@ impl Trainer {
             return Ok(shard.shallow_clone());
         }
         let full = self.params.flat.zeros_like();
-        self.comm.all_gather(&shard.contiguous(), &full)?;
+        self.layout.all_gather(self.comm.as_ref(), shard, &full)?;
         Ok(full)
     }
 
@@ -660,7 +691,10 @@ impl Trainer {
     fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
         self.params.load_file(path)?;
         let _g = tch::no_grad_guard();
-        self.ema.shadow.copy_(&self.shard());
+        if self.world() > 1 {
+            self.layout.copy_out(&self.params.flat, &self.master);
+        }
+        self.ema.shadow.copy_(&self.master);
         Ok(())
     }
 

@@ -49,6 +49,7 @@ impl Window {
         self.sum.grad_norm += s.grad_norm;
         self.sum.comm_ms = s.comm_ms.map(|ms| self.sum.comm_ms.unwrap_or(0.0) + ms);
         self.sum.comm_gb += s.comm_gb;
+        self.sum.overlapped += s.overlapped;
         self.n += 1.0;
     }
     fn mean(&self) -> StepStats {
@@ -62,6 +63,7 @@ impl Window {
             skipped: false,
             comm_ms: self.sum.comm_ms.map(|ms| ms / n),
             comm_gb: self.sum.comm_gb / n,
+            overlapped: self.sum.overlapped / n,
         }
     }
 }
@@ -148,8 +150,8 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"rank": rank, "world": world, "pid": std::process::id(), "flat": t.params.padded_len(),
-                "shard": t.shard_len, "exp_avg": t.opt.exp_avg.numel(), "exp_avg_sq": t.opt.exp_avg_sq.numel(),
-                "ema": t.ema.shadow.numel(), "step": t.step})
+                "shard": t.layout.shard_len(), "exp_avg": t.opt.exp_avg.numel(), "exp_avg_sq": t.opt.exp_avg_sq.numel(),
+                "ema": t.ema.shadow.numel(), "buckets": t.layout.buckets().len(), "step": t.step})
         );
     }
     // Only once everything validated: a bad input leaves no half-made run folder.
@@ -225,6 +227,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
                     ("perf/images_per_s", ips),
                     ("perf/step_ms", step_ms),
                     ("perf/comm_gb", m.comm_gb),
+                    ("perf/comm_overlapped", m.overlapped),
                 ],
             )?;
             if let Some(ms) = m.comm_ms {
@@ -237,7 +240,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
                     "{}",
                     serde_json::json!({"step": t.step, "loss": m.loss, "denoise": m.denoise, "proj": m.proj,
                         "cls": m.cls, "grad_norm": m.grad_norm, "skipped": t.skipped, "images_per_s": ips, "step_ms": step_ms,
-                        "comm_ms": m.comm_ms, "comm_gb": m.comm_gb})
+                        "comm_ms": m.comm_ms, "comm_gb": m.comm_gb, "overlapped": m.overlapped})
                 );
             }
             window = Window::default();
