@@ -129,6 +129,37 @@ fn buckets_reduced_during_backward_train_the_same_model() {
     assert_identical_model("format 1 resumed on 4 ranks", &w, &ema, &ref_w, &ref_ema);
 }
 
+/// Computing in bf16, the ranks all-gather their weights in bf16 (half the bytes):
+/// exact, because every layer casts its weights to bf16 before using them, so 2 and 4
+/// ranks still train the same model bit for bit as 1 rank (fp32 masters on each).
+#[test]
+fn weights_gathered_in_bf16_train_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().display().to_string();
+    let mut models = Vec::new();
+    for np in [1usize, 2, 4] {
+        let name = format!("bf16np{np}");
+        let set = ["--set", "train.steps=8", "--set", "train.log_every=1", "--set", "train.micro_batch=4", "--set", "train.precision=bf16"];
+        let args = train_args(&out, &name, &set);
+        let o = mpirun(np, &args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let lines = json_lines(&o.stdout);
+        let flat = lines.iter().find_map(|j| j.get("flat")?.as_f64()).unwrap();
+        // fp32 gradients reduce-scattered, bf16 weights gathered, two 16-byte all-reduces.
+        let want_gb = (flat * 4.0 + flat * 2.0 + 32.0) * (np as f64 - 1.0) / np as f64 / 1e9;
+        for j in lines.iter().filter(|j| j.get("loss").is_some()) {
+            let gb = j["comm_gb"].as_f64().unwrap();
+            assert!((gb - want_gb).abs() <= 1e-12 * want_gb.max(1.0), "np={np}: comm_gb {gb} vs {want_gb}");
+        }
+        let ckpt = dir.path().join(&name).join("step-0000008");
+        models.push((np, export(&ckpt, false), export(&ckpt, true)));
+    }
+    let (_, ref_w, ref_ema) = &models[0];
+    for (np, w, ema) in &models[1..] {
+        assert_identical_model(&format!("bf16, {np} ranks"), w, ema, ref_w, ref_ema);
+    }
+}
+
 /// Starts a long 2-rank run with a short watchdog; returns the child and rank 1's pid.
 /// `recovery`: mpirun keeps the job running when a rank dies (by default it kills the
 /// others at once, with its own message), so that our watchdog has to end it.

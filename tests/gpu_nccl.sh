@@ -10,6 +10,10 @@
 #      with the 1-rank run. NCCL's ring sums in another order on each world size, so
 #      the runs differ in rounding only: the stated tolerance is on the 20 steps'
 #      update, |dW_N - dW_1| / |dW_1| <= 0.05 for the weights and the EMA;
+#   2b. overlap: the same on 2 and 4 ranks with `dist.overlap=true` and small buckets
+#      (each bucket's reduce-scatter queued on NCCL's side stream from backward's
+#      post-accumulate hook, on autograd's device thread), against the same 1-rank run
+#      and tolerance, with the share of buckets handed over during backward;
 #   3. a killed rank: rank 1 of 2 is SIGKILLed mid-run with mpirun told to keep the
 #      job going, and rank 0 must end by itself (watchdog or NCCL's asynchronous
 #      error, then ncclCommAbort) with a line naming rank 1, within the timeout + 30 s.
@@ -83,6 +87,9 @@ train() { # train NP PRESET NAME [-- extra train args]
 for preset in $PRESETS; do
     for np in $RANKS; do
         train "$np" "$preset" "$preset-np$np" || echo "failed" > "$WORK/$preset-np$np.failed"
+        [ "$np" -gt 1 ] || continue
+        train "$np" "$preset" "$preset-np$np-overlap" -- --set dist.overlap=true --set dist.bucket_mb="${OVERLAP_BUCKET_MB:-4}" ||
+            echo "failed" > "$WORK/$preset-np$np-overlap.failed"
     done
     # The initial weights, for the update: one step at learning rate 1e-30 (0 is
     # refused) moves no fp32 weight.
@@ -172,17 +179,22 @@ for preset in sys.argv[6].split():
     try:
         init = load(f"{work}/{preset}-init.safetensors")
         ref, ref_ema = load(f"{work}/{preset}-np{ranks[0]}.safetensors"), load(f"{work}/{preset}-np{ranks[0]}-ema.safetensors")
-        for np in ranks[1:]:
-            if os.path.exists(f"{work}/{preset}-np{np}.failed"):
-                p[str(np)] = {"failed": open(f"{work}/{preset}-np{np}.err").read()[-500:]}
+        steps_of = lambda run: [json.loads(l) for l in open(f"{work}/{run}.jsonl") if '"loss"' in l]
+        for run in [f"{np}" for np in ranks[1:]] + [f"{np}-overlap" for np in ranks[1:]]:
+            name = f"{preset}-np{run}"
+            if os.path.exists(f"{work}/{name}.failed"):
+                p[run] = {"failed": open(f"{work}/{name}.err").read()[-500:]}
                 continue
-            w, e = load(f"{work}/{preset}-np{np}.safetensors"), load(f"{work}/{preset}-np{np}-ema.safetensors")
+            w, e = load(f"{work}/{name}.safetensors"), load(f"{work}/{name}-ema.safetensors")
             dw, de = update_diff(init, ref, w), update_diff(init, ref_ema, e)
-            losses = lambda n: [json.loads(l)["loss"] for l in open(f"{work}/{preset}-np{n}.jsonl") if '"loss"' in l and json.loads(l).get("rank", 0) == 0]
-            p[str(np)] = {"weights_update_diff": dw, "ema_update_diff": de,
-                          "max_abs_weight_diff": max((w[k] - ref[k]).abs().max().item() for k in ref),
-                          "final_loss": losses(np)[-1:], "final_loss_1": losses(ranks[0])[-1:],
-                          "pass": dw is not None and de is not None and dw <= 0.05 and de <= 0.05}
+            p[run] = {"weights_update_diff": dw, "ema_update_diff": de,
+                      "max_abs_weight_diff": max((w[k] - ref[k]).abs().max().item() for k in ref),
+                      "final_loss": [s["loss"] for s in steps_of(name)][-1:],
+                      "final_loss_1": [s["loss"] for s in steps_of(f"{preset}-np{ranks[0]}")][-1:],
+                      "overlapped": [s.get("overlapped") for s in steps_of(name)][-1:],
+                      "pass": dw is not None and de is not None and dw <= 0.05 and de <= 0.05}
+            if run.endswith("-overlap"):
+                p[run]["pass"] = p[run]["pass"] and (p[run]["overlapped"] or [0])[0] >= 0.5
     except Exception as ex:  # a missing file: report, do not hide the rest
         p["error"] = repr(ex)
     eq[preset] = p

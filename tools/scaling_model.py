@@ -29,8 +29,9 @@ def main():
     p.add_argument("--buckets", type=int, default=28, help="one per SiT block")
     a = p.parse_args()
 
-    print("| GPUs | local batch | step compute (ms) | GB sent per GPU per step: today / overlapped | exposed comm (ms): "
-          "today / overlapped / + bf16 gradients | images/s, overlapped | efficiency: today / overlapped / + bf16 gradients |")
+    print("| GPUs | local batch | step compute (ms) | GB sent per GPU per step: fp32 gather / bf16 gather | exposed comm (ms): "
+          "before / built / planned / + bf16 gradients | images/s: built / planned | "
+          "efficiency: before / built / planned / + bf16 gradients |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in [int(x) for x in a.gpus.split(",")]:
         b = a.global_batch // n
@@ -39,24 +40,26 @@ def main():
         compute = fwd + bwd + a.optim_ms / n + a.fixed_ms
         busbw = a.nvlink_busbw if n <= a.gpus_per_node else a.ib_busbw
         share = (n - 1) / n
-        # Bytes each rank sends: reduce-scatter of fp32 gradients; all-gather of fp32
-        # masters today, of bf16 working weights once item 2 lands.
+        # Bytes each rank sends: reduce-scatter of fp32 gradients; all-gather of the
+        # weights in fp32 (before) or bf16 (built: the compute precision).
         rs = a.params * 4 * share
         ag_today, ag_bf16 = a.params * 4 * share, a.params * 2 * share
         ms = lambda nbytes: nbytes / (busbw * 1e9) * 1e3
         today = ms(rs) + ms(ag_today)
-        # Overlapped: reduce-scatters run under backward, bucket by bucket; the last
-        # bucket's cannot. The all-gather runs under the next forward; the first bucket's
-        # cannot.
+        # Built (dist.overlap): reduce-scatters run under backward, bucket by bucket; the
+        # last bucket's cannot. The bf16 all-gather follows the optimiser, exposed.
         exposed_rs = max(ms(rs) / a.buckets, ms(rs) - bwd)
+        built = exposed_rs + ms(ag_bf16)
+        # Planned: the all-gather also runs under the next forward; the first bucket's
+        # cannot.
         exposed_ag = max(ms(ag_bf16) / a.buckets, ms(ag_bf16) - fwd)
         over = exposed_rs + exposed_ag
         # The same with the gradients reduce-scattered in bf16 (half the bytes).
         half = max(ms(rs / 2) / a.buckets, ms(rs / 2) - bwd) + exposed_ag
         gb = f"{(rs + ag_today) / 1e9:.2f} / {(rs + ag_bf16) / 1e9:.2f}"
-        ips = n * b / ((compute + over) / 1e3)
-        eff = " / ".join(f"{compute / (compute + x):.1%}" for x in (today, over, half))
-        print(f"| {n} | {b} | {compute:.1f} | {gb} | {today:.1f} / {over:.1f} / {half:.1f} | {ips:,.0f} | {eff} |")
+        ips = " / ".join(f"{n * b / ((compute + x) / 1e3):,.0f}" for x in (built, over))
+        eff = " / ".join(f"{compute / (compute + x):.1%}" for x in (today, built, over, half))
+        print(f"| {n} | {b} | {compute:.1f} | {gb} | {today:.1f} / {built:.1f} / {over:.1f} / {half:.1f} | {ips} | {eff} |")
 
 
 if __name__ == "__main__":

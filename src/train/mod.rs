@@ -535,7 +535,9 @@ impl Trainer {
         self.ema.update_unless(&shard, &skip);
         self.phases.mark(device, "clip_adamw_ema");
         if self.world() > 1 {
-            comm.time(self.params.padded_len() * 4, || self.layout.all_gather(self.comm.as_ref(), &shard, &self.params.flat))?;
+            // In the compute precision: every layer casts its weights to it anyway.
+            let bytes = self.params.padded_len() * self.kind.elt_size_in_bytes() as i64;
+            comm.time(bytes, || self.layout.all_gather_as(self.comm.as_ref(), &shard, &self.params.flat, self.kind))?;
         }
         self.phases.mark(device, "all_gather");
         self.step += 1;

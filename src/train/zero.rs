@@ -81,6 +81,23 @@ impl ShardLayout {
         Ok(())
     }
 
+    /// As `all_gather` into the fp32 `flat`, but sending the weights as `kind` (bf16:
+    /// half the bytes), each bucket through a temporary. The working weights are then
+    /// rounded to `kind`: exact for a model that casts every weight to `kind` before
+    /// using it, as SiT does when it computes in `kind`; the masters stay fp32.
+    pub fn all_gather_as(&self, comm: &dyn Comm, shard: &Tensor, flat: &Tensor, kind: tch::Kind) -> Result<()> {
+        if kind == flat.kind() {
+            return self.all_gather(comm, shard, flat);
+        }
+        let low = shard.to_kind(kind);
+        for b in &self.buckets {
+            let whole = Tensor::empty([b.len], (kind, flat.device()));
+            comm.all_gather(&low.narrow(0, b.shard_lo, b.slice), &whole)?;
+            flat.narrow(0, b.lo, b.len).copy_(&whole);
+        }
+        Ok(())
+    }
+
     /// The rank count this layout was cut for.
     pub fn world(&self) -> i64 {
         self.world
