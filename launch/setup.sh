@@ -37,9 +37,23 @@ want="$(cat launch/constraints.txt)"
 stamp="$VIRTUAL_ENV/.reg-ddp-installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into .venv (torch 2.11.0 is large; first run takes minutes)"
+  # pip unpacks the wheels on one core; meanwhile the other compiles the crates that do
+  # not need torch (--keep-going skips torch-sys and what depends on it, whose build
+  # scripts fail until torch is in place; failures are not cached). The build after
+  # set-up reuses what is done, about a minute off a fresh set-up. Its own process
+  # group, stopped as a whole when pip is done.
+  prebuild=""
+  if [ -f Cargo.toml ] && [ -z "${REG_DDP_NO_PREBUILD:-}" ]; then
+    setsid cargo build --release --quiet --keep-going -j 1 > /dev/null 2>&1 &
+    prebuild=$!
+  fi
   "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
   "$VIRTUAL_ENV/bin/pip" install -q -c launch/constraints.txt torch numpy scipy tensorboard protobuf nvidia-cuda-crt nvidia-cuda-cccl
   printf '%s' "$want" > "$stamp"
+  if [ -n "$prebuild" ]; then
+    kill -INT -- "-$prebuild" 2> /dev/null || true
+    wait "$prebuild" 2> /dev/null || true
+  fi
 fi
 "$VIRTUAL_ENV/bin/python" - <<'PY'
 import torch, sys
