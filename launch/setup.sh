@@ -40,8 +40,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # pip unpacks the wheels on one core; meanwhile the other compiles the crates that do
   # not need torch (--keep-going skips torch-sys and what depends on it, whose build
   # scripts fail until torch is in place; failures are not cached). The build after
-  # set-up reuses what is done, about a minute off a fresh set-up. Its own process
-  # group, stopped as a whole when pip is done.
+  # set-up reuses what is done. Its own process group, stopped as a whole when pip is
+  # done (SIGTERM: a background job of a script ignores SIGINT).
   prebuild=""
   if [ -f Cargo.toml ] && [ -z "${REG_DDP_NO_PREBUILD:-}" ]; then
     setsid cargo build --release --quiet --keep-going -j 1 > /dev/null 2>&1 &
@@ -51,7 +51,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VIRTUAL_ENV/bin/pip" install -q -c launch/constraints.txt torch numpy scipy tensorboard protobuf nvidia-cuda-crt nvidia-cuda-cccl
   printf '%s' "$want" > "$stamp"
   if [ -n "$prebuild" ]; then
-    kill -INT -- "-$prebuild" 2> /dev/null || true
+    kill -TERM -- "-$prebuild" 2> /dev/null || true
     wait "$prebuild" 2> /dev/null || true
   fi
 fi
