@@ -110,6 +110,11 @@ pub trait Comm {
     fn reduce_scatter_sum_async(&self, input: &Tensor, output: &Tensor) -> Result<()> {
         self.reduce_scatter_sum(input, output)
     }
+    /// As `all_gather`, but free to run beside the compute queued after it, as
+    /// `reduce_scatter_sum_async`.
+    fn all_gather_async(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        self.all_gather(input, output)
+    }
     /// Work queued from now on runs after every `*_async` collective queued so far.
     fn wait_async(&self) -> Result<()> {
         Ok(())

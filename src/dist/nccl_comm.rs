@@ -196,6 +196,19 @@ impl Comm for NcclComm {
         .map_err(nccl_err("reduce-scatter"))?;
         Ok(())
     }
+    fn all_gather_async(&self, input: &Tensor, output: &Tensor) -> Result<()> {
+        self.check_pair(input, output, "all-gather")?;
+        let (dt, current) = (dtype(input.kind())?, self.stream()?);
+        let side = self.side_stream()?;
+        // The weights were written by the work queued on the compute stream so far.
+        // SAFETY: libtorch's current stream and a pooled one, both of this rank's GPU.
+        unsafe { shim::cuda_stream_wait(self.index, side as _, current as _)? };
+        // SAFETY: as `all_gather`; the caller keeps both buffers alive, and uses the
+        // output only after `wait_async`.
+        unsafe { nccl::all_gather(input.data_ptr(), output.data_ptr(), input.numel(), dt, self.comm, side) }
+            .map_err(nccl_err("all-gather"))?;
+        Ok(())
+    }
     fn wait_async(&self) -> Result<()> {
         if let Some(&side) = self.side.get() {
             // SAFETY: libtorch's current stream and the pooled side stream of this GPU.

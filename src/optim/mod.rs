@@ -74,6 +74,30 @@ impl AdamW {
         crate::shim::fused_adamw(param, grad, &self.exp_avg, &self.exp_avg_sq, &self.step_t, &args, found_inf)
     }
 
+    /// As `update_unless` over `parts` of the slice ((start, length) each), one after
+    /// another, with `after(i)` called once part `i` is queued: the same update, which
+    /// lets the caller start sending part `i` while later parts are computed.
+    pub fn update_parts_unless(
+        &mut self,
+        param: &Tensor,
+        grad: &Tensor,
+        found_inf: Option<&Tensor>,
+        parts: &[(i64, i64)],
+        mut after: impl FnMut(usize) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let _g = tch::no_grad_guard();
+        self.step += 1;
+        let _ = self.step_t.fill_(self.step as f64);
+        let args =
+            crate::shim::AdamWArgs { lr: self.lr, beta1: self.beta1, beta2: self.beta2, weight_decay: self.weight_decay, eps: self.eps };
+        for (i, &(lo, len)) in parts.iter().enumerate() {
+            let cut = |t: &Tensor| t.narrow(0, lo, len);
+            crate::shim::fused_adamw(&cut(param), &cut(grad), &cut(&self.exp_avg), &cut(&self.exp_avg_sq), &self.step_t, &args, found_inf)?;
+            after(i)?;
+        }
+        Ok(())
+    }
+
     /// The last update was skipped: its step does not count.
     pub fn undo_step(&mut self) {
         self.set_step(self.step - 1);

@@ -531,15 +531,32 @@ impl Trainer {
             // The checkpoint's copy reads the state this update overwrites.
             copy.order_before_current()?;
         }
-        self.opt.update_unless(&shard, &self.shard_grad, Some(&skip))?;
-        self.ema.update_unless(&shard, &skip);
-        self.phases.mark(device, "clip_adamw_ema");
-        if self.world() > 1 {
-            // In the compute precision: every layer casts its weights to it anyway.
-            let bytes = self.params.padded_len() * self.kind.elt_size_in_bytes() as i64;
-            comm.time(bytes, || self.layout.all_gather_as(self.comm.as_ref(), &shard, &self.params.flat, self.kind))?;
+        // The weights are all-gathered in the compute precision: every layer casts its
+        // weights to it anyway.
+        if self.watch.is_some() {
+            // Overlapped: each bucket's gather starts as soon as AdamW has updated its
+            // slice, beside the update of the next.
+            let parts: Vec<(i64, i64)> = self.layout.buckets().iter().map(|b| (b.shard_lo, b.slice)).collect();
+            let mut gathers = Vec::with_capacity(parts.len());
+            let (layout, comm_, flat, kind) = (&self.layout, self.comm.as_ref(), &self.params.flat, self.kind);
+            self.opt.update_parts_unless(&shard, &self.shard_grad, Some(&skip), &parts, |k| {
+                let bytes = layout.buckets()[k].len * kind.elt_size_in_bytes() as i64;
+                gathers.push(comm.time(bytes, || layout.start_gather(comm_, k, &shard, flat, kind))?);
+                Ok(())
+            })?;
+            self.ema.update_unless(&shard, &skip);
+            self.layout.finish_gathers(self.comm.as_ref(), gathers)?;
+            self.phases.mark(device, "clip_adamw_ema_all_gather");
+        } else {
+            self.opt.update_unless(&shard, &self.shard_grad, Some(&skip))?;
+            self.ema.update_unless(&shard, &skip);
+            self.phases.mark(device, "clip_adamw_ema");
+            if self.world() > 1 {
+                let bytes = self.params.padded_len() * self.kind.elt_size_in_bytes() as i64;
+                comm.time(bytes, || self.layout.all_gather_as(self.comm.as_ref(), &shard, &self.params.flat, self.kind))?;
+            }
+            self.phases.mark(device, "all_gather");
         }
-        self.phases.mark(device, "all_gather");
         self.step += 1;
 
         let metrics = Tensor::stack(&metrics, 0).mean_dim(0, false, Kind::Float);

@@ -16,6 +16,12 @@ pub struct Bucket {
     pub shard_lo: i64,
 }
 
+/// A bucket's all-gather in flight: for a lower precision, the slice sent, the buffer
+/// received and where it goes in the flat weights.
+pub struct Gathering {
+    low: Option<(Tensor, Tensor, Tensor)>,
+}
+
 /// Which elements of the flat buffers each rank owns, bucket by bucket.
 #[derive(Debug, Clone)]
 pub struct ShardLayout {
@@ -94,6 +100,32 @@ impl ShardLayout {
             let whole = Tensor::empty([b.len], (kind, flat.device()));
             comm.all_gather(&low.narrow(0, b.shard_lo, b.slice), &whole)?;
             flat.narrow(0, b.lo, b.len).copy_(&whole);
+        }
+        Ok(())
+    }
+
+    /// Starts bucket `k`'s all-gather of `shard` (fp32) into `flat` beside the compute
+    /// queued after it (`Comm::all_gather_async`), sent as `kind`. Returns the buffers
+    /// the collective still uses: keep them until `finish_gathers`.
+    pub fn start_gather(&self, comm: &dyn Comm, k: usize, shard: &Tensor, flat: &Tensor, kind: tch::Kind) -> Result<Gathering> {
+        let b = &self.buckets[k];
+        let mine = shard.narrow(0, b.shard_lo, b.slice);
+        let whole = flat.narrow(0, b.lo, b.len);
+        if kind == flat.kind() {
+            comm.all_gather_async(&mine, &whole)?;
+            return Ok(Gathering { low: None });
+        }
+        let (mine, into) = (mine.to_kind(kind), Tensor::empty([b.len], (kind, flat.device())));
+        comm.all_gather_async(&mine, &into)?;
+        Ok(Gathering { low: Some((mine, into, whole)) })
+    }
+
+    /// After `start_gather` of every bucket: waits for them (on the device) and widens
+    /// what came in as a lower precision into `flat`.
+    pub fn finish_gathers(&self, comm: &dyn Comm, gathers: Vec<Gathering>) -> Result<()> {
+        comm.wait_async()?;
+        for (_, into, whole) in gathers.into_iter().filter_map(|g| g.low) {
+            whole.shallow_clone().copy_(&into);
         }
         Ok(())
     }
