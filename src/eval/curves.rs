@@ -106,47 +106,55 @@ pub fn plot(path: &Path, points: &[Point]) -> Result<()> {
     let conditions: Vec<String> =
         points.iter().map(|p| p.condition.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     let max_step = points.iter().map(|p| p.step).max().unwrap_or(1).max(1);
-    let root = BitMapBackend::new(path, (560 * conditions.len().max(1) as u32, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let panels = root.split_evenly((1, conditions.len().max(1)));
-    for (panel, cond) in panels.iter().zip(&conditions) {
-        let mut b = ChartBuilder::on(panel);
-        b.margin(12).x_label_area_size(36).y_label_area_size(44);
-        if text {
-            b.caption(format!("{cond} condition"), ("sans-serif", 20));
-        }
-        let mut chart = b.build_cartesian_2d(0i64..max_step, 0f64..1f64).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-        let mut mesh = chart.configure_mesh();
-        if text {
-            mesh.x_desc("training step").y_desc("attribute accuracy (asked)");
-        } else {
-            mesh.disable_x_mesh().disable_y_mesh();
-        }
-        mesh.draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-        for m in METHODS {
-            let Some(curve) = c.get(&(cond.clone(), m.to_string())) else { continue };
-            let col = colour(m);
-            let lo: Vec<(i64, f64)> = curve.iter().map(|(s, v)| (*s, v.iter().cloned().fold(f64::INFINITY, f64::min))).collect();
-            let hi: Vec<(i64, f64)> = curve.iter().map(|(s, v)| (*s, v.iter().cloned().fold(f64::NEG_INFINITY, f64::max))).collect();
-            let band: Vec<(i64, f64)> = hi.iter().cloned().chain(lo.iter().rev().cloned()).collect();
-            chart.draw_series(std::iter::once(Polygon::new(band, col.mix(0.2)))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-            let line: Vec<(i64, f64)> = curve.iter().map(|(s, v)| (*s, mean(v))).collect();
-            let series = chart.draw_series(LineSeries::new(line, col.stroke_width(2))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    // Drawn into memory and written by `image`: plotters' own PNG encoder would build a
+    // second, older `image` crate into the binary.
+    let (w, h) = (560 * conditions.len().max(1) as u32, 420);
+    let mut pixels = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let panels = root.split_evenly((1, conditions.len().max(1)));
+        for (panel, cond) in panels.iter().zip(&conditions) {
+            let mut b = ChartBuilder::on(panel);
+            b.margin(12).x_label_area_size(36).y_label_area_size(44);
             if text {
-                series.label(label(m)).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], col.stroke_width(2)));
+                b.caption(format!("{cond} condition"), ("sans-serif", 20));
+            }
+            let mut chart = b.build_cartesian_2d(0i64..max_step, 0f64..1f64).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+            let mut mesh = chart.configure_mesh();
+            if text {
+                mesh.x_desc("training step").y_desc("attribute accuracy (asked)");
+            } else {
+                mesh.disable_x_mesh().disable_y_mesh();
+            }
+            mesh.draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+            for m in METHODS {
+                let Some(curve) = c.get(&(cond.clone(), m.to_string())) else { continue };
+                let col = colour(m);
+                let lo: Vec<(i64, f64)> = curve.iter().map(|(s, v)| (*s, v.iter().cloned().fold(f64::INFINITY, f64::min))).collect();
+                let hi: Vec<(i64, f64)> = curve.iter().map(|(s, v)| (*s, v.iter().cloned().fold(f64::NEG_INFINITY, f64::max))).collect();
+                let band: Vec<(i64, f64)> = hi.iter().cloned().chain(lo.iter().rev().cloned()).collect();
+                chart.draw_series(std::iter::once(Polygon::new(band, col.mix(0.2)))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+                let line: Vec<(i64, f64)> = curve.iter().map(|(s, v)| (*s, mean(v))).collect();
+                let series = chart.draw_series(LineSeries::new(line, col.stroke_width(2))).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+                if text {
+                    series.label(label(m)).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], col.stroke_width(2)));
+                }
+            }
+            if text {
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .position(SeriesLabelPosition::LowerRight)
+                    .draw()
+                    .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
             }
         }
-        if text {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::LowerRight)
-                .draw()
-                .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-        }
+        root.present().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
-    root.present().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let img = image::RgbImage::from_raw(w, h, pixels).expect("the buffer holds w x h RGB pixels");
+    img.save(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(())
 }
 
