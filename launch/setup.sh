@@ -42,10 +42,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # scripts fail until torch is in place; failures are not cached). The build after
   # set-up reuses what is done. Its own process group, stopped as a whole when pip is
   # done (SIGTERM: a background job of a script ignores SIGINT).
+  # Only into an empty .venv: while pip replaces an existing torch, torch-sys's build
+  # script could read it half-written.
   prebuild=""
-  if [ -f Cargo.toml ] && [ -z "${REG_DDP_NO_PREBUILD:-}" ]; then
+  if [ -f Cargo.toml ] && [ -z "${REG_DDP_NO_PREBUILD:-}" ] && ! "$VIRTUAL_ENV/bin/python" -c 'import torch' 2> /dev/null; then
     setsid cargo build --release --quiet --keep-going -j 1 > /dev/null 2>&1 &
     prebuild=$!
+    # Also when pip fails (set -e) or the user interrupts: no cargo left holding target/.
+    trap 'kill -TERM -- "-$prebuild" 2> /dev/null || true' EXIT
   fi
   "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
   "$VIRTUAL_ENV/bin/pip" install -q -c launch/constraints.txt torch numpy scipy tensorboard protobuf nvidia-cuda-crt nvidia-cuda-cccl
@@ -53,6 +57,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   if [ -n "$prebuild" ]; then
     kill -TERM -- "-$prebuild" 2> /dev/null || true
     wait "$prebuild" 2> /dev/null || true
+    trap - EXIT
   fi
 fi
 "$VIRTUAL_ENV/bin/python" - <<'PY'

@@ -127,6 +127,16 @@ fn buckets_reduced_during_backward_train_the_same_model() {
     run(4, "from_v1", &["--set", "dist.bucket_mb=0.05", "--resume", at6.to_str().unwrap()]);
     let (w, ema) = model("from_v1");
     assert_identical_model("format 1 resumed on 4 ranks", &w, &ema, &ref_w, &ref_ema);
+
+    // Ranges that leave a gap are refused before anything is read: exit 2, one line.
+    let at6 = d.join("during/step-0000006");
+    let mut m = common::manifest(&at6);
+    let first = &mut m["shards"][1]["ranges"][0][0];
+    *first = (first.as_i64().unwrap() + 128).into();
+    std::fs::write(at6.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let args = train_args(&out, "gap", &["--set", "train.steps=12", "--resume", at6.to_str().unwrap()]);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp")).args(&args).output().unwrap();
+    common::assert_bad_input(&o, &["manifest.json", "ranges"]);
 }
 
 /// Computing in bf16, the ranks all-gather their weights in bf16 (half the bytes):

@@ -11,13 +11,18 @@ pub struct MpiComm {
     // Dropping the universe finalises MPI; it lives as long as the communicator.
     _universe: mpi::environment::Universe,
     pub world_comm: SimpleCommunicator,
+    /// Read once: MPI runs without thread support, and the NCCL backend answers
+    /// `rank`/`world` from autograd's thread during an overlapped backward.
+    rank: i64,
+    world: i64,
 }
 
 impl MpiComm {
     pub fn init() -> Result<Self> {
         let Some(universe) = mpi::initialize() else { bail!("MPI was already initialised") };
         let world_comm = universe.world();
-        Ok(MpiComm { _universe: universe, world_comm })
+        let (rank, world) = (world_comm.rank() as i64, world_comm.size() as i64);
+        Ok(MpiComm { _universe: universe, world_comm, rank, world })
     }
 }
 
@@ -76,10 +81,10 @@ unsafe fn view<'a, T>(t: &Tensor) -> &'a mut [T] {
 
 impl Comm for MpiComm {
     fn rank(&self) -> i64 {
-        self.world_comm.rank() as i64
+        self.rank
     }
     fn world(&self) -> i64 {
-        self.world_comm.size() as i64
+        self.world
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
         check_cpu(t, "all-reduce")?;

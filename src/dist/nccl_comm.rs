@@ -121,6 +121,42 @@ impl NcclComm {
         Ok(*self.side.get_or_init(|| s) as sys::cudaStream_t)
     }
 
+    /// The side stream, ordered after the work queued so far on the compute stream
+    /// (which wrote the buffers the next collective reads).
+    fn side_after_current(&self) -> Result<sys::cudaStream_t> {
+        let (current, side) = (self.stream()?, self.side_stream()?);
+        // SAFETY: libtorch's current stream and a pooled one, both of this rank's GPU.
+        unsafe { shim::cuda_stream_wait(self.index, side as _, current as _)? };
+        Ok(side)
+    }
+
+    /// Reduce-scatter (sum) queued on `stream`.
+    fn reduce_scatter_on(&self, input: &Tensor, output: &Tensor, stream: sys::cudaStream_t) -> Result<()> {
+        self.check_pair(output, input, "reduce-scatter")?;
+        let dt = dtype(input.kind())?;
+        // SAFETY: NCCL reads world x `output.numel()` elements of `input` and writes
+        // `output.numel()` of `output`; both are live, contiguous, on this GPU and of
+        // that size and dtype (checked above).
+        unsafe {
+            nccl::reduce_scatter(input.data_ptr(), output.data_ptr(), output.numel(), dt, sys::ncclRedOp_t::ncclSum, self.comm, stream)
+        }
+        .map_err(nccl_err("reduce-scatter"))?;
+        Ok(())
+    }
+
+    /// All-gather queued on `stream`.
+    fn all_gather_on(&self, input: &Tensor, output: &Tensor, stream: sys::cudaStream_t) -> Result<()> {
+        self.check_pair(input, output, "all-gather")?;
+        let dt = dtype(input.kind())?;
+        // SAFETY: NCCL reads `input.numel()` elements of `input` and writes world x that
+        // many of `output`, both live, contiguous, on this GPU and of that size and dtype
+        // (checked above). The send buffer may be this rank's own slice of the output:
+        // NCCL allows exactly that aliasing.
+        unsafe { nccl::all_gather(input.data_ptr(), output.data_ptr(), input.numel(), dt, self.comm, stream) }
+            .map_err(nccl_err("all-gather"))?;
+        Ok(())
+    }
+
     /// What every call's safety rests on: NCCL reads and writes `count` elements of
     /// the dtype at the raw pointers we hand it, so each buffer must be a live,
     /// contiguous tensor on this rank's GPU.
@@ -170,44 +206,16 @@ impl Comm for NcclComm {
         Ok(())
     }
     fn reduce_scatter_sum(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        self.check_pair(output, input, "reduce-scatter")?;
-        let (dt, stream) = (dtype(input.kind())?, self.stream()?);
-        // SAFETY: NCCL reads world x `output.numel()` elements of `input` and writes
-        // `output.numel()` of `output`; both are live, contiguous, on this GPU and of
-        // that size and dtype (checked above).
-        unsafe {
-            nccl::reduce_scatter(input.data_ptr(), output.data_ptr(), output.numel(), dt, sys::ncclRedOp_t::ncclSum, self.comm, stream)
-        }
-        .map_err(nccl_err("reduce-scatter"))?;
-        Ok(())
+        self.reduce_scatter_on(input, output, self.stream()?)
     }
     fn reduce_scatter_sum_async(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        self.check_pair(output, input, "reduce-scatter")?;
-        let (dt, current) = (dtype(input.kind())?, self.stream()?);
-        let side = self.side_stream()?;
-        // The gradients were written by the work queued on the compute stream so far.
-        // SAFETY: libtorch's current stream and a pooled one, both of this rank's GPU.
-        unsafe { shim::cuda_stream_wait(self.index, side as _, current as _)? };
-        // SAFETY: as `reduce_scatter_sum`; the buffers are persistent (the flat
-        // gradients and the shard's), and `wait_async` orders their next use after this.
-        unsafe {
-            nccl::reduce_scatter(input.data_ptr(), output.data_ptr(), output.numel(), dt, sys::ncclRedOp_t::ncclSum, self.comm, side)
-        }
-        .map_err(nccl_err("reduce-scatter"))?;
-        Ok(())
+        // The buffers are persistent (the flat gradients and the shard's), and
+        // `wait_async` orders their next use after this.
+        self.reduce_scatter_on(input, output, self.side_after_current()?)
     }
     fn all_gather_async(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        self.check_pair(input, output, "all-gather")?;
-        let (dt, current) = (dtype(input.kind())?, self.stream()?);
-        let side = self.side_stream()?;
-        // The weights were written by the work queued on the compute stream so far.
-        // SAFETY: libtorch's current stream and a pooled one, both of this rank's GPU.
-        unsafe { shim::cuda_stream_wait(self.index, side as _, current as _)? };
-        // SAFETY: as `all_gather`; the caller keeps both buffers alive, and uses the
-        // output only after `wait_async`.
-        unsafe { nccl::all_gather(input.data_ptr(), output.data_ptr(), input.numel(), dt, self.comm, side) }
-            .map_err(nccl_err("all-gather"))?;
-        Ok(())
+        // The caller keeps both buffers alive and uses the output only after `wait_async`.
+        self.all_gather_on(input, output, self.side_after_current()?)
     }
     fn wait_async(&self) -> Result<()> {
         if let Some(&side) = self.side.get() {
@@ -217,15 +225,7 @@ impl Comm for NcclComm {
         Ok(())
     }
     fn all_gather(&self, input: &Tensor, output: &Tensor) -> Result<()> {
-        self.check_pair(input, output, "all-gather")?;
-        let (dt, stream) = (dtype(input.kind())?, self.stream()?);
-        // SAFETY: NCCL reads `input.numel()` elements of `input` and writes world x that
-        // many of `output`, both live, contiguous, on this GPU and of that size and dtype
-        // (checked above). The send buffer may be this rank's own slice of the output:
-        // NCCL allows exactly that aliasing.
-        unsafe { nccl::all_gather(input.data_ptr(), output.data_ptr(), input.numel(), dt, self.comm, stream) }
-            .map_err(nccl_err("all-gather"))?;
-        Ok(())
+        self.all_gather_on(input, output, self.stream()?)
     }
     fn broadcast(&self, t: &Tensor, root: i64) -> Result<()> {
         self.check(t, "broadcast")?;

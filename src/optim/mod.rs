@@ -66,12 +66,7 @@ impl AdamW {
     /// As `update`, but a no-op on the device when `found_inf` (0-d f32) is non-zero,
     /// without waiting for it; call `undo_step` once the host knows it was skipped.
     pub fn update_unless(&mut self, param: &Tensor, grad: &Tensor, found_inf: Option<&Tensor>) -> anyhow::Result<()> {
-        let _g = tch::no_grad_guard();
-        self.step += 1;
-        let _ = self.step_t.fill_(self.step as f64);
-        let args =
-            crate::shim::AdamWArgs { lr: self.lr, beta1: self.beta1, beta2: self.beta2, weight_decay: self.weight_decay, eps: self.eps };
-        crate::shim::fused_adamw(param, grad, &self.exp_avg, &self.exp_avg_sq, &self.step_t, &args, found_inf)
+        self.update_parts_unless(param, grad, found_inf, &[(0, param.size()[0])], |_| Ok(()))
     }
 
     /// As `update_unless` over `parts` of the slice ((start, length) each), one after

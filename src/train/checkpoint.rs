@@ -264,6 +264,25 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     if !(1..=FORMAT_VERSION).contains(&m.format_version) {
         bail_input!("{}: format_version {} (this build reads {FORMAT_VERSION})", path.display(), m.format_version);
     }
+    // The shards' pieces must tile the flat buffers exactly, or a resume would read past
+    // a file's tensors or leave weights at zero.
+    let mut pieces: Vec<(i64, i64)> = m.shards.iter().flat_map(|s| s.pieces().into_iter().map(|(lo, _, len)| (lo, len))).collect();
+    pieces.sort();
+    let mut end = 0;
+    for (s, total) in m.shards.iter().map(|s| (s, s.pieces().iter().map(|p| p.2).sum::<i64>())) {
+        if total != s.len || s.len < 0 {
+            bail_input!("{}: shards: {}: ranges hold {total} elements, len says {}", path.display(), s.file, s.len);
+        }
+    }
+    for (lo, len) in pieces {
+        if lo != end || len < 0 {
+            bail_input!("{}: shards: ranges: a gap or an overlap at element {end} of {}", path.display(), m.padded);
+        }
+        end = lo + len;
+    }
+    if end != m.padded {
+        bail_input!("{}: shards: ranges cover {end} elements, padded is {}", path.display(), m.padded);
+    }
     for s in &m.shards {
         let f = dir.join(&s.file);
         let bytes = std::fs::read(&f).map_err(|e| bad_input(format!("{}: cannot read: {e}", f.display())))?;
@@ -295,10 +314,15 @@ pub fn choose(run: &Path, spec: &str) -> Result<Option<(PathBuf, Manifest)>> {
 /// Copies `[lo, lo + len)` of one flat state buffer out of the checkpoint's shards
 /// into `dst` (`[len]`); elements past `total` (padding) stay zero.
 fn read_range(dir: &Path, m: &Manifest, name: &str, lo: i64, dst: &Tensor) -> Result<()> {
-    let len = dst.size()[0];
-    let hi = (lo + len).min(m.total);
+    read_ranges(dir, m, name, &[(lo, dst.shallow_clone())])
+}
+
+/// `read_range` for several (flat start, destination) pairs, each shard opened once.
+fn read_ranges(dir: &Path, m: &Manifest, name: &str, wanted: &[(i64, Tensor)]) -> Result<()> {
     for s in &m.shards {
-        let pieces: Vec<(i64, i64, i64)> = s.pieces().into_iter().filter(|&(p, _, n)| lo.max(p) < hi.min(p + n)).collect();
+        let overlaps =
+            |&(p, _, n): &(i64, i64, i64)| wanted.iter().any(|(lo, dst)| (*lo).max(p) < (lo + dst.size()[0]).min(m.total).min(p + n));
+        let pieces: Vec<(i64, i64, i64)> = s.pieces().into_iter().filter(overlaps).collect();
         if pieces.is_empty() {
             continue;
         }
@@ -313,10 +337,15 @@ fn read_range(dir: &Path, m: &Manifest, name: &str, lo: i64, dst: &Tensor) -> Re
             bail_input!("{}: tensor {name}: expected f32 [{}]", f.display(), s.len);
         }
         for (p, at, n) in pieces {
-            let (a, b) = (lo.max(p), hi.min(p + n));
-            let bytes = &view.data()[((a - p + at) * 4) as usize..((b - p + at) * 4) as usize];
-            let src = Tensor::f_from_data_size(bytes, &[b - a], Kind::Float)?;
-            dst.narrow(0, a - lo, b - a).copy_(&src);
+            for (lo, dst) in wanted {
+                let (a, b) = ((*lo).max(p), (lo + dst.size()[0]).min(m.total).min(p + n));
+                if a >= b {
+                    continue;
+                }
+                let bytes = &view.data()[((a - p + at) * 4) as usize..((b - p + at) * 4) as usize];
+                let src = Tensor::f_from_data_size(bytes, &[b - a], Kind::Float)?;
+                dst.narrow(0, a - lo, b - a).copy_(&src);
+            }
         }
     }
     Ok(())
@@ -341,10 +370,14 @@ pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
     for name in STATE {
         let _ = staging.shallow_clone().zero_();
         let mut at = 0;
-        for &(lo, len) in &mine {
-            read_range(dir, m, name, lo, &staging.narrow(0, at, len))?;
-            at += len;
-        }
+        let wanted: Vec<(i64, Tensor)> = mine
+            .iter()
+            .map(|&(lo, len)| {
+                at += len;
+                (lo, staging.narrow(0, at - len, len))
+            })
+            .collect();
+        read_ranges(dir, m, name, &wanted)?;
         let dst = match name {
             "weights" => t.shard(),
             "exp_avg" => t.opt.exp_avg.shallow_clone(),

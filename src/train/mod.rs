@@ -431,7 +431,7 @@ impl Trainer {
         self.comm.device()
     }
 
-    /// This rank's slice of the live weights.
+    /// This rank's fp32 master weights (with one rank, the flat weights).
     fn shard(&self) -> Tensor {
         self.master.shallow_clone()
     }
@@ -489,7 +489,7 @@ impl Trainer {
                 // has written it.
                 Some(watch) if last => {
                     let mut ready = |k: usize| self.finish_bucket(k, &grads, passes, &comm);
-                    finished = watch.during(&mut ready, || terms.total.backward())?;
+                    finished = watch.during(&mut ready, || Ok(terms.total.f_backward()?))?;
                 }
                 _ => terms.total.backward(),
             }
@@ -541,7 +541,7 @@ impl Trainer {
             let (layout, comm_, flat, kind) = (&self.layout, self.comm.as_ref(), &self.params.flat, self.kind);
             self.opt.update_parts_unless(&shard, &self.shard_grad, Some(&skip), &parts, |k| {
                 let bytes = layout.buckets()[k].len * kind.elt_size_in_bytes() as i64;
-                gathers.push(comm.time(bytes, || layout.start_gather(comm_, k, &shard, flat, kind))?);
+                gathers.push(comm.time(bytes, || layout.start_gather(comm_, k, &shard, flat, kind, true))?);
                 Ok(())
             })?;
             self.ema.update_unless(&shard, &skip);
@@ -625,12 +625,9 @@ impl Trainer {
             grad.shallow_clone().copy_(&(sum / passes as f64));
         }
         if self.world() > 1 {
-            let (comm_, grad, out) = (self.comm.as_ref(), &self.params.grad, &self.shard_grad);
             // With overlap, beside backward (NCCL: on its side stream).
-            match self.watch {
-                Some(_) => comm.time(b.len * 4, || self.layout.reduce_scatter_async(comm_, &b, grad, out))?,
-                None => comm.time(b.len * 4, || self.layout.reduce_scatter(comm_, &b, grad, out))?,
-            }
+            let beside = self.watch.is_some();
+            comm.time(b.len * 4, || self.layout.reduce_scatter(self.comm.as_ref(), &b, &self.params.grad, &self.shard_grad, beside))?;
         }
         Ok(())
     }
@@ -662,7 +659,7 @@ impl Trainer {
         for round in 0..=repeats {
             let add = |v: &mut Vec<f64>, ms: f64| (round > 0).then(|| v.push(ms));
             for (k, b) in buckets.iter().enumerate() {
-                add(&mut rs[k], timed(&|| self.layout.reduce_scatter(comm, b, &self.params.grad, &self.shard_grad))?);
+                add(&mut rs[k], timed(&|| self.layout.reduce_scatter(comm, b, &self.params.grad, &self.shard_grad, false))?);
             }
             add(&mut ag32, timed(&|| self.layout.all_gather(comm, &shard, &self.params.flat))?);
             add(&mut ag16, timed(&|| self.layout.all_gather(comm, &half_shard, &half))?);

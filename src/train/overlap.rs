@@ -14,7 +14,7 @@ use tch::Tensor;
 type OnReady<'a> = dyn FnMut(usize) -> Result<()> + 'a;
 
 struct Watch {
-    /// Buckets each parameter's gradient lies in (a parameter may straddle two).
+    /// Buckets each parameter's gradient lies in (a parameter may straddle several).
     touches: Vec<Vec<usize>>,
     /// Parameters in each bucket, and how many have not been accumulated yet.
     count: Vec<usize>,
@@ -29,7 +29,10 @@ struct Watch {
 // is blocked in backward until the hooks (possibly on autograd's device thread) are done.
 unsafe impl Send for Watch {}
 
-/// Post-accumulate hooks on every parameter, reporting completed buckets.
+/// Post-accumulate hooks on every parameter, reporting completed buckets. Buckets are
+/// handed over in the order backward completes them: every rank runs the same graph
+/// (the same model and code path, whatever its data), so that order, and with it the
+/// order of the collectives, is the same on every rank.
 pub struct BucketWatch {
     /// Boxed: its address is the hooks' context.
     watch: Box<Mutex<Watch>>,
@@ -82,34 +85,51 @@ impl BucketWatch {
             error: None,
         }));
         let ctx = &*watch as *const Mutex<Watch> as *mut c_void;
+        // Each handle is recorded as soon as it is hooked: if a later one fails, Drop
+        // still removes the hooks already set.
+        let mut this = BucketWatch { watch, handles: Vec::with_capacity(handles.len()) };
         for (i, h) in handles.iter().enumerate() {
             // SAFETY: `ctx` outlives the hook: Drop removes every hook before the box goes.
             unsafe { crate::shim::on_grad_ready(h, Some(grad_ready), ctx, i as i64)? };
+            this.handles.push(h.shallow_clone());
         }
-        Ok(BucketWatch { watch, handles: handles.iter().map(Tensor::shallow_clone).collect() })
+        Ok(this)
     }
 
     /// Runs `backward` with `on_ready` called for each bucket as its last gradient is
     /// accumulated (on the thread running backward). Returns which buckets were handed
     /// over; the caller finishes the others (parameters backward did not reach). The
     /// first error of `on_ready` stops the hand-overs and is returned.
-    pub fn during(&self, on_ready: &mut OnReady<'_>, backward: impl FnOnce()) -> Result<Vec<bool>> {
+    pub fn during(&self, on_ready: &mut OnReady<'_>, backward: impl FnOnce() -> Result<()>) -> Result<Vec<bool>> {
         {
             let mut w = self.watch.lock().expect("bucket watch poisoned");
             w.remaining = w.count.clone();
             w.done.iter_mut().for_each(|d| *d = false);
             w.error = None;
-            // SAFETY: only the lifetime is erased; the pointer is cleared below, before
-            // `on_ready` goes out of scope, and backward has returned by then.
+            // SAFETY: only the lifetime is erased; `Disarm` clears the pointer before
+            // `on_ready` goes out of scope, also when backward fails or panics.
             w.on_ready = Some(unsafe { std::mem::transmute::<*mut OnReady<'_>, *mut OnReady<'static>>(on_ready) });
         }
-        backward();
+        let disarm = Disarm(&self.watch);
+        let ran = backward();
+        drop(disarm);
+        ran?;
         let mut w = self.watch.lock().expect("bucket watch poisoned");
-        w.on_ready = None;
         match w.error.take() {
             Some(e) => Err(e),
             None => Ok(w.done.clone()),
         }
+    }
+}
+
+/// Clears the hooks' callback when dropped, however `during` is left.
+struct Disarm<'a>(&'a Mutex<Watch>);
+
+impl Drop for Disarm<'_> {
+    fn drop(&mut self) {
+        // A poisoned lock still holds the pointer: clear it all the same.
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        w.on_ready = None;
     }
 }
 

@@ -68,15 +68,15 @@ impl ShardLayout {
         }
     }
 
-    /// Bucket `b` of every rank's `grad`, summed into this rank's slice of `out`.
-    pub fn reduce_scatter(&self, comm: &dyn Comm, b: &Bucket, grad: &Tensor, out: &Tensor) -> Result<()> {
-        comm.reduce_scatter_sum(&grad.narrow(0, b.lo, b.len), &out.narrow(0, b.shard_lo, b.slice))
-    }
-
-    /// As `reduce_scatter`, beside the compute queued after it (`Comm::wait_async`
-    /// orders it before the next use of `grad` and `out`).
-    pub fn reduce_scatter_async(&self, comm: &dyn Comm, b: &Bucket, grad: &Tensor, out: &Tensor) -> Result<()> {
-        comm.reduce_scatter_sum_async(&grad.narrow(0, b.lo, b.len), &out.narrow(0, b.shard_lo, b.slice))
+    /// Bucket `b` of every rank's `grad`, summed into this rank's slice of `out`;
+    /// `beside`: beside the compute queued after it (`Comm::reduce_scatter_sum_async`,
+    /// `Comm::wait_async` orders it before the next use of `grad` and `out`).
+    pub fn reduce_scatter(&self, comm: &dyn Comm, b: &Bucket, grad: &Tensor, out: &Tensor, beside: bool) -> Result<()> {
+        let (input, output) = (grad.narrow(0, b.lo, b.len), out.narrow(0, b.shard_lo, b.slice));
+        match beside {
+            true => comm.reduce_scatter_sum_async(&input, &output),
+            false => comm.reduce_scatter_sum(&input, &output),
+        }
     }
 
     /// `flat` becomes every rank's `shard`, bucket by bucket.
@@ -92,31 +92,35 @@ impl ShardLayout {
     /// rounded to `kind`: exact for a model that casts every weight to `kind` before
     /// using it, as SiT does when it computes in `kind`; the masters stay fp32.
     pub fn all_gather_as(&self, comm: &dyn Comm, shard: &Tensor, flat: &Tensor, kind: tch::Kind) -> Result<()> {
-        if kind == flat.kind() {
-            return self.all_gather(comm, shard, flat);
-        }
-        let low = shard.to_kind(kind);
-        for b in &self.buckets {
-            let whole = Tensor::empty([b.len], (kind, flat.device()));
-            comm.all_gather(&low.narrow(0, b.shard_lo, b.slice), &whole)?;
-            flat.narrow(0, b.lo, b.len).copy_(&whole);
-        }
-        Ok(())
+        let gathers = (0..self.buckets.len()).map(|k| self.start_gather(comm, k, shard, flat, kind, false)).collect::<Result<Vec<_>>>()?;
+        self.finish_gathers(comm, gathers)
     }
 
-    /// Starts bucket `k`'s all-gather of `shard` (fp32) into `flat` beside the compute
-    /// queued after it (`Comm::all_gather_async`), sent as `kind`. Returns the buffers
-    /// the collective still uses: keep them until `finish_gathers`.
-    pub fn start_gather(&self, comm: &dyn Comm, k: usize, shard: &Tensor, flat: &Tensor, kind: tch::Kind) -> Result<Gathering> {
+    /// Starts bucket `k`'s all-gather of `shard` (fp32) into `flat`, sent as `kind`;
+    /// `beside`: beside the compute queued after it (`Comm::all_gather_async`). Returns
+    /// the buffers the collective still uses: keep them until `finish_gathers`.
+    pub fn start_gather(
+        &self,
+        comm: &dyn Comm,
+        k: usize,
+        shard: &Tensor,
+        flat: &Tensor,
+        kind: tch::Kind,
+        beside: bool,
+    ) -> Result<Gathering> {
         let b = &self.buckets[k];
+        let gather = |input: &Tensor, output: &Tensor| match beside {
+            true => comm.all_gather_async(input, output),
+            false => comm.all_gather(input, output),
+        };
         let mine = shard.narrow(0, b.shard_lo, b.slice);
         let whole = flat.narrow(0, b.lo, b.len);
         if kind == flat.kind() {
-            comm.all_gather_async(&mine, &whole)?;
+            gather(&mine, &whole)?;
             return Ok(Gathering { low: None });
         }
         let (mine, into) = (mine.to_kind(kind), Tensor::empty([b.len], (kind, flat.device())));
-        comm.all_gather_async(&mine, &into)?;
+        gather(&mine, &into)?;
         Ok(Gathering { low: Some((mine, into, whole)) })
     }
 
