@@ -266,14 +266,17 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
     }
     // The shards' pieces must tile the flat buffers exactly, or a resume would read past
     // a file's tensors or leave weights at zero.
-    let mut pieces: Vec<(i64, i64)> = m.shards.iter().flat_map(|s| s.pieces().into_iter().map(|(lo, _, len)| (lo, len))).collect();
-    pieces.sort();
-    let mut end = 0;
-    for (s, total) in m.shards.iter().map(|s| (s, s.pieces().iter().map(|p| p.2).sum::<i64>())) {
+    let mut pieces: Vec<(i64, i64)> = Vec::new();
+    for s in &m.shards {
+        let mine = s.pieces();
+        let total: i64 = mine.iter().map(|p| p.2).sum();
         if total != s.len || s.len < 0 {
             bail_input!("{}: shards: {}: ranges hold {total} elements, len says {}", path.display(), s.file, s.len);
         }
+        pieces.extend(mine.into_iter().map(|(lo, _, len)| (lo, len)));
     }
+    pieces.sort();
+    let mut end = 0;
     for (lo, len) in pieces {
         if lo != end || len < 0 {
             bail_input!("{}: shards: ranges: a gap or an overlap at element {end} of {}", path.display(), m.padded);
@@ -366,17 +369,11 @@ pub fn load(dir: &Path, m: &Manifest, t: &mut Trainer) -> Result<()> {
     }
     let _g = tch::no_grad_guard();
     let staging = Tensor::zeros([t.layout.shard_len()], (Kind::Float, Device::Cpu));
-    let mine = t.layout.ranges(t.rank());
+    // This rank's piece of every bucket, into its place in the shard.
+    let wanted: Vec<(i64, Tensor)> =
+        t.layout.buckets().iter().map(|b| (b.piece(t.rank()), staging.narrow(0, b.shard_lo, b.slice))).collect();
     for name in STATE {
         let _ = staging.shallow_clone().zero_();
-        let mut at = 0;
-        let wanted: Vec<(i64, Tensor)> = mine
-            .iter()
-            .map(|&(lo, len)| {
-                at += len;
-                (lo, staging.narrow(0, at - len, len))
-            })
-            .collect();
         read_ranges(dir, m, name, &wanted)?;
         let dst = match name {
             "weights" => t.shard(),

@@ -16,6 +16,13 @@ pub struct Bucket {
     pub shard_lo: i64,
 }
 
+impl Bucket {
+    /// Where rank `rank`'s slice of this bucket starts in the flat buffers.
+    pub fn piece(&self, rank: i64) -> i64 {
+        self.lo + rank * self.slice
+    }
+}
+
 /// A bucket's all-gather in flight: for a lower precision, the slice sent, the buffer
 /// received and where it goes in the flat weights.
 pub struct Gathering {
@@ -58,13 +65,13 @@ impl ShardLayout {
 
     /// Rank `rank`'s pieces of the flat buffers as (flat start, length), in shard order.
     pub fn ranges(&self, rank: i64) -> Vec<(i64, i64)> {
-        self.buckets.iter().map(|b| (b.lo + rank * b.slice, b.slice)).collect()
+        self.buckets.iter().map(|b| (b.piece(rank), b.slice)).collect()
     }
 
     /// Copies this rank's pieces of `flat` into `shard` (`[shard_len]`).
     pub fn copy_out(&self, flat: &Tensor, shard: &Tensor) {
         for b in &self.buckets {
-            shard.narrow(0, b.shard_lo, b.slice).copy_(&flat.narrow(0, b.lo + self.rank * b.slice, b.slice));
+            shard.narrow(0, b.shard_lo, b.slice).copy_(&flat.narrow(0, b.piece(self.rank), b.slice));
         }
     }
 
@@ -81,10 +88,7 @@ impl ShardLayout {
 
     /// `flat` becomes every rank's `shard`, bucket by bucket.
     pub fn all_gather(&self, comm: &dyn Comm, shard: &Tensor, flat: &Tensor) -> Result<()> {
-        for b in &self.buckets {
-            comm.all_gather(&shard.narrow(0, b.shard_lo, b.slice), &flat.narrow(0, b.lo, b.len))?;
-        }
-        Ok(())
+        self.all_gather_as(comm, shard, flat, flat.kind())
     }
 
     /// As `all_gather` into the fp32 `flat`, but sending the weights as `kind` (bf16:
