@@ -1,8 +1,7 @@
 //! reg: SiT + REG (Representation Entanglement for Generation) training on libtorch.
-//! Layers, each importing only those below it: `train` -> `config` -> {`data`,
-//! `diffusion`, `eval`, `optim`} -> {`model`, `encoders`, `dist`} -> {`formats`, `rng`, `shim`,
-//! `shapes`}
-//! -> `error` (checked by tests/layers.rs).
+//! Layers, each importing only those below it: `shapes` -> `train` -> `config` ->
+//! {`data`, `diffusion`, `eval`, `optim`} -> {`model`, `encoders`, `dist`} -> {`formats`,
+//! `rng`, `shim`} -> `error` (checked by tests/layers.rs).
 
 pub mod config;
 pub mod data;

@@ -4,13 +4,13 @@
 mod common;
 
 use common::{make_weights, repo};
-use reg::data::crop::center_crop_adm;
 use reg::encoders::clip::{Clip, Towers};
 use reg::encoders::clip_image::{ClipImageProcessor, ResizeTo};
 use reg::encoders::clip_tokenizer::ClipTokenizer;
 use reg::eval::clip_score::{clip_score, pair_scores};
 use reg::eval::features::ImageSet;
 use reg::eval::reference::folder_cache_path;
+use reg::formats::pillow_resample::center_crop_adm;
 use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -205,7 +205,7 @@ fn folder_reference_is_cropped_scored_and_cached() {
     let samples = d.join("samples");
     std::fs::create_dir(&samples).unwrap();
     for (i, f) in files.iter().enumerate() {
-        let img = reg::data::decode::decode_rgb(&std::fs::read(f).unwrap()).unwrap();
+        let img = reg::formats::pillow_decode::decode_rgb(&std::fs::read(f).unwrap()).unwrap();
         center_crop_adm(&img, 64).save(samples.join(format!("{i:03}.png"))).unwrap();
     }
     let w = d.join("inception.safetensors");

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use image::RgbImage;
-use reg::data::crop::{center_crop_adm, resize, Filter};
+use reg::formats::pillow_resample::{center_crop_adm, resize, Filter};
 
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/crop").join(name)

@@ -1,8 +1,8 @@
 //! `prepare`'s image decoding against Pillow's on JPEGs from four encoders (regenerate:
 //! tools/golden/jpeg.py): the same pixels, bit for bit, and the same files refused.
 
-use reg::data::decode::decode_rgb;
 use reg::formats::npy::NpzArray;
+use reg::formats::pillow_decode::decode_rgb;
 use std::path::PathBuf;
 
 fn dir() -> PathBuf {

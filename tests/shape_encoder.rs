@@ -5,10 +5,10 @@
 mod common;
 
 use common::{assert_bad_input, json_lines, losses, repo};
-use reg::data::shapes::{Position, Value};
 use reg::encoders::dinov2::{Dinov2, Dinov2Config};
-use reg::encoders::shape_encoder::{read_set, EncoderSize, ShapeEncoder, TrainOptions};
 use reg::formats::weights;
+use reg::shapes::encoder::{read_set, EncoderSize, ShapeEncoder, TrainOptions};
+use reg::shapes::{Position, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -137,7 +137,7 @@ fn patch_targets_follow_the_object() {
     let data = read_set(&enc, 32, 4).unwrap();
     assert_eq!(data.coverage.size(), [30, 64]);
     let grid = Tensor::arange(8, (Kind::Float, Device::Cpu)) + 0.5;
-    let check = |data: &reg::encoders::shape_encoder::Labelled, what: &str| {
+    let check = |data: &reg::shapes::encoder::Labelled, what: &str| {
         let cov = data.coverage.view([30, 8, 8]);
         let mass = cov.sum_dim_intlist([1, 2].as_slice(), false, Kind::Float);
         let cy = (&cov * grid.view([1, 8, 1])).sum_dim_intlist([1, 2].as_slice(), false, Kind::Float) / &mass;

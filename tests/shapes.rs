@@ -2,10 +2,10 @@
 //! round-trips images exactly through `prepare`, the set is deterministic with varied
 //! captions and disjoint splits, and the analytic scorer reads real images right.
 
-use reg::data::crop::center_crop_adm;
-use reg::data::shapes::{self, Attribute, Attributes, SetSpec, Split, Value, Wanted};
 use reg::encoders::decoder::Decoder;
-use reg::eval::attributes::{accuracy, attribute_accuracy, distance, read, Accuracy};
+use reg::formats::pillow_resample::center_crop_adm;
+use reg::shapes::reader::{accuracy, attribute_accuracy, distance, read, Accuracy};
+use reg::shapes::{self, Attribute, Attributes, SetSpec, Split, Value, Wanted};
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
@@ -50,7 +50,7 @@ fn round_trip(images: &Path, out: &Path, vae: &str, latent_shape: [i64; 3]) {
     let decoded = Decoder::load(vae, Device::Cpu).unwrap().decode(&moments.narrow(1, 0, c), Kind::Float);
     assert!(decoded.equal(stored), "{vae}: decoded means differ from the stored crops");
     // And the crops are those of the files (prepare lists classes and files sorted).
-    let (_, entries) = reg::data::prepare::list_image_tree(images).unwrap();
+    let (_, entries) = reg::data::sources::list_image_tree(images).unwrap();
     for (i, e) in entries.iter().enumerate() {
         let img = center_crop_adm(&image::open(e.image.name()).unwrap().to_rgb8(), 32);
         let want = Tensor::from_slice(img.as_raw()).view([32, 32, 3]).permute([2, 0, 1]);
@@ -177,7 +177,7 @@ fn captioned_demo_images_write_a_class_tree_with_captions() {
     ok(bin()
         .args(["demo-images", "--captioned", "--class-attribute", "colour", "--per-class", "3", "--split", "heldout", "--out"])
         .arg(&out));
-    let (classes, entries) = reg::data::prepare::list_image_tree(&out).unwrap();
+    let (classes, entries) = reg::data::sources::list_image_tree(&out).unwrap();
     assert_eq!(classes, ["blue", "cyan", "green", "magenta", "red", "white", "yellow"]);
     assert_eq!(entries.len(), 21);
     let lines = std::fs::read_to_string(out.join("attributes.jsonl")).unwrap();

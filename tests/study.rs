@@ -26,7 +26,7 @@ fn a_miniature_study_writes_its_csv_plot_and_table() {
     let out = tmp.path().join("study");
     let o = study(&out);
     let mut csv = csv::Reader::from_path(out.join("study.csv")).unwrap();
-    let rows: Vec<reg::eval::curves::Point> = csv.deserialize().map(|r| r.unwrap()).collect();
+    let rows: Vec<reg::shapes::curves::Point> = csv.deserialize().map(|r| r.unwrap()).collect();
     // 2 arms x 1 seed x evaluations at steps 2 and 4.
     assert_eq!(rows.len(), 4, "{rows:?}");
     let arms: std::collections::BTreeSet<(String, String)> = rows.iter().map(|r| (r.condition.clone(), r.method.clone())).collect();
@@ -43,7 +43,7 @@ fn a_miniature_study_writes_its_csv_plot_and_table() {
     // A second run finds everything done: same points, no new checkpoints or samples.
     let before = std::fs::metadata(out.join("runs/caption-reg-s0/step-0000004/manifest.json")).unwrap().modified().unwrap();
     study(&out);
-    let again: Vec<reg::eval::curves::Point> =
+    let again: Vec<reg::shapes::curves::Point> =
         csv::Reader::from_path(out.join("study.csv")).unwrap().deserialize().map(|r| r.unwrap()).collect();
     assert_eq!(again, rows);
     let after = std::fs::metadata(out.join("runs/caption-reg-s0/step-0000004/manifest.json")).unwrap().modified().unwrap();

@@ -5,7 +5,8 @@
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use reg::data::captions::{read_coco, read_sidecars, CaptionEncoder};
-use reg::data::prepare::{finish, image_size, list_image_tree, list_reg, make_shard, read_moments, shard_done, Encoders, Options};
+use reg::data::prepare::{finish, make_shard, read_moments, shard_done, Encoders, Options};
+use reg::data::sources::{image_size, list_image_tree, list_reg};
 use reg::dist::{Collectives, Launch};
 use reg::encoders::{decoder::Decoder, dinov2::Dinov2};
 use std::path::{Path, PathBuf};

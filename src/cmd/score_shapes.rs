@@ -4,8 +4,8 @@
 //! their attribute histograms from the real set's.
 
 use anyhow::Result;
-use reg::data::shapes::Value;
-use reg::eval::attributes::{accuracy, distance, load_samples, read, read_attributes, read_wanted};
+use reg::shapes::reader::{accuracy, distance, load_samples, read, read_attributes, read_wanted};
+use reg::shapes::Value;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]

@@ -1,7 +1,7 @@
 //! `reg-ddp train-encoder`: trains the shapes set's representation encoder (a small DINOv2-layout ViT) and writes it in transformers' layout for `prepare --encoder` / `data.encoder_path`.
 
 use anyhow::Result;
-use reg::encoders::shape_encoder::{read_set, EncoderSize, ShapeEncoder, TrainOptions};
+use reg::shapes::encoder::{read_set, EncoderSize, ShapeEncoder, TrainOptions};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]

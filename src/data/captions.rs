@@ -1,9 +1,9 @@
 //! Captioned inputs for `prepare`: COCO's `captions_*.json` + image folder, or images with
 //! `name.txt` sidecars; and the tokenizer / CLIP text tower that turn captions into shard tensors.
 
-use super::prepare::{list_image_tree, Entry, IMAGE_EXT};
 use super::reg_layout::Blob;
 use super::shards::TextInfo;
+use super::sources::{list_image_tree, Entry, IMAGE_EXT};
 use crate::bail_input;
 use crate::encoders::clip::{Clip, ClipConfig, Towers};
 use crate::encoders::clip_tokenizer::ClipTokenizer;

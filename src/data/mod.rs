@@ -2,12 +2,12 @@
 //! the synthetic source.
 
 pub mod captions;
-pub mod crop;
-pub mod decode;
+pub mod checks;
 pub mod loader;
 pub mod prepare;
 pub mod reg_layout;
 pub mod shards;
+pub mod sources;
 pub mod synthetic;
 pub mod verify;
 
@@ -36,7 +36,3 @@ pub trait BatchSource: Send {
     /// Rows `[lo, lo + n)` of the global batch of `step`.
     fn batch(&mut self, step: u64, lo: i64, n: i64) -> anyhow::Result<Batch>;
 }
-
-/// The procedural shapes set lives below the data layer (the encoder trainer and the
-/// attribute reader use it too); `data::shapes` stays its name for callers.
-pub use crate::shapes;

@@ -2,7 +2,7 @@
 //
 // transformers' PIL backend (`CLIPImageProcessorPil`, and the original OpenAI
 // preprocessing) resizes the short side with Pillow's BICUBIC on u8, cuts the center,
-// rescales by 1/255 and normalises. `data::crop::resize` is Pillow's resampler bit for
+// rescales by 1/255 and normalises. `formats::pillow_resample::resize` is Pillow's resampler bit for
 // bit, and the float steps below follow numpy's order and precision (the rescale in
 // f64 then cast to f32, the normalisation in f32), so the pixel values come out the
 // same (tests/clip_score.rs). transformers 5's default `CLIPImageProcessor` resizes

@@ -349,7 +349,7 @@ impl Dinov2 {
 
     /// Builds the network from the tensors `ld` hands out under transformers' names. The
     /// tensors are used as given (no copy when already f32 on `device`), so a `Loader` over
-    /// variables that require grad gives a trainable network (`encoders::shape_encoder`).
+    /// variables that require grad gives a trainable network (`shapes::encoder`).
     /// `what` names the config in errors.
     pub fn from_loader(config: Dinov2Config, ld: &mut Loader, device: Device, input_size: i64, what: &str) -> Result<Dinov2> {
         let p = config.patch_size;

@@ -1,5 +1,6 @@
 //! Frozen networks that turn pixels into features or latents, loaded from their
-//! published safetensors: SD-VAE (diffusers), DINOv2 and CLIP (transformers), FID Inception-v3; the identity decoder of the pixel-space path; and the training of the shapes set's small DINOv2 (`shape_encoder`).
+//! published safetensors: SD-VAE (diffusers), DINOv2 and CLIP (transformers), FID Inception-v3;
+//! and the identity decoder of the pixel-space path.
 
 pub mod clip;
 pub mod clip_image;
@@ -8,6 +9,5 @@ pub mod decoder;
 pub mod dinov2;
 pub mod inception;
 pub mod layers;
-pub mod shape_encoder;
 pub mod text;
 pub mod vae;

@@ -1,11 +1,8 @@
 //! Sample-quality metrics over Inception features, as the ADM evaluator defines them:
 //! FID and sFID (Frechet distance of Gaussian statistics), Inception Score, and
-//! precision/recall of k-nearest-neighbour manifolds (k = 3); and the analytic attribute
-//! reader of the captioned shapes set (`attributes`).
+//! precision/recall of k-nearest-neighbour manifolds (k = 3); CLIP score.
 
-pub mod attributes;
 pub mod clip_score;
-pub mod curves;
 pub mod features;
 pub mod reference;
 

@@ -1,4 +1,4 @@
-//! An analytic reader of the captioned shapes set (`data::shapes`): shape, colour, size
+//! An analytic reader of the captioned shapes set (`shapes`): shape, colour, size
 //! and position recovered from pixels by thresholding and geometry, with no learned
 //! network (so it shares nothing with the representation encoder it helps judge); and
 //! the metrics of generated samples built on it.

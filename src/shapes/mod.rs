@@ -1,11 +1,19 @@
-//! A procedural captioned image set for the text-conditioning study: one shape with a
-//! colour, a size and a position on a dark noisy background, captions in varied
-//! wording, a class folder per value of one attribute, and disjoint splits.
+//! The shapes world of the demo and the study: a procedural captioned image set (one
+//! shape with a colour, a size and a position on a dark noisy background, captions in
+//! varied wording, a class folder per value of one attribute, disjoint splits), its
+//! analytic reader, the small encoder trained on it, and the study with its curves.
+//! Above the layers it uses; nothing in the core imports it.
 //
 // Everything is keyed by a hash of (seed, split, class, index) and drawn with integer
 // arithmetic and IEEE +, -, *, / only (no sin or exp), so the bytes are the same on
 // every machine. Shapes are axis-aligned and drawn without antialiasing: the analytic
-// scorer (`eval::attributes`) then reads them back with a margin.
+// scorer (`reader`) then reads them back with a margin.
+
+pub mod classes;
+pub mod curves;
+pub mod encoder;
+pub mod reader;
+pub mod study;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

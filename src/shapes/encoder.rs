@@ -1,9 +1,9 @@
-//! `train-encoder`: a small DINOv2-layout ViT trained on the encoder split of the shapes set (attribute heads on the class token, object targets on the patch tokens), saved in transformers' `Dinov2Model` layout for `--encoder`.
+//! The shapes encoder (`train-encoder`): a small DINOv2-layout ViT trained on the encoder split of the shapes set (attribute heads on the class token, object targets on the patch tokens), saved in transformers' `Dinov2Model` layout for `--encoder`.
 //
 // The network is `encoders::dinov2::Dinov2` itself, built over the variables of a
 // `VarStore` (through `Loader::from_tensors`), so the trained forward pass is the one
 // `prepare` and online REG later run, and the saved file is read by `Dinov2::load`.
-// The objective is supervised (see the README: the set's attributes are known
+// The objective is supervised (the set's attributes are known
 // exactly, and a self-supervised objective would not learn them in minutes on 2 cores).
 
 use crate::bail_input;
