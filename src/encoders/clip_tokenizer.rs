@@ -1,6 +1,7 @@
 //! CLIP's byte-level BPE tokenizer from a model folder, through the `tokenizers` crate, with CLIP's 77-token truncation and padding.
 
 use crate::bail_input;
+use crate::encoders::clip::ClipConfig;
 use crate::error::bad_input;
 use anyhow::Result;
 use serde_json::Value;
@@ -17,6 +18,8 @@ use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, S
 
 /// CLIP's context: every published CLIP text tower has 77 positions.
 pub const CLIP_MAX_LENGTH: usize = 77;
+/// A `model_max_length` above this means "no limit" (no text tower has 2^20 positions).
+const NO_LIMIT: u64 = 1 << 20;
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 /// The split before byte-level BPE, as transformers' `CLIPTokenizer` sets it: special tokens,
@@ -53,10 +56,24 @@ fn token_field(cfg: &serde_json::Map<String, Value>, name: &str, file: &str) -> 
     }
 }
 
+/// The positions of the text tower beside a tokenizer (`config.json`'s
+/// `max_position_embeddings`), or CLIP's 77 for a folder with the tokenizer alone.
+fn text_positions(dir: &Path) -> Result<usize> {
+    let cfg_path = dir.join("config.json");
+    let text = match std::fs::read_to_string(&cfg_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CLIP_MAX_LENGTH),
+        Err(e) => bail_input!("{}: cannot read: {e}", cfg_path.display()),
+    };
+    let config = ClipConfig::parse(&text, &cfg_path.display().to_string())?;
+    Ok(config.text.map_or(CLIP_MAX_LENGTH, |t| t.max_position_embeddings as usize))
+}
+
 impl ClipTokenizer {
     /// Reads the tokenizer of `dir`. `tokenizer_config.json`, when present, gives the pad token
     /// (openai's pads with `<|endoftext|>`, open_clip-derived ones with `!`) and
-    /// `model_max_length`; without it, `<|endoftext|>` and 77 as in `CLIPTokenizer`.
+    /// `model_max_length`; without it, `<|endoftext|>`, and without a length (or with
+    /// transformers' "no limit") the text tower's positions.
     pub fn load(dir: &Path) -> Result<ClipTokenizer> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg_file = cfg_path.display().to_string();
@@ -70,14 +87,20 @@ impl ClipTokenizer {
             Err(e) => bail_input!("{cfg_file}: cannot read: {e}"),
         };
         let pad_token = token_field(&cfg, "pad_token", &cfg_file)?.unwrap_or_else(|| EOS.to_string());
-        // transformers writes a huge number when the length is unknown; CLIP's is then 77.
+        // A tokenizer saved without a limit has no `model_max_length`, or transformers'
+        // stand-in for "none", int(1e30), which JSON readers see as a float: the length is
+        // then the text tower's `max_position_embeddings`.
         let max_length = match cfg.get("model_max_length") {
-            None => CLIP_MAX_LENGTH,
-            Some(v) => match v.as_u64() {
-                Some(n) if (2..=1 << 20).contains(&n) => n as usize,
-                Some(n) if n > 1 << 20 => CLIP_MAX_LENGTH,
+            None => None,
+            Some(v) => match (v.as_u64(), v.as_f64()) {
+                (Some(n), _) if (2..=NO_LIMIT).contains(&n) => Some(n as usize),
+                (_, Some(x)) if x > NO_LIMIT as f64 => None,
                 _ => bail_input!("{cfg_file}: field model_max_length: expected an integer of at least 2, found {v}"),
             },
+        };
+        let max_length = match max_length {
+            Some(n) => n,
+            None => text_positions(dir)?,
         };
 
         let json = dir.join("tokenizer.json");
