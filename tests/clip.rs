@@ -313,3 +313,28 @@ fn broken_tokenizer_folder_is_an_input_error() {
     check(&[("tokenizer.json", &json), ("tokenizer_config.json", "[1]")], "tokenizer_config.json");
     check(&[("vocab.json", r#"{"a": 0}"#), ("merges.txt", "#version: 0.2\na b\n")], "vocab.json");
 }
+
+/// transformers saves a tokenizer made without a length with `model_max_length` 1e30 (its
+/// "no limit"); the length is then the text tower's positions, as a folder transformers
+/// wrote shows (tools/golden/clip_unlimited.py: 16 positions).
+#[test]
+fn a_tokenizer_without_a_limit_takes_the_text_towers_positions() {
+    let dir = common::repo().join("tests/data/clip_unlimited");
+    let config = std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap();
+    assert!(config.contains("\"model_max_length\": 1000000000000000019884624838656"), "{config}");
+    let tok = ClipTokenizer::load(&dir).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    assert_eq!(tok.max_length() as u64, want["max_length"].as_u64().unwrap());
+    assert_eq!(tok.max_length(), 16);
+    for case in want["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<i64> = case["padded"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(tok.encode_padded(text).unwrap(), ids, "{text:?}");
+    }
+    // Without config.json beside it: CLIP's 77.
+    let alone = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.join(f), alone.path().join(f)).unwrap();
+    }
+    assert_eq!(ClipTokenizer::load(alone.path()).unwrap().max_length(), 77);
+}
