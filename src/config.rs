@@ -172,7 +172,7 @@ pub struct DistConfig {
     pub timeout_s: f64,
     /// Hand each gradient bucket to its reduce-scatter as soon as backward has written
     /// it, while backward goes on (`null`: on for CPU ranks, off on GPUs until the
-    /// overlap is proven on a card; README "Multi-GPU").
+    /// overlap is proven on a card; docs/architecture.md).
     pub overlap: Option<bool>,
 }
 
@@ -468,7 +468,7 @@ pub struct TrainConfig {
     pub max_consecutive_skips: i64,
     /// On CUDA, copy a checkpoint's state to pinned host memory on a side stream,
     /// overlapped with the next step, instead of a blocking copy. Off until it has
-    /// been measured on a card (README, "Checkpoints").
+    /// been measured on a card (docs/training.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub async_checkpoint_copy: bool,
 }

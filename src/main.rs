@@ -19,7 +19,7 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Prepare a dataset: images -> ADM crop -> VAE moments + DINOv2 features -> shards.
     Prepare(cmd::prepare::Args),
-    /// Write the small built-in image set of the demo (one folder per class).
+    /// Write the built-in image sets: the demo's (one folder per class) or, with --captioned, the shapes set.
     DemoImages(cmd::demo_images::Args),
     /// Train the captioned shapes set's representation encoder (a DINOv2-layout ViT) for REG/REPA.
     TrainEncoder(cmd::train_encoder::Args),
@@ -27,11 +27,12 @@ enum Command {
     Sample(cmd::sample::Args),
     /// Attribute accuracy and diversity of generated images of the captioned shapes set (one JSON line).
     ScoreShapes(cmd::score_shapes::Args),
-    /// The REG-with-captions study on the shapes set: {SiT, +REPA, +REG} x {class, caption} x seeds, curves and a table
+    /// The REG-with-captions study on the shapes set: {SiT, +REPA, +REG} x {class, caption} x seeds, curves and a table.
     Study(cmd::study::Args),
-    /// FID, sFID, Inception Score, precision/recall of samples against an ADM reference batch.
+    /// FID, sFID, Inception Score, precision/recall of samples against an ADM reference batch or a
+    /// folder of real images; CLIP score against the samples' captions with --clip.
     Eval(cmd::eval::Args),
-    /// Measure how fast the data loader feeds one rank from a dataset folder.
+    /// Measure how fast the data loaders of one node (--ranks) feed from a dataset folder.
     BenchData(cmd::bench_data::Args),
     /// Check every shard of a dataset against its index (SHA-256), in parallel.
     Verify(cmd::verify::Args),

@@ -1,5 +1,5 @@
-//! Files written by earlier versions still work: a demo-preset checkpoint made before
-//! the module reorganisation (tests/data/ckpt_v0) resumes and continues exactly.
+//! Checkpoints of format 1 still work: a demo-preset checkpoint of that format
+//! (tests/data/ckpt_v0) resumes and continues exactly.
 
 mod common;
 
@@ -11,7 +11,7 @@ fn shard_sha(step_dir: &Path) -> Vec<String> {
 }
 
 #[test]
-fn a_checkpoint_from_before_the_reorganisation_resumes_exactly() {
+fn a_format_1_checkpoint_resumes_exactly() {
     let expected: serde_json::Value = serde_json::from_slice(&std::fs::read("tests/data/ckpt_v0/expected.json").unwrap()).unwrap();
     let old = common::repo().join("tests/data/ckpt_v0/step-0000002");
     let dir = tempfile::tempdir().unwrap();

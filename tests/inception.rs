@@ -66,7 +66,7 @@ fn matches_pytorch_fid_cuda() {
     check(Device::Cuda(0), Kind::Float, 1e-2);
 }
 
-/// The README's conversion of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`: a bare state dict
+/// The documented conversion of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`: a bare state dict
 /// (with BatchNorm's `num_batches_tracked`), saved in torch's legacy format as that file is, and in the zip
 /// format; `reg-ddp import` of either gives weights that reproduce the golden.
 #[test]

@@ -167,7 +167,7 @@ pub fn run(a: Args) -> Result<()> {
         "images": images,
         "rows_per_rank": rows,
         "ranks": a.ranks,
-        // Rank 0's rate is the single-rank figure of earlier versions.
+        // Rank 0's rate alone: what one loader delivers while the node's others run.
         "samples_per_s_per_rank": rates[0],
         "samples_per_s_per_rank_min": rates.iter().cloned().fold(f64::INFINITY, f64::min),
         "samples_per_s_all_ranks": rates.iter().sum::<f64>(),

@@ -1,33 +1,15 @@
 //! CLIP text and image towers in the layout of transformers' `CLIPModel` / `CLIPTextModel` / `CLIPVisionModel` (`openai/clip-vit-*`), frozen.
 
 use crate::bail_input;
+use crate::encoders::hub_config::Activation;
+use crate::encoders::hub_config::{self, positive, positive_float};
 use crate::encoders::layers::{self_attention, Conv2d, LayerNorm, Linear, Loader};
 use crate::error::bad_input;
 use anyhow::{ensure, Result};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-/// The nonlinearity named by `hidden_act` (transformers' names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `quick_gelu`: `x * sigmoid(1.702 x)`, what OpenAI's CLIP was trained with.
-    QuickGelu,
-    /// `gelu`: exact, with erf.
-    Gelu,
-    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: tanh approximation.
-    GeluTanh,
-}
-
-impl Activation {
-    fn apply(self, x: &Tensor) -> Tensor {
-        match self {
-            Activation::QuickGelu => x * (x * 1.702).sigmoid(),
-            Activation::Gelu => x.gelu("none"),
-            Activation::GeluTanh => x.gelu("tanh"),
-        }
-    }
-}
 
 /// The fields of one tower's config the forward pass depends on (shared by text and vision).
 #[derive(Clone, Debug, PartialEq)]
@@ -73,142 +55,169 @@ pub struct ClipConfig {
     pub projection_dim: Option<i64>,
 }
 
-/// Reads the fields of one JSON object, naming `file` and the field's path in every error.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-    file: &'a str,
-    /// `text_config.` inside a `CLIPModel` config, empty at the top level.
-    path: String,
+/// One tower's fields as `config.json` holds them, after `fill` has put in the defaults
+/// of its kind.
+#[derive(Deserialize)]
+struct RawTower {
+    #[serde(deserialize_with = "positive")]
+    hidden_size: i64,
+    #[serde(deserialize_with = "positive")]
+    intermediate_size: i64,
+    #[serde(deserialize_with = "positive")]
+    num_hidden_layers: i64,
+    #[serde(deserialize_with = "positive")]
+    num_attention_heads: i64,
+    #[serde(deserialize_with = "positive_float")]
+    layer_norm_eps: f64,
+    hidden_act: Activation,
+    #[serde(deserialize_with = "positive")]
+    projection_dim: i64,
+    // Text towers.
+    #[serde(deserialize_with = "positive")]
+    vocab_size: i64,
+    #[serde(deserialize_with = "positive")]
+    max_position_embeddings: i64,
+    /// A list of end tokens is allowed by transformers' type but its pooling then fails;
+    /// only one id has a meaning here.
+    eos_token_id: i64,
+    // Vision towers.
+    #[serde(deserialize_with = "positive")]
+    image_size: i64,
+    #[serde(deserialize_with = "positive")]
+    patch_size: i64,
+    #[serde(deserialize_with = "positive")]
+    num_channels: i64,
 }
 
-impl Fields<'_> {
-    fn int(&self, name: &str, default: i64) -> Result<i64> {
-        let v = match self.obj.get(name) {
-            Some(v) => {
-                v.as_i64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected an integer, found {v}", self.file, self.path)))?
-            }
-            None => default,
-        };
-        if v <= 0 {
-            bail_input!("{}: field {}{name}: must be positive, found {v}", self.file, self.path);
+/// The defaults of `CLIPTextConfig` (`text`) or `CLIPVisionConfig` (openai/clip-vit-base-patch32's).
+fn defaults(text: bool) -> Value {
+    let (hidden, intermediate, heads) = if text { (512, 2048, 8) } else { (768, 3072, 12) };
+    serde_json::json!({
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": 12,
+        "num_attention_heads": heads, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu",
+        "projection_dim": 512, "vocab_size": 49408, "max_position_embeddings": 77,
+        "eos_token_id": 49407, "image_size": 224, "patch_size": 32, "num_channels": 3,
+    })
+}
+
+/// Puts the defaults of its kind into a tower's fields that are missing.
+fn fill(tower: &mut Value, text: bool) {
+    if let (Value::Object(m), Value::Object(d)) = (tower, defaults(text)) {
+        for (k, v) in d {
+            m.entry(k).or_insert(v);
         }
-        Ok(v)
+    }
+}
+
+impl RawTower {
+    fn tower(&self) -> TowerConfig {
+        TowerConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_act: self.hidden_act,
+        }
     }
 
-    fn float(&self, name: &str, default: f64) -> Result<f64> {
-        let v = match self.obj.get(name) {
-            Some(v) => {
-                v.as_f64().ok_or_else(|| bad_input(format!("{}: field {}{name}: expected a number, found {v}", self.file, self.path)))?
-            }
-            None => default,
-        };
-        if !(v.is_finite() && v > 0.0) {
-            bail_input!("{}: field {}{name}: must be a positive number, found {v}", self.file, self.path);
-        }
-        Ok(v)
-    }
-
-    fn tower(&self, hidden: i64, intermediate: i64, layers: i64, heads: i64) -> Result<TowerConfig> {
-        let hidden_act = match self.obj.get("hidden_act") {
-            None => Activation::QuickGelu,
-            Some(v) => match v.as_str() {
-                Some("quick_gelu") => Activation::QuickGelu,
-                Some("gelu") => Activation::Gelu,
-                Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => Activation::GeluTanh,
-                _ => bail_input!("{}: field {}hidden_act: unsupported activation {v}", self.file, self.path),
-            },
-        };
-        let c = TowerConfig {
-            hidden_size: self.int("hidden_size", hidden)?,
-            intermediate_size: self.int("intermediate_size", intermediate)?,
-            num_hidden_layers: self.int("num_hidden_layers", layers)?,
-            num_attention_heads: self.int("num_attention_heads", heads)?,
-            layer_norm_eps: self.float("layer_norm_eps", 1e-5)?,
-            hidden_act,
-        };
-        if c.hidden_size % c.num_attention_heads != 0 {
-            bail_input!(
-                "{}: field {}num_attention_heads: {} does not divide hidden_size {}",
-                self.file,
-                self.path,
-                c.num_attention_heads,
-                c.hidden_size
-            );
-        }
-        Ok(c)
-    }
-
-    /// `CLIPTextConfig`, with its defaults (those of openai/clip-vit-base-patch32).
-    fn text(&self) -> Result<TextConfig> {
-        // A list of end tokens is allowed by transformers' type but its pooling then fails;
-        // only one id has a meaning here.
-        let eos_token_id = match self.obj.get("eos_token_id") {
-            None => 49407,
-            Some(v) => v
-                .as_i64()
-                .ok_or_else(|| bad_input(format!("{}: field {}eos_token_id: expected one integer, found {v}", self.file, self.path)))?,
-        };
+    /// `path` is the tower's place in the file (`text_config.`, or empty at the top).
+    fn text(&self, file: &str, path: &str) -> Result<TextConfig> {
+        self.check(file, path)?;
         Ok(TextConfig {
-            tower: self.tower(512, 2048, 12, 8)?,
-            vocab_size: self.int("vocab_size", 49408)?,
-            max_position_embeddings: self.int("max_position_embeddings", 77)?,
-            eos_token_id,
-            projection_dim: self.int("projection_dim", 512)?,
+            tower: self.tower(),
+            vocab_size: self.vocab_size,
+            max_position_embeddings: self.max_position_embeddings,
+            eos_token_id: self.eos_token_id,
+            projection_dim: self.projection_dim,
         })
     }
 
-    /// `CLIPVisionConfig`, with its defaults.
-    fn vision(&self) -> Result<VisionConfig> {
-        let c = VisionConfig {
-            tower: self.tower(768, 3072, 12, 12)?,
-            image_size: self.int("image_size", 224)?,
-            patch_size: self.int("patch_size", 32)?,
-            num_channels: self.int("num_channels", 3)?,
-            projection_dim: self.int("projection_dim", 512)?,
-        };
-        if c.image_size % c.patch_size != 0 {
-            bail_input!("{}: field {}image_size: {} is not a multiple of patch_size {}", self.file, self.path, c.image_size, c.patch_size);
+    fn vision(&self, file: &str, path: &str) -> Result<VisionConfig> {
+        self.check(file, path)?;
+        if self.image_size % self.patch_size != 0 {
+            bail_input!("{file}: field {path}image_size: {} is not a multiple of patch_size {}", self.image_size, self.patch_size);
         }
-        Ok(c)
+        Ok(VisionConfig {
+            tower: self.tower(),
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            num_channels: self.num_channels,
+            projection_dim: self.projection_dim,
+        })
     }
 
-    /// The sub-config `name` of a `CLIPModel` config. `{name}_dict`, the older spelling, wins
-    /// over it as in `CLIPConfig` (whose update replaces every field with the dict's or its default).
-    fn sub(&self, name: &str) -> Result<Fields<'_>> {
-        let dict = format!("{name}_dict");
-        let (key, v) = match self.obj.get(&dict) {
-            Some(v) if !v.is_null() => (dict.as_str(), Some(v)),
-            _ => (name, self.obj.get(name).filter(|v| !v.is_null())),
-        };
-        static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-        let obj = match v {
-            None => EMPTY.get_or_init(Map::new),
-            Some(v) => v.as_object().ok_or_else(|| bad_input(format!("{}: field {key}: expected a JSON object, found {v}", self.file)))?,
-        };
-        Ok(Fields { obj, file: self.file, path: format!("{key}.") })
+    fn check(&self, file: &str, path: &str) -> Result<()> {
+        if self.hidden_size % self.num_attention_heads != 0 {
+            bail_input!(
+                "{file}: field {path}num_attention_heads: {} does not divide hidden_size {}",
+                self.num_attention_heads,
+                self.hidden_size
+            );
+        }
+        Ok(())
     }
+}
+
+/// A `CLIPModel` config: both towers and the shared width.
+#[derive(Deserialize)]
+struct RawClip {
+    #[serde(alias = "text_config_dict")]
+    text_config: RawTower,
+    #[serde(alias = "vision_config_dict")]
+    vision_config: RawTower,
+    #[serde(deserialize_with = "positive")]
+    projection_dim: i64,
 }
 
 impl ClipConfig {
     /// Parses a `config.json` by its `model_type`: `clip`, `clip_text_model` or
     /// `clip_vision_model`. Missing fields take transformers' defaults.
     pub fn parse(text: &str, file: &str) -> Result<Self> {
-        let j: Value = serde_json::from_str(text).map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
-        let Some(obj) = j.as_object() else {
-            bail_input!("{file}: expected a JSON object");
-        };
-        let top = Fields { obj, file, path: String::new() };
-        match obj.get("model_type").and_then(Value::as_str) {
-            Some("clip") => Ok(ClipConfig {
-                text: Some(top.sub("text_config")?.text()?),
-                vision: Some(top.sub("vision_config")?.vision()?),
-                projection_dim: Some(top.int("projection_dim", 512)?),
-            }),
-            Some("clip_text_model") => Ok(ClipConfig { text: Some(top.text()?), vision: None, projection_dim: None }),
-            Some("clip_vision_model") => Ok(ClipConfig { text: None, vision: Some(top.vision()?), projection_dim: None }),
+        let mut root = hub_config::object(text, file)?;
+        let kind = root.get("model_type").cloned();
+        match kind.as_ref().and_then(Value::as_str) {
+            Some("clip") => {
+                let obj = root.as_object_mut().expect("an object");
+                let mut paths = Vec::new();
+                for (name, is_text) in [("text_config", true), ("vision_config", false)] {
+                    // `{name}_dict`, the older spelling, wins over `name` as in `CLIPConfig`
+                    // (whose update replaces every field with the dict's or its default).
+                    let dict = format!("{name}_dict");
+                    let key = match obj.contains_key(&dict) {
+                        true => {
+                            obj.remove(name);
+                            dict
+                        }
+                        false => name.to_string(),
+                    };
+                    let sub = obj.entry(key.clone()).or_insert_with(|| Value::Object(Default::default()));
+                    if !sub.is_object() {
+                        bail_input!("{file}: field {key}: expected a JSON object, found {sub}");
+                    }
+                    fill(sub, is_text);
+                    paths.push(format!("{key}."));
+                }
+                obj.entry("projection_dim").or_insert(512.into());
+                let c: RawClip = hub_config::from_value(root, file)?;
+                Ok(ClipConfig {
+                    text: Some(c.text_config.text(file, &paths[0])?),
+                    vision: Some(c.vision_config.vision(file, &paths[1])?),
+                    projection_dim: Some(c.projection_dim),
+                })
+            }
+            Some(k @ ("clip_text_model" | "clip_vision_model")) => {
+                let is_text = k == "clip_text_model";
+                fill(&mut root, is_text);
+                let t: RawTower = hub_config::from_value(root, file)?;
+                Ok(match is_text {
+                    true => ClipConfig { text: Some(t.text(file, "")?), vision: None, projection_dim: None },
+                    false => ClipConfig { text: None, vision: Some(t.vision(file, "")?), projection_dim: None },
+                })
+            }
             _ => bail_input!(
                 "{file}: field model_type: expected \"clip\", \"clip_text_model\" or \"clip_vision_model\", found {}",
-                obj.get("model_type").map_or("nothing".to_string(), Value::to_string)
+                kind.map_or("nothing".to_string(), |v| v.to_string())
             ),
         }
     }

@@ -1,9 +1,12 @@
 //! DINOv2 ViT/14 encoder in the layout of transformers' `Dinov2Model` (`facebook/dinov2-*`), frozen.
 
 use crate::bail_input;
+use crate::encoders::hub_config::Activation;
+use crate::encoders::hub_config::{self, positive, positive_float};
 use crate::encoders::layers::{self_attention, Conv2d, LayerNorm, Linear, Loader};
 use crate::error::bad_input;
 use anyhow::Result;
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -12,110 +15,63 @@ use tch::{Device, Kind, Tensor};
 const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const STD: [f64; 3] = [0.229, 0.224, 0.225];
 
-/// The nonlinearity named by `hidden_act` (transformers' names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu`: exact, with erf (what every published DINOv2 uses).
-    Gelu,
-    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: tanh approximation.
-    GeluTanh,
-    Relu,
-    /// `silu`, `swish`.
-    Silu,
-}
-
-impl Activation {
-    fn apply(self, x: &Tensor) -> Tensor {
-        match self {
-            Activation::Gelu => x.gelu("none"),
-            Activation::GeluTanh => x.gelu("tanh"),
-            Activation::Relu => x.relu(),
-            Activation::Silu => x.silu(),
-        }
-    }
-}
-
-/// The fields of `config.json` the forward pass depends on (`Dinov2Config`).
-#[derive(Clone, Debug, PartialEq)]
+/// The fields of `config.json` the forward pass depends on (`Dinov2Config`). Sizes are
+/// required; the rest defaults as in transformers.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Dinov2Config {
+    #[serde(deserialize_with = "positive")]
     pub hidden_size: i64,
+    #[serde(deserialize_with = "positive")]
     pub num_hidden_layers: i64,
+    #[serde(deserialize_with = "positive")]
     pub num_attention_heads: i64,
+    #[serde(default = "mlp_ratio", deserialize_with = "positive_float")]
     pub mlp_ratio: f64,
+    #[serde(deserialize_with = "positive")]
     pub patch_size: i64,
     /// The resolution the position table was trained for (518 for the published models).
+    #[serde(deserialize_with = "positive")]
     pub image_size: i64,
+    #[serde(default = "rgb", deserialize_with = "positive")]
     pub num_channels: i64,
+    #[serde(default = "layer_norm_eps", deserialize_with = "positive_float")]
     pub layer_norm_eps: f64,
+    #[serde(default = "gelu")]
     pub hidden_act: Activation,
+    #[serde(default = "yes")]
     pub qkv_bias: bool,
+    #[serde(default)]
     pub use_swiglu_ffn: bool,
+}
+
+fn mlp_ratio() -> f64 {
+    4.0
+}
+fn rgb() -> i64 {
+    3
+}
+fn layer_norm_eps() -> f64 {
+    1e-6
+}
+fn gelu() -> Activation {
+    Activation::Gelu
+}
+fn yes() -> bool {
+    true
 }
 
 impl Dinov2Config {
     /// Parses a `config.json`. Sizes are required; the rest defaults as in `Dinov2Config`.
     /// `layerscale_value` is only an initial value and the weights carry `lambda1`, so it is not read.
     pub fn parse(text: &str, file: &str) -> Result<Self> {
-        let j: Value = serde_json::from_str(text).map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
-        let Some(obj) = j.as_object() else {
-            bail_input!("{file}: expected a JSON object");
-        };
-        if let Some(t) = obj.get("model_type") {
-            // Registers, or another model's config, would load into the wrong layout.
-            if t.as_str() != Some("dinov2") {
-                bail_input!("{file}: field model_type: expected \"dinov2\", found {t}");
-            }
+        let obj = hub_config::object(text, file)?;
+        // Registers, or another model's config, would load into the wrong layout.
+        match obj.get("model_type") {
+            None => {}
+            Some(t) if t == "dinov2" => {}
+            Some(t) => bail_input!("{file}: field model_type: expected \"dinov2\", found {t}"),
         }
-        let int = |name: &str, default: Option<i64>| -> Result<i64> {
-            let v = match (obj.get(name), default) {
-                (Some(v), _) => v.as_i64().ok_or_else(|| bad_input(format!("{file}: field {name}: expected an integer, found {v}")))?,
-                (None, Some(d)) => d,
-                (None, None) => bail_input!("{file}: field {name}: missing"),
-            };
-            if v <= 0 {
-                bail_input!("{file}: field {name}: must be positive, found {v}");
-            }
-            Ok(v)
-        };
-        let float = |name: &str, default: f64| -> Result<f64> {
-            let v = match obj.get(name) {
-                Some(v) => v.as_f64().ok_or_else(|| bad_input(format!("{file}: field {name}: expected a number, found {v}")))?,
-                None => default,
-            };
-            if !(v.is_finite() && v > 0.0) {
-                bail_input!("{file}: field {name}: must be a positive number, found {v}");
-            }
-            Ok(v)
-        };
-        let boolean = |name: &str, default: bool| -> Result<bool> {
-            match obj.get(name) {
-                Some(v) => v.as_bool().ok_or_else(|| bad_input(format!("{file}: field {name}: expected true or false, found {v}"))),
-                None => Ok(default),
-            }
-        };
-        let hidden_act = match obj.get("hidden_act") {
-            None => Activation::Gelu,
-            Some(v) => match v.as_str() {
-                Some("gelu") => Activation::Gelu,
-                Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => Activation::GeluTanh,
-                Some("relu") => Activation::Relu,
-                Some("silu" | "swish") => Activation::Silu,
-                _ => bail_input!("{file}: field hidden_act: unsupported activation {v}"),
-            },
-        };
-        let c = Dinov2Config {
-            hidden_size: int("hidden_size", None)?,
-            num_hidden_layers: int("num_hidden_layers", None)?,
-            num_attention_heads: int("num_attention_heads", None)?,
-            mlp_ratio: float("mlp_ratio", 4.0)?,
-            patch_size: int("patch_size", None)?,
-            image_size: int("image_size", None)?,
-            num_channels: int("num_channels", Some(3))?,
-            layer_norm_eps: float("layer_norm_eps", 1e-6)?,
-            hidden_act,
-            qkv_bias: boolean("qkv_bias", true)?,
-            use_swiglu_ffn: boolean("use_swiglu_ffn", false)?,
-        };
+        let c: Dinov2Config = hub_config::from_value(obj, file)?;
         if c.hidden_size % c.num_attention_heads != 0 {
             bail_input!("{file}: field num_attention_heads: {} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size);
         }
@@ -150,12 +106,7 @@ impl Dinov2Config {
     /// `Dinov2Model.from_pretrained` and `parse` both read it. Dropouts are 0 and the
     /// initial layer scale 1.0 (the values `train-encoder` trains with).
     pub fn to_json(&self) -> Value {
-        let act = match self.hidden_act {
-            Activation::Gelu => "gelu",
-            Activation::GeluTanh => "gelu_pytorch_tanh",
-            Activation::Relu => "relu",
-            Activation::Silu => "silu",
-        };
+        let act = self.hidden_act.name();
         serde_json::json!({
             "architectures": ["Dinov2Model"],
             "model_type": "dinov2",

@@ -7,6 +7,7 @@ pub mod clip_image;
 pub mod clip_tokenizer;
 pub mod decoder;
 pub mod dinov2;
+pub mod hub_config;
 pub mod inception;
 pub mod layers;
 pub mod text;

@@ -1,10 +1,11 @@
 //! Stable Diffusion KL-f8 VAE (diffusers `AutoencoderKL`): names and layout mirror its safetensors keys.
 
 use crate::bail_input;
+use crate::encoders::hub_config::{self, positive, positive_float};
 use crate::encoders::layers::{Conv2d, GroupNorm, Linear, Loader};
 use crate::error::bad_input;
 use anyhow::Result;
-use serde_json::{Map, Value};
+use serde::Deserialize;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -13,151 +14,129 @@ const EPS: f64 = 1e-6;
 
 /// The fields of `config.json` that shape the network. Missing fields take diffusers'
 /// `AutoencoderKL.__init__` defaults, so any folder diffusers loads loads here.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 struct VaeConfig {
+    #[serde(deserialize_with = "positive")]
     in_channels: i64,
+    #[serde(deserialize_with = "positive")]
     out_channels: i64,
+    #[serde(deserialize_with = "positive")]
     latent_channels: i64,
+    #[serde(deserialize_with = "positive_list")]
     block_out_channels: Vec<i64>,
+    #[serde(deserialize_with = "positive")]
     layers_per_block: i64,
+    #[serde(deserialize_with = "positive")]
     norm_num_groups: i64,
+    #[serde(deserialize_with = "positive_float")]
     scaling_factor: f64,
     use_quant_conv: bool,
     use_post_quant_conv: bool,
     mid_block_add_attention: bool,
+    // Checked against the one layout this VAE is built from.
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    act_fn: Option<String>,
+    shift_factor: Option<f64>,
+    down_block_types: Option<Vec<String>>,
+    up_block_types: Option<Vec<String>>,
+    attention_head_dim: Option<i64>,
+    /// Informational only (the nets are fully convolutional), but a malformed one means
+    /// the file is not what it claims to be: checked, not kept.
+    #[serde(deserialize_with = "sample_size")]
+    sample_size: (),
 }
 
-/// Typed reads of one JSON object, each error naming the file and the field.
-struct Fields<'a> {
-    file: &'a str,
-    obj: &'a Map<String, Value>,
+/// A positive integer or a non-empty list of them.
+fn sample_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<(), D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    let positive = |x: &serde_json::Value| x.as_i64().is_some_and(|n| n > 0);
+    if positive(&v) || v.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(positive)) {
+        return Ok(());
+    }
+    Err(serde::de::Error::custom(format!("expected a positive integer, found {v}")))
 }
 
-impl Fields<'_> {
-    /// The value of `name`, `None` when absent or `null` (diffusers treats both as "default").
-    fn get(&self, name: &str) -> Option<&Value> {
-        self.obj.get(name).filter(|v| !v.is_null())
-    }
-
-    fn positive_int(&self, name: &str, default: i64) -> Result<i64> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => match v.as_i64() {
-                Some(n) if n > 0 => Ok(n),
-                _ => bail_input!("{}: field {name}: expected a positive integer, got {v}", self.file),
-            },
+impl Default for VaeConfig {
+    fn default() -> Self {
+        VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            latent_channels: 4,
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+            class_name: None,
+            act_fn: None,
+            shift_factor: None,
+            down_block_types: None,
+            up_block_types: None,
+            attention_head_dim: None,
+            sample_size: (),
         }
     }
+}
 
-    fn positive_float(&self, name: &str, default: f64) -> Result<f64> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => match v.as_f64() {
-                Some(x) if x > 0.0 && x.is_finite() => Ok(x),
-                _ => bail_input!("{}: field {name}: expected a positive number, got {v}", self.file),
-            },
-        }
+/// A non-empty list of positive integers.
+fn positive_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<i64>, D::Error> {
+    let v = Vec::<i64>::deserialize(d)?;
+    if v.is_empty() || v.iter().any(|&n| n <= 0) {
+        return Err(serde::de::Error::custom(format!("expected a non-empty list of positive integers, found {v:?}")));
     }
+    Ok(v)
+}
 
-    fn bool(&self, name: &str, default: bool) -> Result<bool> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| bad_input(format!("{}: field {name}: expected true or false, got {v}", self.file))),
+/// A list of block type names, each equal to `only` (the one block type this VAE is built from).
+fn block_types(file: &str, name: &str, types: &Option<Vec<String>>, only: &str, len: usize) -> Result<()> {
+    let Some(items) = types else {
+        // diffusers' default is a single block; a longer channel list needs the field.
+        if len == 1 {
+            return Ok(());
         }
+        bail_input!("{file}: field {name}: missing, but block_out_channels has {len} entries");
+    };
+    if items.len() != len {
+        bail_input!("{file}: field {name}: {} entries, but block_out_channels has {len}", items.len());
     }
-
-    fn positive_ints(&self, name: &str, default: &[i64]) -> Result<Vec<i64>> {
-        let Some(v) = self.get(name) else {
-            return Ok(default.to_vec());
-        };
-        let items = v.as_array().filter(|a| !a.is_empty());
-        let ints: Option<Vec<i64>> = items.and_then(|a| a.iter().map(|x| x.as_i64().filter(|&n| n > 0)).collect());
-        ints.ok_or_else(|| bad_input(format!("{}: field {name}: expected a non-empty list of positive integers, got {v}", self.file)))
+    if let Some(item) = items.iter().find(|t| *t != only) {
+        bail_input!("{file}: field {name}: block type {item:?} is not supported (only \"{only}\")");
     }
-
-    /// A list of strings each equal to `only` (the one block type this VAE is built from).
-    fn block_types(&self, name: &str, only: &str, len: usize) -> Result<()> {
-        let Some(v) = self.get(name) else {
-            // diffusers' default is a single block; a longer channel list needs the field.
-            if len == 1 {
-                return Ok(());
-            }
-            bail_input!("{}: field {name}: missing, but block_out_channels has {len} entries", self.file);
-        };
-        let Some(items) = v.as_array() else { bail_input!("{}: field {name}: expected a list of block type names, got {v}", self.file) };
-        if items.len() != len {
-            bail_input!("{}: field {name}: {} entries, but block_out_channels has {len}", self.file, items.len());
-        }
-        for item in items {
-            if item.as_str() != Some(only) {
-                bail_input!("{}: field {name}: block type {item} is not supported (only \"{only}\")", self.file);
-            }
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 impl VaeConfig {
     /// Parses and checks `config.json`; `file` is its path as shown in errors.
     fn parse(text: &str, file: &str) -> Result<VaeConfig> {
-        let root: Value = serde_json::from_str(text).map_err(|e| bad_input(format!("{file}: not valid JSON: {e}")))?;
-        let Some(obj) = root.as_object() else { bail_input!("{file}: expected a JSON object at the top level") };
-        let f = Fields { file, obj };
-        if let Some(v) = f.get("_class_name") {
-            if v.as_str() != Some("AutoencoderKL") {
-                bail_input!("{file}: field _class_name: {v} is not supported (only \"AutoencoderKL\")");
-            }
+        let c: VaeConfig = hub_config::parse(text, file)?;
+        if let Some(v) = c.class_name.as_deref().filter(|&v| v != "AutoencoderKL") {
+            bail_input!("{file}: field _class_name: {v:?} is not supported (only \"AutoencoderKL\")");
         }
-        if let Some(v) = f.get("act_fn") {
-            if v.as_str() != Some("silu") {
-                bail_input!("{file}: field act_fn: {v} is not supported (only \"silu\")");
-            }
+        if let Some(v) = c.act_fn.as_deref().filter(|&v| v != "silu") {
+            bail_input!("{file}: field act_fn: {v:?} is not supported (only \"silu\")");
         }
         // SD3/Flux-style VAEs shift latents as well as scale them; the trainer only scales,
         // so such a VAE would decode wrongly rather than fail: refuse it here.
-        if let Some(v) = f.get("shift_factor") {
-            if v.as_f64() != Some(0.0) {
-                bail_input!("{file}: field shift_factor: {v} is not supported (only null or 0)");
-            }
+        if let Some(v) = c.shift_factor.filter(|&v| v != 0.0) {
+            bail_input!("{file}: field shift_factor: {v} is not supported (only null or 0)");
         }
-        let block_out_channels = f.positive_ints("block_out_channels", &[64])?;
-        let norm_num_groups = f.positive_int("norm_num_groups", 32)?;
-        if let Some(&c) = block_out_channels.iter().find(|&&c| c % norm_num_groups != 0) {
-            bail_input!("{file}: field norm_num_groups: {norm_num_groups} does not divide block_out_channels entry {c}");
+        if let Some(&ch) = c.block_out_channels.iter().find(|&&ch| ch % c.norm_num_groups != 0) {
+            bail_input!("{file}: field norm_num_groups: {} does not divide block_out_channels entry {ch}", c.norm_num_groups);
         }
-        f.block_types("down_block_types", "DownEncoderBlock2D", block_out_channels.len())?;
-        f.block_types("up_block_types", "UpDecoderBlock2D", block_out_channels.len())?;
+        let blocks = c.block_out_channels.len();
+        block_types(file, "down_block_types", &c.down_block_types, "DownEncoderBlock2D", blocks)?;
+        block_types(file, "up_block_types", &c.up_block_types, "UpDecoderBlock2D", blocks)?;
         // diffusers' AutoencoderKL always gives its mid-block attention one head over all
         // channels; a config asking for another head size describes some other model.
-        let last = *block_out_channels.last().expect("checked non-empty");
-        if let Some(v) = f.get("attention_head_dim") {
-            if v.as_i64() != Some(last) {
-                bail_input!(
-                    "{file}: field attention_head_dim: {v} is not supported (the mid-block attention has one head of {last} channels)"
-                );
-            }
+        let last = *c.block_out_channels.last().expect("checked non-empty");
+        if let Some(v) = c.attention_head_dim.filter(|&v| v != last) {
+            bail_input!("{file}: field attention_head_dim: {v} is not supported (the mid-block attention has one head of {last} channels)");
         }
-        if let Some(v) = f.get("sample_size") {
-            // Informational only (the nets are fully convolutional), but a malformed one
-            // means the file is not what it claims to be.
-            let ok = v.as_i64().is_some_and(|n| n > 0)
-                || v.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(|x| x.as_i64().is_some_and(|n| n > 0)));
-            if !ok {
-                bail_input!("{file}: field sample_size: expected a positive integer, got {v}");
-            }
-        }
-        Ok(VaeConfig {
-            in_channels: f.positive_int("in_channels", 3)?,
-            out_channels: f.positive_int("out_channels", 3)?,
-            latent_channels: f.positive_int("latent_channels", 4)?,
-            layers_per_block: f.positive_int("layers_per_block", 1)?,
-            scaling_factor: f.positive_float("scaling_factor", 0.18215)?,
-            use_quant_conv: f.bool("use_quant_conv", true)?,
-            use_post_quant_conv: f.bool("use_post_quant_conv", true)?,
-            mid_block_add_attention: f.bool("mid_block_add_attention", true)?,
-            block_out_channels,
-            norm_num_groups,
-        })
+        Ok(c)
     }
 }
 

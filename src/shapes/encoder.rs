@@ -7,7 +7,8 @@
 // exactly, and a self-supervised objective would not learn them in minutes on 2 cores).
 
 use crate::bail_input;
-use crate::encoders::dinov2::{Activation, Dinov2, Dinov2Config};
+use crate::encoders::dinov2::{Dinov2, Dinov2Config};
+use crate::encoders::hub_config::Activation;
 use crate::encoders::layers::Loader;
 use crate::error::bad_input;
 use crate::formats::weights;

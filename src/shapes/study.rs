@@ -56,7 +56,7 @@ pub struct Args {
     pub encoder_steps: Option<i64>,
     /// Attributes every image shares (`demo-images --fix`); `""` lets all four vary.
     /// White and large by default: with 4 attributes free, no arm learns its condition
-    /// in a CPU budget (README).
+    /// in a CPU budget (docs/study.md).
     #[arg(long, default_value = "colour=white,size=large")]
     pub fix: String,
     /// Runs trained at once.
