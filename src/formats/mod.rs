@@ -1,5 +1,5 @@
 //! File formats that know no model: safetensors weights, the restricted `torch.save`
-//! reader, NumPy npy/npz, zip archives of stored entries, TensorBoard event files, images under limits,
+//! reader, NumPy npy/npz, zip archives (one reader), TensorBoard event files, images under limits,
 //! image decoding and resampling exactly as Pillow does them.
 
 pub mod images;
@@ -10,3 +10,4 @@ pub mod stored_zip;
 pub mod tboard;
 pub mod torchfile;
 pub mod weights;
+pub mod zip_reader;

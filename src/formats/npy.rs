@@ -1,10 +1,11 @@
 //! NumPy `.npy` arrays and `.npz` archives (what REG/EDM2 and the ADM evaluator use):
 //! little-endian u8, f32, f64 and i64 in C order; and a streaming `.npz` writer of u8 images.
 
+use super::zip_reader::ZipReader;
 use crate::error::bad_input;
 use anyhow::Context;
 use anyhow::Result;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -210,40 +211,18 @@ impl NpzArray {
     /// The array `name` (without `.npy`) of the archive, or `None` when it has none.
     pub fn open(path: &Path, name: &str) -> Result<Option<NpzArray>> {
         let file = path.display().to_string();
-        let f = std::fs::File::open(path).map_err(|e| bad_input(format!("{file}: cannot open: {e}")))?;
-        let mut z = zip::ZipArchive::new(&f).map_err(|e| bad_input(format!("{file}: not an .npz archive: {e}")))?;
-        let mut e = match z.by_name(&format!("{name}.npy")) {
-            Ok(e) => e,
-            Err(zip::result::ZipError::FileNotFound) => return Ok(None),
-            Err(e) => return Err(bad_input(format!("{file}: {name}: {e}"))),
-        };
-        let bytes = if e.compression() == zip::CompressionMethod::Stored {
-            if e.compressed_size() != e.size() {
-                crate::bail_input!("{file}: {name}: corrupt archive (a stored entry with two sizes)");
-            }
-            let (lo, len) = (e.data_start() as usize, e.size() as usize);
-            // SAFETY: read-only map of a file we do not write; a concurrent truncation by
-            // another process is outside what any reader can defend against.
-            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad_input(format!("{file}: cannot map: {e}")))?;
-            // The sizes are the archive's word: checked against the file before slicing.
-            let Some(end) = lo.checked_add(len).filter(|&end| end <= map.len()) else {
-                crate::bail_input!("{file}: {name}: truncated archive");
-            };
-            Backing::Mapped(map, lo..end)
+        let zip = ZipReader::open(path, "an .npz archive")?;
+        let entry = format!("{name}.npy");
+        if !zip.contains(&entry) {
+            return Ok(None);
+        }
+        let bytes = if zip.is_stored(&entry)? {
+            let span = zip.stored(&entry, "")?;
+            // Inside the file, so inside the map.
+            Backing::Mapped(zip.map()?, span.start as usize..span.end as usize)
         } else {
-            // Inflated into memory (np.savez_compressed), but never past what the archive
-            // declares, and only if deflate could make that much from the stored bytes
-            // (at most 1032:1): a small file claiming terabytes is refused, not allocated.
-            let (size, packed) = (e.size(), e.compressed_size());
-            if size > packed.saturating_mul(1032).saturating_add(1024) {
-                crate::bail_input!("{file}: {name}: claims {size} bytes inflated from {packed}; deflate cannot, the archive is corrupt");
-            }
-            let mut v = Vec::new();
-            (&mut e).take(size).read_to_end(&mut v).map_err(|e| bad_input(format!("{file}: {name}: {e}")))?;
-            if v.len() as u64 != size {
-                crate::bail_input!("{file}: {name}: {} bytes inflated, the archive declares {size}", v.len());
-            }
-            Backing::Owned(v)
+            // np.savez_compressed.
+            Backing::Owned(zip.inflate(&entry)?)
         };
         let (kind, shape, start) = header(bytes.as_slice(), &format!("{file}: {name}"))?;
         Ok(Some(NpzArray { bytes, start, kind, shape }))

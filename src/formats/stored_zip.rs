@@ -1,8 +1,7 @@
 //! Zip archives of stored (uncompressed) entries, memory-mapped and read in place: how
 //! EDM2/REG's `dataset_tools.py` writes a dataset when `--dest` ends in `.zip`.
 
-use crate::bail_input;
-use crate::error::bad_input;
+use super::zip_reader::ZipReader;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -19,34 +18,13 @@ pub struct StoredZip {
 
 impl StoredZip {
     pub fn open(path: &Path) -> Result<StoredZip> {
-        let file = path.display().to_string();
-        let f = std::fs::File::open(path).map_err(|e| bad_input(format!("{file}: cannot open: {e}")))?;
-        let mut z = zip::ZipArchive::new(&f).map_err(|e| bad_input(format!("{file}: not a zip archive: {e}")))?;
-        // SAFETY: read-only map of a file we do not write; a concurrent truncation by
-        // another process is outside what any reader can defend against.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad_input(format!("{file}: cannot map: {e}")))?;
+        let zip = ZipReader::open(path, "a zip archive")?;
+        let map = zip.map()?;
         let mut entries = BTreeMap::new();
-        for i in 0..z.len() {
-            let e = z.by_index_raw(i).map_err(|e| bad_input(format!("{file}: entry {i}: {e}")))?;
-            if e.is_dir() {
-                continue;
-            }
-            let name = e.name().to_string();
-            if e.compression() != zip::CompressionMethod::Stored {
-                bail_input!(
-                    "{file}: {name}: compressed ({}); the archive must store its entries, as dataset_tools.py does",
-                    e.compression()
-                );
-            }
-            // The sizes are the archive's word: checked against the file before slicing.
-            let Some(span) = usize::try_from(e.data_start())
-                .ok()
-                .and_then(|lo| Some(lo..lo.checked_add(usize::try_from(e.size()).ok()?)?))
-                .filter(|r| r.end <= map.len())
-            else {
-                bail_input!("{file}: {name}: truncated archive");
-            };
-            entries.insert(name, span);
+        for name in zip.names() {
+            let span = zip.stored(name, "the archive must store its entries, as dataset_tools.py does")?;
+            // Inside the file, so inside the map.
+            entries.insert(name.to_string(), span.start as usize..span.end as usize);
         }
         Ok(StoredZip { path: path.to_path_buf(), map, entries })
     }

@@ -1,21 +1,14 @@
-//! Restricted reader of PyTorch `torch.save` checkpoints: walks the zip and interprets the pickle, never executing it.
+//! The pickle machine of the restricted `torch.save` reader: only the opcodes torch.save
+//! emits, an allow-list of global names with fixed meanings, values built without
+//! recursion and under a budget.
 
-// A pickle is a program for a stack machine whose GLOBAL opcodes name arbitrary Python callables, which is why
-// loading one from elsewhere can run code. This reader implements only the opcodes torch.save emits and maps an
-// allow-list of names (tensor rebuilders, storage types, OrderedDict, argparse.Namespace, ...) to fixed behaviour
-// here; any other name is refused before anything is built. Tensor bytes are read lazily, so importing one state
-// dict of a checkpoint does not also load its optimizer state.
-
-use crate::error::{bad_input, first_line};
+use super::archive::{Archive, Storage, TensorRef};
 use anyhow::Result;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 /// A value read from the pickle. Dicts keep their pairs in file order.
 #[derive(Debug, Clone)]
@@ -83,440 +76,6 @@ impl Value {
     }
 }
 
-/// A tensor stored in the archive: a strided view of one storage entry.
-#[derive(Clone)]
-pub struct TensorRef {
-    storage: Arc<Storage>,
-    offset: i64,
-    size: Vec<i64>,
-    stride: Vec<i64>,
-}
-
-#[derive(Debug)]
-struct Storage {
-    archive: Arc<Archive>,
-    /// The zip entry (`<top>/data/<key>`), for messages.
-    entry: String,
-    /// Absolute file offset of the entry's first byte.
-    start: u64,
-    kind: Kind,
-    numel: i64,
-}
-
-impl std::fmt::Debug for TensorRef {
-    // The archive's whole entry table is not worth printing with every tensor.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?} {:?} in {})", self.storage.kind, self.size, self.storage.entry)
-    }
-}
-
-impl TensorRef {
-    pub fn kind(&self) -> Kind {
-        self.storage.kind
-    }
-
-    pub fn size(&self) -> &[i64] {
-        &self.size
-    }
-
-    /// Reads the tensor onto the CPU as a contiguous tensor. Only the bytes the view covers are read, so many
-    /// views of one large storage do not read it many times.
-    pub fn load(&self) -> Result<Tensor> {
-        let s = &self.storage;
-        let kind = s.kind;
-        let Some(extent) = extent(&self.size, &self.stride) else {
-            return Tensor::f_zeros(self.size.as_slice(), (kind, tch::Device::Cpu))
-                .map_err(|e| s.archive.err(format!("{}: cannot build empty tensor: {}", s.entry, first_line(e))));
-        };
-        let elt = kind.elt_size_in_bytes() as u64;
-        // Bounds were checked against the storage when the tensor was unpickled.
-        let bytes = s.archive.read_at(s.start + self.offset as u64 * elt, (extent as u64 * elt) as usize, &s.entry)?;
-        let flat = Tensor::f_from_data_size(&bytes, &[extent], kind)
-            .map_err(|e| s.archive.err(format!("{}: cannot build tensor: {}", s.entry, first_line(e))))?;
-        let view = flat
-            .f_as_strided(self.size.as_slice(), self.stride.as_slice(), 0)
-            .map_err(|e| s.archive.err(format!("{}: bad view: {}", s.entry, first_line(e))))?;
-        Ok(view.contiguous())
-    }
-}
-
-/// Elements spanned by a strided view from its first element, or `None` for an empty view. Sizes and strides
-/// are known non-negative and the result known to fit (see `Vm::rebuild_tensor`).
-fn extent(size: &[i64], stride: &[i64]) -> Option<i64> {
-    if size.contains(&0) {
-        return None;
-    }
-    Some(1 + size.iter().zip(stride).map(|(&n, &s)| (n - 1) * s).sum::<i64>())
-}
-
-/// Reads a `torch.save` file (the zip format of torch >= 1.6, or the legacy pickle stream)
-/// without running any of it. Every problem with the file is an input error naming it.
-pub fn read(path: &Path) -> Result<Value> {
-    let archive = Arc::new(Archive::open(path)?);
-    let (root, pickle_len) = if archive.legacy {
-        read_legacy(&archive)?
-    } else {
-        let pkl = archive.entry_bytes(&format!("{}data.pkl", archive.prefix))?;
-        let mut vm = Vm::new(&archive, &pkl, 0);
-        (vm.run()?, pkl.len())
-    };
-    let mut budget = convert_budget(pickle_len);
-    convert(&root, 0, &mut budget).map_err(|msg| archive.err(format!("{}: {msg}", archive.pickle_name())))
-}
-
-/// What the legacy format starts with: a pickle (protocol 2) of torch's magic number 0x1950a86a20f9469cfc6c.
-const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
-
-/// torch.save before 1.6 (and with `_use_new_zipfile_serialization=False`): pickles of the magic number, the
-/// protocol version (1001) and system information, then the object itself, then the list of storage keys, and
-/// then each storage in that order as an element count (u64) followed by its bytes. Where a storage lies is
-/// known only after the object's pickle, so the object is read twice: first for the storages' types and
-/// sizes, then with their offsets. Returns the object and the length of its pickle.
-fn read_legacy(archive: &Arc<Archive>) -> Result<(Obj, usize)> {
-    // SAFETY: a read-only map of a file we do not write, dropped before returning (tensors read it by offset).
-    let map = unsafe { memmap2::Mmap::map(&archive.file) }.map_err(|e| archive.err(format!("cannot map: {e}")))?;
-    let data = &map[..];
-    if !data.starts_with(LEGACY_MAGIC) {
-        return Err(archive.err("not a torch.save checkpoint (neither a zip archive nor torch's legacy pickle stream)"));
-    }
-    let mut vm = Vm::new(archive, data, LEGACY_MAGIC.len());
-    match vm.run()? {
-        Obj::Int(1001) => {}
-        _ => return Err(vm.fail("unsupported legacy protocol version (expected 1001)")),
-    }
-    if let Obj::Dict(info) = &vm.run()? {
-        if info.borrow().iter().any(|(k, v)| matches!((k, v), (Obj::Str(k), Obj::Bool(false)) if &**k == "little_endian")) {
-            return Err(vm.fail("a big-endian checkpoint; only little-endian ones are read"));
-        }
-    }
-    let object_at = vm.pos;
-    vm.declared = Some(HashMap::new());
-    vm.run()?;
-    let declared = vm.declared.take().expect("set above");
-    let keys = vm.run()?;
-    let Obj::List(keys) = &keys else {
-        return Err(vm.fail("expected the list of storage keys"));
-    };
-    let mut at = vm.pos as u64;
-    let mut starts = HashMap::new();
-    for key in keys.borrow().iter() {
-        let Obj::Str(key) = key else { return Err(vm.fail("a storage key is not a string")) };
-        let entry = format!("data/{key}");
-        let Some(&(kind, numel)) = declared.get(&entry) else {
-            return Err(archive.err(format!("storage {} is not used by any tensor", key.escape_debug())));
-        };
-        let count = u64::from_le_bytes(archive.read_at(at, 8, &entry)?.try_into().expect("8 bytes"));
-        if count != numel as u64 {
-            return Err(archive.err(format!("{}: {count} elements stored, {numel} declared", entry.escape_debug())));
-        }
-        // Counts come from the file: the arithmetic is checked, never wrapped.
-        let size = count.checked_mul(kind.elt_size_in_bytes() as u64);
-        let end = size.and_then(|n| at.checked_add(8)?.checked_add(n)).filter(|&end| end <= archive.len);
-        let (Some(size), Some(end)) = (size, end) else {
-            return Err(archive.err(format!("{}: truncated file (storage of {count} {kind:?} elements)", entry.escape_debug())));
-        };
-        starts.insert(entry, (at + 8, size));
-        at = end;
-    }
-    let mut vm = Vm::new(archive, data, object_at);
-    vm.starts = starts;
-    let root = vm.run()?;
-    Ok((root, vm.pos - object_at))
-}
-
-/// The tensors of one state dict in the checkpoint `v` read from `file`, in file order, with the `module.` (DDP)
-/// and `_orig_mod.` (torch.compile) prefixes removed from their names.
-///
-/// `key` picks a top-level entry (`model`, `ema`); without one, a file that is itself a state dict gives that,
-/// and a training checkpoint gives its `model`.
-pub fn state_dict(file: &Path, v: &Value, key: Option<&str>) -> Result<Vec<(String, Tensor)>> {
-    let f = file.display();
-    let (label, sd) = match key {
-        None if v.as_tensor_map().is_some() => ("the top level".to_string(), v),
-        _ => {
-            let k = key.unwrap_or("model");
-            let Some(sd) = v.get(k) else {
-                let keys = top_keys(v);
-                crate::bail_input!("{f}: no key '{k}' at the top level (it has: {keys})");
-            };
-            (format!("key '{k}'"), sd)
-        }
-    };
-    let Some(map) = sd.as_tensor_map() else {
-        let why = match sd {
-            Value::Dict(pairs) if pairs.is_empty() => "it is empty".to_string(),
-            Value::Dict(pairs) => match pairs.iter().find(|(k, v)| !matches!((k, v), (Value::Str(_), Value::Tensor(_)))) {
-                Some((Value::Str(k), v)) => format!("entry '{k}' is a {}", v.type_name()),
-                Some((k, _)) => format!("it has a {} key", k.type_name()),
-                None => unreachable!("a dict of names to tensors is a tensor map"),
-            },
-            other => format!("it is a {}", other.type_name()),
-        };
-        crate::bail_input!("{f}: {label} is not a name -> tensor mapping ({why})");
-    };
-    let mut seen: HashMap<String, &str> = HashMap::new();
-    let mut out = Vec::with_capacity(map.len());
-    for (name, t) in map {
-        let short = strip_prefixes(name);
-        if let Some(first) = seen.insert(short.to_string(), name) {
-            crate::bail_input!("{f}: {label}: tensors '{first}' and '{name}' are both '{short}' without their module./_orig_mod. prefix");
-        }
-        out.push((short.to_string(), t.load()?));
-    }
-    Ok(out)
-}
-
-fn strip_prefixes(mut name: &str) -> &str {
-    while let Some(rest) = name.strip_prefix("module.").or_else(|| name.strip_prefix("_orig_mod.")) {
-        name = rest;
-    }
-    name
-}
-
-fn top_keys(v: &Value) -> String {
-    let Value::Dict(pairs) = v else { return format!("no keys, it is a {}", v.type_name()) };
-    let mut names: Vec<String> = pairs
-        .iter()
-        .map(|(k, _)| match k {
-            Value::Str(s) => s.escape_debug().to_string(),
-            other => other.type_name().to_string(),
-        })
-        .take(12)
-        .collect();
-    if pairs.len() > names.len() {
-        names.push("...".into());
-    }
-    if names.is_empty() {
-        "no keys".into()
-    } else {
-        names.join(", ")
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// The zip container. torch.save writes every entry STORED (uncompressed, 64-byte aligned) so tensors can be mapped;
-// we need only the central directory and the local headers, not a general zip library.
-
-const LOCAL_SIG: &[u8; 4] = b"PK\x03\x04";
-const CENTRAL_SIG: &[u8; 4] = b"PK\x01\x02";
-const EOCD_SIG: &[u8; 4] = b"PK\x05\x06";
-const ZIP64_LOCATOR_SIG: &[u8; 4] = b"PK\x06\x07";
-const ZIP64_EOCD_SIG: &[u8; 4] = b"PK\x06\x06";
-
-#[derive(Debug)]
-struct Archive {
-    path: PathBuf,
-    file: File,
-    len: u64,
-    entries: HashMap<String, Entry>,
-    /// The archive's single top folder with its slash (`archive/`, or the file's stem).
-    prefix: String,
-    /// Not a zip: the pickle stream torch.save wrote before 1.6 (see `read_legacy`).
-    legacy: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    local_header: u64,
-    size: u64,
-    compressed_size: u64,
-    method: u16,
-    flags: u16,
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-impl Archive {
-    /// The pickle's name in messages.
-    fn pickle_name(&self) -> &'static str {
-        if self.legacy {
-            "pickle"
-        } else {
-            "data.pkl"
-        }
-    }
-
-    fn err(&self, msg: impl std::fmt::Display) -> anyhow::Error {
-        bad_input(format!("{}: {msg}", self.path.display()))
-    }
-
-    /// `len` bytes at `offset`; running past the end of the file is an input error (a truncated file).
-    fn read_at(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
-        if offset.checked_add(len as u64).is_none_or(|end| end > self.len) {
-            return Err(self.err(format!("{what}: truncated file (needs bytes {offset}..+{len}, the file has {})", self.len)));
-        }
-        let mut buf = vec![0u8; len];
-        self.file.read_exact_at(&mut buf, offset).map_err(|e| self.err(format!("{what}: cannot read: {e}")))?;
-        Ok(buf)
-    }
-
-    fn open(path: &Path) -> Result<Archive> {
-        let shown = path.display();
-        let file = File::open(path).map_err(|e| bad_input(format!("{shown}: cannot open: {e}")))?;
-        let len = file.metadata().map_err(|e| bad_input(format!("{shown}: cannot stat: {e}")))?.len();
-        let mut a = Archive { path: path.to_path_buf(), file, len, entries: HashMap::new(), prefix: String::new(), legacy: false };
-        let head = a.read_at(0, len.min(4) as usize, "header")?;
-        if head.as_slice() != LOCAL_SIG {
-            // Before 1.6 torch.save wrote a bare pickle stream (it starts with the PROTO opcode).
-            if head.first() == Some(&0x80) {
-                a.legacy = true;
-                return Ok(a);
-            }
-            return Err(a.err("not a torch.save checkpoint (expected a zip archive)"));
-        }
-        a.read_directory()?;
-        a.prefix = a.find_prefix()?;
-        let byteorder = format!("{}byteorder", a.prefix);
-        if a.entries.contains_key(&byteorder) {
-            let bytes = a.entry_bytes(&byteorder)?;
-            let order = String::from_utf8_lossy(&bytes).trim().to_string();
-            if order != "little" {
-                return Err(a.err(format!("byteorder is '{}'; only little-endian checkpoints are read", order.escape_debug())));
-            }
-        }
-        Ok(a)
-    }
-
-    fn read_directory(&mut self) -> Result<()> {
-        let truncated = "not a complete zip archive (no end-of-central-directory record; truncated?)";
-        // The EOCD record is 22 bytes plus a comment of at most 64 KiB, and the zip64 locator sits right before it.
-        let tail_len = self.len.min(22 + 0xFFFF + 20) as usize;
-        let tail_start = self.len - tail_len as u64;
-        let tail = self.read_at(tail_start, tail_len, "zip directory")?;
-        let Some(p) = (0..tail.len().saturating_sub(21)).rev().find(|&p| &tail[p..p + 4] == EOCD_SIG) else {
-            return Err(self.err(truncated));
-        };
-        let eocd = &tail[p..p + 22];
-        let (mut count, mut cd_size, mut cd_offset) = (u16_at(eocd, 10) as u64, u32_at(eocd, 12) as u64, u32_at(eocd, 16) as u64);
-        if p >= 20 && &tail[p - 20..p - 16] == ZIP64_LOCATOR_SIG {
-            let at = u64_at(&tail, p - 20 + 8);
-            let rec = self.read_at(at, 56, "zip64 directory record")?;
-            if &rec[..4] != ZIP64_EOCD_SIG {
-                return Err(self.err("corrupt zip archive (bad zip64 directory record)"));
-            }
-            (count, cd_size, cd_offset) = (u64_at(&rec, 32), u64_at(&rec, 40), u64_at(&rec, 48));
-        } else if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
-            return Err(self.err("corrupt zip archive (zip64 sizes without a zip64 record)"));
-        }
-        // Each central header is at least 46 bytes: a count beyond that is corrupt, and it bounds our allocation.
-        if cd_size > self.len || count > cd_size / 46 {
-            return Err(self.err("corrupt zip archive (central directory larger than the file)"));
-        }
-        let cd = self.read_at(cd_offset, cd_size as usize, "zip central directory")?;
-        let corrupt = |what: &str| self.err(format!("corrupt zip archive ({what})"));
-        let mut pos = 0usize;
-        let mut entries = HashMap::with_capacity(count as usize);
-        for _ in 0..count {
-            if pos + 46 > cd.len() || &cd[pos..pos + 4] != CENTRAL_SIG {
-                return Err(corrupt("bad central directory header"));
-            }
-            let h = &cd[pos..pos + 46];
-            let (name_len, extra_len, comment_len) = (u16_at(h, 28) as usize, u16_at(h, 30) as usize, u16_at(h, 32) as usize);
-            let end = pos + 46 + name_len + extra_len + comment_len;
-            if end > cd.len() {
-                return Err(corrupt("central directory entry runs past its end"));
-            }
-            let name = String::from_utf8_lossy(&cd[pos + 46..pos + 46 + name_len]).into_owned();
-            let extra = &cd[pos + 46 + name_len..pos + 46 + name_len + extra_len];
-            let mut e = Entry {
-                flags: u16_at(h, 8),
-                method: u16_at(h, 10),
-                compressed_size: u32_at(h, 20) as u64,
-                size: u32_at(h, 24) as u64,
-                local_header: u32_at(h, 42) as u64,
-            };
-            // Entries past 4 GiB keep their real sizes and offset in the zip64 extra field, in this order,
-            // each present only when the 32-bit field is saturated.
-            if e.size == 0xFFFF_FFFF || e.compressed_size == 0xFFFF_FFFF || e.local_header == 0xFFFF_FFFF {
-                let mut z = zip64_extra(extra).ok_or_else(|| corrupt(&format!("entry {} lacks its zip64 sizes", name.escape_debug())))?;
-                for field in [&mut e.size, &mut e.compressed_size, &mut e.local_header] {
-                    if *field == 0xFFFF_FFFF {
-                        if z.len() < 8 {
-                            return Err(corrupt(&format!("entry {} has a short zip64 field", name.escape_debug())));
-                        }
-                        *field = u64_at(z, 0);
-                        z = &z[8..];
-                    }
-                }
-            }
-            entries.insert(name, e);
-            pos = end;
-        }
-        self.entries = entries;
-        Ok(())
-    }
-
-    /// The archive's top folder: torch.save puts everything under one folder whose name is free.
-    fn find_prefix(&self) -> Result<String> {
-        let mut tops: Vec<&str> = self
-            .entries
-            .keys()
-            .filter_map(|n| n.strip_suffix("data.pkl").filter(|p| p.ends_with('/') && p.matches('/').count() == 1))
-            .collect();
-        tops.sort();
-        match tops.as_slice() {
-            [one] => Ok(one.to_string()),
-            [] => Err(self.err("not a torch.save checkpoint (no <folder>/data.pkl in the zip archive)")),
-            _ => Err(self.err(format!("several data.pkl in the zip archive ({})", tops.join(", ").escape_debug()))),
-        }
-    }
-
-    /// File offset and size of an entry's bytes.
-    fn entry_span(&self, name: &str) -> Result<(u64, u64)> {
-        let shown = name.escape_debug();
-        let e = *self.entries.get(name).ok_or_else(|| self.err(format!("zip archive has no entry {shown}")))?;
-        if e.method != 0 {
-            return Err(self.err(format!(
-                "entry {shown} is compressed (zip method {}); torch.save stores entries uncompressed, re-save it with torch.save",
-                e.method
-            )));
-        }
-        if e.flags & 1 != 0 {
-            return Err(self.err(format!("entry {shown} is encrypted")));
-        }
-        if e.compressed_size != e.size {
-            return Err(self.err(format!("corrupt zip archive (stored entry {shown} has two sizes)")));
-        }
-        let h = self.read_at(e.local_header, 30, &format!("entry {shown}"))?;
-        if &h[..4] != LOCAL_SIG {
-            return Err(self.err(format!("corrupt zip archive (bad local header of {shown})")));
-        }
-        let start = e.local_header + 30 + u16_at(&h, 26) as u64 + u16_at(&h, 28) as u64;
-        if start.checked_add(e.size).is_none_or(|end| end > self.len) {
-            return Err(self.err(format!("entry {shown}: truncated file (its {} bytes run past the end)", e.size)));
-        }
-        Ok((start, e.size))
-    }
-
-    fn entry_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let (start, size) = self.entry_span(name)?;
-        self.read_at(start, size as usize, name)
-    }
-}
-
-/// The body of the zip64 extended-information extra field (header id 1), if present.
-fn zip64_extra(mut extra: &[u8]) -> Option<&[u8]> {
-    while extra.len() >= 4 {
-        let (id, len) = (u16_at(extra, 0), u16_at(extra, 2) as usize);
-        let body = extra.get(4..4 + len)?;
-        if id == 1 {
-            return Some(body);
-        }
-        extra = &extra[4 + len..];
-    }
-    None
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // The pickle machine.
 
@@ -570,7 +129,7 @@ fn storage_kind(name: &str) -> Option<Kind> {
 /// Values on the machine's stack. Python objects are shared and mutated after being memoized (a dict is memoized
 /// empty, then filled), so containers are shared cells here and become plain `Value`s once the pickle has run.
 #[derive(Clone, Default)]
-enum Obj {
+pub(super) enum Obj {
     #[default]
     None,
     Bool(bool),
@@ -659,11 +218,11 @@ fn take_children(o: &mut Obj, work: &mut Vec<Obj>) {
 /// the pickle (in bytes of `Value`s and text) reads every honest file and refuses such a bomb after a few MiB.
 const MAX_DEPTH: usize = 256;
 
-fn convert_budget(pickle_len: usize) -> usize {
+pub(super) fn convert_budget(pickle_len: usize) -> usize {
     (16 << 20) + pickle_len.saturating_mul(2 * std::mem::size_of::<Value>())
 }
 
-fn convert(o: &Obj, depth: usize, budget: &mut usize) -> std::result::Result<Value, String> {
+pub(super) fn convert(o: &Obj, depth: usize, budget: &mut usize) -> std::result::Result<Value, String> {
     if depth > MAX_DEPTH {
         return Err(format!("containers nested more than {MAX_DEPTH} deep (or recursive)"));
     }
@@ -699,28 +258,28 @@ fn convert(o: &Obj, depth: usize, budget: &mut usize) -> std::result::Result<Val
     })
 }
 
-struct Vm<'a> {
+pub(super) struct Vm<'a> {
     archive: Arc<Archive>,
     data: &'a [u8],
-    pos: usize,
+    pub(super) pos: usize,
     stack: Vec<Obj>,
     /// Stack heights at each open MARK; ops may not pop below the innermost one (as in CPython).
     marks: Vec<usize>,
     memo: HashMap<u32, Obj>,
     /// Storage entry -> (file offset, size in bytes), looked up once per storage shared by several views.
-    starts: HashMap<String, (u64, u64)>,
+    pub(super) starts: HashMap<String, (u64, u64)>,
     /// First pass over a legacy file: storage entry -> (type, elements) as declared, offsets not yet known.
-    declared: Option<HashMap<String, (Kind, i64)>>,
+    pub(super) declared: Option<HashMap<String, (Kind, i64)>>,
 }
 
 impl<'a> Vm<'a> {
-    fn new(archive: &Arc<Archive>, data: &'a [u8], pos: usize) -> Vm<'a> {
+    pub(super) fn new(archive: &Arc<Archive>, data: &'a [u8], pos: usize) -> Vm<'a> {
         let (stack, marks, memo, starts) = (Vec::new(), Vec::new(), HashMap::new(), HashMap::new());
         Vm { archive: archive.clone(), data, pos, stack, marks, memo, starts, declared: None }
     }
 
     /// An input error at the current position of the pickle.
-    fn fail(&self, msg: impl std::fmt::Display) -> anyhow::Error {
+    pub(super) fn fail(&self, msg: impl std::fmt::Display) -> anyhow::Error {
         self.archive.err(format!("{} byte {}: {msg}", self.archive.pickle_name(), self.pos))
     }
 
@@ -840,7 +399,7 @@ impl<'a> Vm<'a> {
         Err(self.fail(format!("refuses to load global {}{path} (only tensors and plain containers are read)", full.escape_debug())))
     }
 
-    fn run(&mut self) -> Result<Obj> {
+    pub(super) fn run(&mut self) -> Result<Obj> {
         loop {
             let op = self.byte()?;
             match op {
@@ -1246,21 +805,6 @@ fn opcode_name(op: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_are_stripped_repeatedly() {
-        assert_eq!(strip_prefixes("module._orig_mod.blocks.0.attn.qkv.weight"), "blocks.0.attn.qkv.weight");
-        assert_eq!(strip_prefixes("x_embedder.proj.weight"), "x_embedder.proj.weight");
-        assert_eq!(strip_prefixes("modules.x"), "modules.x");
-    }
-
-    #[test]
-    fn extent_of_views() {
-        assert_eq!(extent(&[2, 4], &[4, 1]), Some(8));
-        assert_eq!(extent(&[4, 6], &[1, 4]), Some(24));
-        assert_eq!(extent(&[], &[]), Some(1));
-        assert_eq!(extent(&[3, 0], &[1, 1]), None);
-    }
 
     #[test]
     fn deep_nesting_is_freed_without_recursion() {
