@@ -7,7 +7,7 @@ use std::path::Path;
 /// Lowest first. `cmd` (the binary) sits above everything and is not in the library.
 const LAYERS: &[&[&str]] = &[
     &["error"],
-    &["formats", "rng", "shim"],
+    &["formats", "layers", "rng", "shim"],
     &["model", "encoders", "dist"],
     &["data", "diffusion", "eval", "optim"],
     &["config"],

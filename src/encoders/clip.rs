@@ -3,8 +3,9 @@
 use crate::bail_input;
 use crate::encoders::hub_config::Activation;
 use crate::encoders::hub_config::{self, positive, positive_float};
-use crate::encoders::layers::{self_attention, Conv2d, LayerNorm, Linear, Loader};
+use crate::encoders::loader::Loader;
 use crate::error::bad_input;
+use crate::layers::{self_attention, Conv2d, LayerNorm, Linear};
 use anyhow::{ensure, Result};
 use serde::Deserialize;
 use serde_json::Value;

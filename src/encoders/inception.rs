@@ -19,7 +19,8 @@
 //! reg-ddp import pt_inception-2015-12-05-6726825d.pth --out inception.safetensors
 //! ```
 
-use crate::encoders::layers::{Conv2d, Linear, Loader};
+use crate::encoders::loader::Loader;
+use crate::layers::{Conv2d, Linear};
 use anyhow::Result;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};

@@ -9,6 +9,6 @@ pub mod decoder;
 pub mod dinov2;
 pub mod hub_config;
 pub mod inception;
-pub mod layers;
+pub mod loader;
 pub mod text;
 pub mod vae;

@@ -2,8 +2,9 @@
 
 use crate::bail_input;
 use crate::encoders::hub_config::{self, positive, positive_float};
-use crate::encoders::layers::{Conv2d, GroupNorm, Linear, Loader};
+use crate::encoders::loader::Loader;
 use crate::error::bad_input;
+use crate::layers::{Conv2d, GroupNorm, Linear};
 use anyhow::Result;
 use serde::Deserialize;
 use std::path::Path;

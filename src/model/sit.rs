@@ -1,16 +1,15 @@
 //! SiT with the REG token (Wu et al. 2025): names and layout mirror the REG `state_dict`.
 
+use crate::layers::{LayerNorm, Linear};
 use crate::model::cond::{Caption, Cond};
 use crate::model::dims::SitDims;
 use crate::model::params::{Init, ParamBuilder};
 use tch::{Kind, Tensor};
 
-/// `nn.Linear` with REG's init (xavier-uniform weight, zero bias) unless told otherwise.
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Tensor,
-}
-
+/// The trained layers take their weights from the parameter store, with REG's init
+/// (xavier-uniform weight, zero bias) unless told otherwise. They compute in the dtype
+/// of their input: fp32 master weights are cast on the way in, and their gradients come
+/// back in fp32.
 impl Linear {
     pub fn new(pb: &mut ParamBuilder, name: &str, d_in: i64, d_out: i64) -> Self {
         let init = Init::XavierUniform { fan_in: d_in, fan_out: d_out };
@@ -25,25 +24,12 @@ impl Linear {
     fn with_init(pb: &mut ParamBuilder, name: &str, d_in: i64, d_out: i64, init: Init) -> Self {
         Linear {
             weight: pb.param(&format!("{name}.weight"), &[d_out, d_in], init),
-            bias: pb.param(&format!("{name}.bias"), &[d_out], Init::Zeros),
+            bias: Some(pb.param(&format!("{name}.bias"), &[d_out], Init::Zeros)),
         }
     }
-
-    /// Computes in the dtype of `x` (fp32 master weights are cast on the way in,
-    /// and their gradients come back in fp32).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        x.linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
-    }
 }
 
-/// `nn.LayerNorm(D, elementwise_affine=True)`.
-pub struct LayerNorm {
-    pub weight: Tensor,
-    pub bias: Tensor,
-    eps: f64,
-}
-
+/// `nn.LayerNorm(D, elementwise_affine=True)`, starting as the identity.
 impl LayerNorm {
     pub fn new(pb: &mut ParamBuilder, name: &str, dim: i64, eps: f64) -> Self {
         LayerNorm {
@@ -51,12 +37,6 @@ impl LayerNorm {
             bias: pb.param(&format!("{name}.bias"), &[dim], Init::Zeros),
             eps,
         }
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let k = x.kind();
-        let d = *x.size().last().unwrap();
-        x.layer_norm([d], Some(self.weight.to_kind(k)), Some(self.bias.to_kind(k)), self.eps, true)
     }
 }
 
@@ -110,7 +90,7 @@ impl TimestepEmbedder {
     pub fn new(pb: &mut ParamBuilder, hidden: i64) -> Self {
         let n = |pb: &mut ParamBuilder, name: &str, i, o| Linear {
             weight: pb.param(&format!("{name}.weight"), &[o, i], Init::Normal { std: 0.02 }),
-            bias: pb.param(&format!("{name}.bias"), &[o], Init::Zeros),
+            bias: Some(pb.param(&format!("{name}.bias"), &[o], Init::Zeros)),
         };
         TimestepEmbedder { mlp_0: n(pb, "t_embedder.mlp.0", FREQ_DIM, hidden), mlp_2: n(pb, "t_embedder.mlp.2", hidden, hidden) }
     }
@@ -161,7 +141,7 @@ impl TextEmbedder {
     pub fn new(pb: &mut ParamBuilder, text_dim: i64, hidden: i64) -> Self {
         let normal = |pb: &mut ParamBuilder, name: &str, i, o| Linear {
             weight: pb.param(&format!("{name}.weight"), &[o, i], Init::Normal { std: 0.02 }),
-            bias: pb.param(&format!("{name}.bias"), &[o], Init::Zeros),
+            bias: Some(pb.param(&format!("{name}.bias"), &[o], Init::Zeros)),
         };
         TextEmbedder {
             context_embedder: Linear::new(pb, "context_embedder", text_dim, hidden),

@@ -3,13 +3,17 @@
 // The network is `encoders::dinov2::Dinov2` itself, built over the variables of a
 // `VarStore` (through `Loader::from_tensors`), so the trained forward pass is the one
 // `prepare` and online REG later run, and the saved file is read by `Dinov2::load`.
+// Its variables live in a `VarStore` trained by tch's AdamW, not in the model's flat
+// parameter store (`model::params`): this network trains in one process, with no ZeRO
+// shard, EMA or checkpoint, so the flat store's bucketed, rank-padded layout would buy
+// nothing, and the store's init order would change every trained shapes encoder.
 // The objective is supervised (the set's attributes are known
 // exactly, and a self-supervised objective would not learn them in minutes on 2 cores).
 
 use crate::bail_input;
 use crate::encoders::dinov2::{Dinov2, Dinov2Config};
 use crate::encoders::hub_config::Activation;
-use crate::encoders::layers::Loader;
+use crate::encoders::loader::Loader;
 use crate::error::bad_input;
 use crate::formats::weights;
 use crate::shapes::{self, Colour, Position, Record, Shape, Size, Value};
