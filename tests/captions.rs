@@ -5,18 +5,14 @@
 
 mod common;
 
-use common::{assert_bad_input, assert_rel, repo};
+use common::{assert_bad_input, assert_rel, bin, ok, repo};
 use reg::data::loader::{assemble, caption_pick, permutation, Key};
 use reg::data::shards::Dataset;
 use reg::encoders::clip::{Clip, Towers};
 use reg::encoders::clip_tokenizer::ClipTokenizer;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use tch::{Device, Kind, Tensor};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-}
 
 fn clip_dir() -> PathBuf {
     repo().join("tests/data/clip_tiny")
@@ -27,28 +23,18 @@ fn coco_excerpt() -> PathBuf {
 }
 
 /// `prepare` of `images` into `out` with the tiny VAE and DINOv2 at 64 px, plus `extra`.
-fn prepare(images: &Path, out: &Path, extra: &[&str]) -> Output {
+fn prepare(images: &Path, out: &Path, extra: &[&str]) -> Command {
     let r = repo();
     let mut c = bin();
     c.args(["prepare", "--images"]).arg(images).arg("--out").arg(out);
     c.arg("--vae").arg(r.join("tests/data/vae_tiny")).arg("--encoder").arg(r.join("tests/data/dinov2_tiny"));
     c.args(["--resolution", "64", "--shard-size", "4", "--batch", "3", "--threads", "1"]).args(extra);
-    c.output().unwrap()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
+    c
 }
 
 /// `demo-images` (class00/img0000.png, ...) under `dir`.
 fn demo_images(dir: &Path, classes: u32, per_class: u32) {
-    let o = bin()
-        .args(["demo-images", "--classes", &classes.to_string(), "--per-class", &per_class.to_string(), "--out"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    ok(bin().args(["demo-images", "--classes", &classes.to_string(), "--per-class", &per_class.to_string(), "--out"]).arg(dir));
 }
 
 fn index(dir: &Path) -> serde_json::Value {
@@ -103,7 +89,7 @@ fn coco_captions_keep_every_caption_and_precompute_clip_states() {
     let out = tmp.path().join("coco");
     let excerpt = coco_excerpt().display().to_string();
     let clip = clip_dir().display().to_string();
-    let o = ok(prepare(&images, &out, &["--captions", &excerpt, "--text-encoder", &clip, "--text-precomputed"]));
+    let o = ok(&mut prepare(&images, &out, &["--captions", &excerpt, "--text-encoder", &clip, "--text-precomputed"]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("1 images without a caption skipped"), "{err}");
 
@@ -195,7 +181,7 @@ fn sidecar_captions_flat_and_class_tree() {
         }
     }
     let out = tmp.path().join("tree-out");
-    ok(prepare(&tree, &out, &["--caption-files", "--text-encoder", &clip]));
+    ok(&mut prepare(&tree, &out, &["--caption-files", "--text-encoder", &clip]));
     let (got, labels) = stored_captions(&out);
     assert_eq!(got, want);
     assert_eq!(labels, vec![0, 0, 0, 1, 1, 1]);
@@ -215,7 +201,7 @@ fn sidecar_captions_flat_and_class_tree() {
     sidecar(&flat.join("photo0.png"), "a red square");
     sidecar(&flat.join("photo1.png"), "a blue circle\nA BLUE CIRCLE, AGAIN!");
     let out = tmp.path().join("flat-out");
-    ok(prepare(&flat, &out, &["--caption-files", "--text-encoder", &clip]));
+    ok(&mut prepare(&flat, &out, &["--caption-files", "--text-encoder", &clip]));
     let (got, labels) = stored_captions(&out);
     assert_eq!(got, vec![pad(&["a red square"]), pad(&["a blue circle", "A BLUE CIRCLE, AGAIN!"])]);
     assert_eq!(labels, vec![0, 0]);
@@ -235,7 +221,7 @@ fn caption_pick_is_the_same_for_any_rank_split_and_varies_with_the_step() {
         }
     }
     let out = tmp.path().join("out");
-    ok(prepare(&tree, &out, &["--caption-files", "--text-encoder", &clip_dir().display().to_string(), "--text-precomputed"]));
+    ok(&mut prepare(&tree, &out, &["--caption-files", "--text-encoder", &clip_dir().display().to_string(), "--text-precomputed"]));
     let ds = Dataset::open(&out, true).unwrap();
     let (stored, _) = stored_captions(&out);
     let n = ds.len();
@@ -310,17 +296,20 @@ fn bad_caption_files_exit_2_with_one_line() {
         ),
     ] {
         let f = json(name, &text);
-        assert_bad_input(&prepare(&images, &out, &["--captions", &f, "--text-encoder", &clip]), &needles);
+        assert_bad_input(&prepare(&images, &out, &["--captions", &f, "--text-encoder", &clip]).output().unwrap(), &needles);
     }
     // Captions need a tokenizer.
-    assert_bad_input(&prepare(&images, &out, &["--captions", &coco_excerpt().display().to_string()]), &["--text-encoder"]);
+    assert_bad_input(
+        &prepare(&images, &out, &["--captions", &coco_excerpt().display().to_string()]).output().unwrap(),
+        &["--text-encoder"],
+    );
 
     let flat = tmp.path().join("flat");
     std::fs::create_dir_all(&flat).unwrap();
     std::fs::copy(images.join("COCO_val2014_000000331352.jpg"), flat.join("a.png")).unwrap();
     std::fs::copy(images.join("COCO_val2014_000000289393.jpg"), flat.join("b.png")).unwrap();
     sidecar(&flat.join("a.png"), "a caption");
-    let run = || prepare(&flat, &out, &["--caption-files", "--text-encoder", &clip]);
+    let run = || prepare(&flat, &out, &["--caption-files", "--text-encoder", &clip]).output().unwrap();
     assert_bad_input(&run(), &["b.txt", "missing"]);
     sidecar(&flat.join("b.png"), " \n\n  \n");
     assert_bad_input(&run(), &["b.txt", "empty"]);
@@ -341,7 +330,7 @@ fn index_text_and_caption_tensors_are_checked_with_one_line_naming_the_file() {
         sidecar(&img, "one\ntwo");
     }
     let out = tmp.path().join("out");
-    ok(prepare(&flat, &out, &["--caption-files", "--text-encoder", &clip_dir().display().to_string()]));
+    ok(&mut prepare(&flat, &out, &["--caption-files", "--text-encoder", &clip_dir().display().to_string()]));
     let good = std::fs::read_to_string(out.join("index.json")).unwrap();
     let open_err = |edit: &dyn Fn(&mut serde_json::Value)| {
         let mut ix: serde_json::Value = serde_json::from_str(&good).unwrap();

@@ -3,22 +3,10 @@
 
 mod common;
 
-use common::assert_bad_input;
+use common::{assert_bad_input, bin, json_lines, ok, repo};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
-    for v in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use std::process::Output;
 
 fn demo_config() -> String {
     std::fs::read_to_string(repo().join("configs/demo.yaml")).unwrap()
@@ -36,7 +24,6 @@ fn train(dir: &Path, config: &Path, extra: &[&str]) -> Output {
     bin().args(["train", "--config"]).arg(config).args(["--set", &out_dir, "--threads", "2"]).args(extra).output().unwrap()
 }
 
-/// Exit code 2, and stderr is exactly one line containing every `needle`.
 #[test]
 fn bad_config_exits_2_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,9 +63,9 @@ fn bad_weights_exit_2_naming_file_and_tensor() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let good = d.join("model.safetensors");
     let ckpt = d.join("runs/demo/step-0000001");
-    assert!(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&good).status().unwrap().success());
-    let ok = train(d, &cfg, &["--set", "train.steps=1", "--set", "train.name=init", "--init", good.to_str().unwrap()]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    ok(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&good));
+    let init = train(d, &cfg, &["--set", "train.steps=1", "--set", "train.name=init", "--init", good.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
 
     let missing = d.join("missing.safetensors");
     assert_bad_input(&train(d, &cfg, &["--init", missing.to_str().unwrap()]), &["missing.safetensors"]);
@@ -94,7 +81,7 @@ fn bad_weights_exit_2_naming_file_and_tensor() {
     assert!(train(d, &wide, &["--set", "train.steps=1"]).status.success());
     let wrong_shape = d.join("wide.safetensors");
     let ckpt = d.join("runs/wide/step-0000001");
-    assert!(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&wrong_shape).status().unwrap().success());
+    ok(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&wrong_shape));
     assert_bad_input(&train(d, &cfg, &["--init", wrong_shape.to_str().unwrap()]), &["wide", "x_embedder.proj.weight", "shape"]);
 
     // A renamed tensor.
@@ -107,10 +94,6 @@ fn bad_weights_exit_2_naming_file_and_tensor() {
     assert_bad_input(&train(d, &cfg, &["--init", renamed.to_str().unwrap()]), &["renamed.safetensors", "wx_norm"]);
 }
 
-fn json_lines(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
 #[test]
 fn same_seed_gives_bitwise_identical_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -120,7 +103,7 @@ fn same_seed_gives_bitwise_identical_runs() {
     for name in ["a", "b"] {
         let out = train(d, &cfg, &["--json", "--set", "train.steps=30", "--set", &format!("train.name={name}")]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let losses: Vec<u64> = json_lines(&out).iter().filter_map(|j| j.get("loss")?.as_f64()).map(f64::to_bits).collect();
+        let losses: Vec<u64> = json_lines(&out.stdout).iter().filter_map(|j| j.get("loss")?.as_f64()).map(f64::to_bits).collect();
         assert_eq!(losses.len(), 3);
         // The whole state (weights, moments, EMA) of the single rank.
         let state = std::fs::read(d.join(format!("runs/{name}/step-0000030/rank-00000-of-00001.safetensors"))).unwrap();
@@ -134,7 +117,7 @@ fn same_seed_gives_bitwise_identical_runs() {
     assert!(runs[0].2 == runs[1].2, "checksums differ");
     // And a different seed does change them (the comparison can fail).
     let out = train(d, &cfg, &["--json", "--set", "train.steps=30", "--set", "train.name=c", "--set", "train.seed=1"]);
-    let losses: Vec<u64> = json_lines(&out).iter().filter_map(|j| j.get("loss")?.as_f64()).map(f64::to_bits).collect();
+    let losses: Vec<u64> = json_lines(&out.stdout).iter().filter_map(|j| j.get("loss")?.as_f64()).map(f64::to_bits).collect();
     assert_ne!(runs[0].0, losses);
 }
 

@@ -3,13 +3,12 @@
 
 mod common;
 
-use common::{assert_rel, copy_model_folder, rel};
+use common::{assert_rel, copy_model_folder, golden, rel};
 
 use reg::encoders::clip::{Clip, Towers};
 use reg::encoders::clip_tokenizer::ClipTokenizer;
 use reg::error::is_input_error;
 use reg::formats::weights;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -24,9 +23,8 @@ fn model_dir() -> PathBuf {
     data().join("clip_tiny")
 }
 
-fn golden() -> HashMap<String, Tensor> {
-    weights::read_map(&data().join("clip_tiny_golden.safetensors")).unwrap()
-}
+/// transformers' outputs on the tiny model (tests/data).
+const GOLDEN: &str = "clip_tiny_golden.safetensors";
 
 /// A copy of the tiny model folder that a test may break.
 fn copy_model() -> tempfile::TempDir {
@@ -48,7 +46,7 @@ fn load_err(dir: &Path) -> anyhow::Error {
 }
 
 fn check_model(device: Device, tol: f64) {
-    let g = golden();
+    let g = golden(GOLDEN);
     let clip = Clip::load(&model_dir(), device, Towers::All).unwrap();
     let ids = &g["in.input_ids"];
     let t = clip.encode_text(ids, Kind::Float).unwrap();
@@ -72,7 +70,7 @@ fn clip_model_matches_transformers_f32() {
 /// largest id; row 3 of the input has no end token, where the two rules disagree.
 #[test]
 fn legacy_eos_token_id_pools_at_the_largest_id() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let dir = copy_model();
     edit_config(dir.path(), |j| j["text_config"]["eos_token_id"] = 2.into());
     let clip = Clip::load(dir.path(), Device::Cpu, Towers::Text).unwrap();
@@ -83,7 +81,7 @@ fn legacy_eos_token_id_pools_at_the_largest_id() {
 
 #[test]
 fn bf16_text_is_finite_and_close() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let clip = Clip::load(&model_dir(), Device::Cpu, Towers::Text).unwrap();
     let t = clip.encode_text(&g["in.input_ids"], Kind::BFloat16).unwrap();
     assert_eq!(t.last_hidden_state.kind(), Kind::Float);
@@ -96,7 +94,7 @@ fn bf16_text_is_finite_and_close() {
 /// the golden's metadata. Loading only the text tower of a `CLIPModel` leaves the rest.
 #[test]
 fn text_only_folders_load_with_and_without_prefix() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let bytes = std::fs::read(data().join("clip_tiny_golden.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let config = meta.metadata().as_ref().unwrap()["text_model.config"].clone();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{make_weights, repo};
+use common::{bin, make_weights, ok, repo};
 use reg::encoders::clip::{Clip, Towers};
 use reg::encoders::clip_image::{ClipImageProcessor, ResizeTo};
 use reg::encoders::clip_tokenizer::ClipTokenizer;
@@ -14,7 +14,7 @@ use reg::formats::pillow_resample::center_crop_adm;
 use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use tch::{Device, Kind, Tensor};
 
 fn data() -> PathBuf {
@@ -25,15 +25,18 @@ fn clip_dir() -> PathBuf {
     data().join("clip_tiny")
 }
 
-fn golden() -> (HashMap<String, Tensor>, HashMap<String, String>) {
-    let path = data().join("clip_image_golden.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
+/// transformers' pixel values, image embeddings and CLIP scores of clip_tiny (tests/data); its metadata holds
+/// the captions.
+const GOLDEN: &str = "clip_image_golden.safetensors";
+
+fn golden_with_metadata() -> (HashMap<String, Tensor>, HashMap<String, String>) {
+    let bytes = std::fs::read(data().join(GOLDEN)).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    (weights::read_map(&path).unwrap(), meta.metadata().clone().unwrap())
+    (common::golden(GOLDEN), meta.metadata().clone().unwrap())
 }
 
 fn captions() -> Vec<String> {
-    serde_json::from_str(&golden().1["captions"]).unwrap()
+    serde_json::from_str(&golden_with_metadata().1["captions"]).unwrap()
 }
 
 /// The golden's test images, in name order (the order of the golden's rows).
@@ -53,7 +56,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 /// last bit or so (bound 1e-6, far below one grey level, 0.0146 after the normalisation).
 #[test]
 fn preprocessing_matches_transformers() {
-    let (g, meta) = golden();
+    let (g, meta) = golden_with_metadata();
     let imgs = images();
     let p224 = ClipImageProcessor::openai(224);
     for (i, img) in imgs.iter().enumerate() {
@@ -104,7 +107,7 @@ const SCORE_TOL: f64 = 1e-3;
 
 #[test]
 fn clip_score_matches_transformers() {
-    let (g, meta) = golden();
+    let (g, meta) = golden_with_metadata();
     let clip = Clip::load(&clip_dir(), Device::Cpu, Towers::All).unwrap();
     let tok = ClipTokenizer::load(&clip_dir()).unwrap();
     let p = ClipImageProcessor::load(&clip_dir(), 32).unwrap();
@@ -130,7 +133,7 @@ fn clip_score_matches_transformers() {
 }
 
 fn reg_ddp(args: &[&str], paths: &[(&str, &Path)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
+    let mut c = bin();
     c.arg("eval").args(args).args(["--device", "cpu", "--threads", "2"]);
     for (flag, p) in paths {
         c.arg(flag).arg(p);
@@ -154,7 +157,7 @@ fn eval_cli_scores_captions_and_refuses_a_mismatch() {
     }
     let caps = captions();
     std::fs::write(samples.join("captions.json"), serde_json::to_string(&caps).unwrap()).unwrap();
-    let want = golden().0["clip_score"].double_value(&[]);
+    let want = golden_with_metadata().0["clip_score"].double_value(&[]);
     let out = dir.path().join("e.json");
 
     // captions.json in the samples folder, found without --captions; no FID asked.
@@ -194,12 +197,7 @@ fn folder_reference_is_cropped_scored_and_cached() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let real = d.join("real");
-    let o = Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-        .args(["demo-images", "--classes", "2", "--per-class", "4", "--out"])
-        .arg(&real)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(bin().args(["demo-images", "--classes", "2", "--per-class", "4", "--out"]).arg(&real));
     let files = reg::eval::reference::list_images(&real).unwrap();
     assert_eq!(files.len(), 8);
     let samples = d.join("samples");

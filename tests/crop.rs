@@ -1,7 +1,6 @@
 //! Pillow goldens for the ADM center crop and resize (regenerate: tools/golden/crop.py).
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use image::RgbImage;
 use reg::formats::pillow_resample::{center_crop_adm, resize, Filter};
@@ -95,24 +94,4 @@ fn same_size_resize_is_identity() {
     for filter in [Filter::Box, Filter::Bicubic] {
         assert_eq!(resize(&img, 260, 255, filter), img);
     }
-}
-
-/// Timing of the common ImageNet case (500x375 JPEG); printed with --nocapture.
-#[test]
-fn crop_timing_500x375() {
-    let src = load("smooth_517x389.png");
-    let img = image::imageops::crop_imm(&src, 0, 0, 500, 375).to_image();
-    let out = center_crop_adm(&img, 256);
-    assert_eq!(out.dimensions(), (256, 256));
-    // Best of several batches: the machine is shared, the minimum is the least noisy.
-    let mut best = f64::INFINITY;
-    for _ in 0..10 {
-        let iters = 50;
-        let t = Instant::now();
-        for _ in 0..iters {
-            std::hint::black_box(center_crop_adm(std::hint::black_box(&img), 256));
-        }
-        best = best.min(t.elapsed().as_secs_f64() / f64::from(iters));
-    }
-    println!("center_crop_adm 500x375 -> 256: {:.3} ms/image", best * 1e3);
 }

@@ -3,13 +3,12 @@
 
 mod common;
 
-use common::{assert_bad_input, assert_bad_input_midway};
+use common::{assert_bad_input, assert_bad_input_midway, bin};
 
 use reg::data::loader::{assemble, permutation, position, ShardLoader};
 use reg::data::shards::{write_index, write_shard, Dataset, EncoderInfo, Index};
 use reg::data::BatchSource;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -101,7 +100,7 @@ fn same_seed_same_order_and_a_restored_position_continues_exactly() {
 }
 
 fn train_on(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+    bin()
         .args(["train", "--config"])
         .arg(common::repo().join("configs/demo.yaml"))
         .args(["--set", "data.source=shards", "--set", &format!("data.path={}", data.display())])

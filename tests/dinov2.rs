@@ -4,12 +4,11 @@
 
 mod common;
 
-use common::{assert_rel, copy_model_folder};
+use common::{assert_rel, copy_model_folder, golden};
 
 use reg::encoders::dinov2::Dinov2;
 use reg::error::is_input_error;
 use reg::formats::weights;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -19,9 +18,8 @@ fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data")
 }
 
-fn golden() -> HashMap<String, Tensor> {
-    weights::read_map(&data().join("dinov2_tiny_golden.safetensors")).unwrap()
-}
+/// transformers' outputs on the tiny model (tests/data).
+const GOLDEN: &str = "dinov2_tiny_golden.safetensors";
 
 /// A copy of the tiny model folder that a test may break.
 fn copy_model() -> tempfile::TempDir {
@@ -36,7 +34,7 @@ fn load_err(dir: &Path) -> anyhow::Error {
 }
 
 fn check_f32(device: Device, tol: f64) {
-    let g = golden();
+    let g = golden(GOLDEN);
     let model = Dinov2::load(&data().join("dinov2_tiny"), device, INPUT_SIZE).unwrap();
     assert_eq!(model.hidden_size(), 32);
     assert_eq!(model.num_tokens(), 17);
@@ -56,7 +54,7 @@ fn matches_transformers_f32() {
 
 #[test]
 fn bf16_is_finite_and_close() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let model = Dinov2::load(&data().join("dinov2_tiny"), Device::Cpu, INPUT_SIZE).unwrap();
     let out = model.features(&g["in.pixels"], Kind::BFloat16);
     assert_eq!(out.kind(), Kind::Float);
@@ -72,7 +70,7 @@ fn swiglu_matches_transformers() {
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let config = meta.metadata().as_ref().unwrap()["swiglu.config"].clone();
-    let g = golden();
+    let g = golden(GOLDEN);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), config).unwrap();
     let tensors: Vec<(String, Tensor)> = g

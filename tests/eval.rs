@@ -53,7 +53,8 @@ fn load(dir: &std::path::Path, name: &str, shape: &[i64]) -> Tensor {
     Tensor::f_from_data_size(&bytes, shape, Kind::Double).unwrap()
 }
 
-fn rel(a: f64, b: f64) -> f64 {
+/// Relative error of the scalar `a` against `b`: |a - b| / |b|.
+fn scalar_rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-300)
 }
 
@@ -73,13 +74,13 @@ fn metrics_match_the_reference_implementations() {
     let (a, b) = (load(dir.path(), "a", &[400, 32]), load(dir.path(), "b", &[400, 32]));
     let fid = frechet_distance(&Stats::of(&a), &Stats::of(&b));
     let want = r["fid"].as_f64().unwrap();
-    assert!(rel(fid, want) <= 1e-6, "FID {fid} vs scipy {want}");
+    assert!(scalar_rel(fid, want) <= 1e-6, "FID {fid} vs scipy {want}");
     // Precision / recall (k = 3) and the Inception Score.
     let (p, rc) = precision_recall(&a, &b, 3);
     assert_eq!((p, rc), (r["pr"][0].as_f64().unwrap(), r["pr"][1].as_f64().unwrap()));
     let (is, sd) = inception_score(&load(dir.path(), "p", &[1000, 10]), 10);
     assert!(
-        rel(is, r["is"][0].as_f64().unwrap()) <= 1e-9 && rel(sd, r["is"][1].as_f64().unwrap()) <= 1e-6,
+        scalar_rel(is, r["is"][0].as_f64().unwrap()) <= 1e-9 && scalar_rel(sd, r["is"][1].as_f64().unwrap()) <= 1e-6,
         "IS {is} +- {sd} vs {}",
         r["is"]
     );

@@ -2,6 +2,9 @@
 //! implementation on every case tests/data/reg_*.json describes (its outputs in the
 //! case's .safetensors, made by tools/golden/reg_step.py from REG's own code).
 
+mod common;
+
+use common::{golden, rel};
 use reg::config::{LossConfig, ModelConfig, OptimConfig, SitDims};
 use reg::diffusion::loss::{drop_labels, reg_loss, sample_posterior, LossInputs};
 use reg::diffusion::path::{PathType, Weighting};
@@ -22,7 +25,7 @@ struct Case {
 
 /// Every `tests/data/reg_*.json` with its `.safetensors`, in name order.
 fn cases() -> Vec<Case> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir("tests/data")
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(common::repo().join("tests/data"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "json") && p.file_name().unwrap().to_string_lossy().starts_with("reg_"))
@@ -30,10 +33,10 @@ fn cases() -> Vec<Case> {
     paths.sort();
     paths
         .into_iter()
-        .map(|p| Case {
-            name: p.file_stem().unwrap().to_string_lossy().into_owned(),
-            json: serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap(),
-            g: weights::read_map(&p.with_extension("safetensors")).unwrap(),
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let g = golden(&format!("{name}.safetensors"));
+            Case { name, json: serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap(), g }
         })
         .collect()
 }
@@ -124,14 +127,6 @@ fn golden_model(c: &Case) -> (SiT, Params) {
     weights::write(&path, &subset, None).unwrap();
     params.load_file(&path).unwrap();
     (model, params)
-}
-
-/// max |a - b| / max |b|
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_kind(Kind::Double);
-    let b = b.to_kind(Kind::Double);
-    let scale = b.abs().max().double_value(&[]).max(1e-30);
-    (a - b).abs().max().double_value(&[]) / scale
 }
 
 /// The largest error of each kind of comparison over a case, for the report.

@@ -8,8 +8,8 @@ mod common;
 #[path = "common/hostile.rs"]
 mod hostile;
 
-use common::{assert_bad_input, repo};
-use hostile::{bin, memory_bound, peak_of};
+use common::{assert_bad_input, repo, torch_saves};
+use hostile::{limited_bin, memory_bound, peak_of};
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestCaseError};
@@ -321,22 +321,22 @@ fn read_torch(path: &Path) -> Result<(), (&'static str, anyhow::Error)> {
     Ok(())
 }
 
-fn torch_case(dir: &Path, seed: &[u8], hot: &[Range<usize>], muts: &[Mutation], counter: &AtomicUsize) -> Result<(), TestCaseError> {
+/// One damaged copy of `seed`, read in process (and through `import` for the first refusals): whether it was read.
+fn torch_case(dir: &Path, seed: &[u8], hot: &[Range<usize>], muts: &[Mutation], counter: &AtomicUsize) -> Result<bool, TestCaseError> {
     let bytes = mutate(seed, muts, hot);
     let path = dir.join("mutated.pt");
     std::fs::write(&path, &bytes).unwrap();
     let (result, peak) = peak_of(|| read_torch(&path));
     prop_assert!(peak <= memory_bound(bytes.len()), "{peak} bytes held reading {} bytes", bytes.len());
-    if let Err((key, e)) = result {
-        refused_cleanly(&e, "mutated.pt")?;
-        if through_binary(counter) {
-            let out = dir.join("out.safetensors");
-            let o = run(bin().arg("import").arg(&path).arg("--out").arg(&out).args(["--key", key]));
-            assert_bad_input(&o, &["mutated.pt"]);
-            prop_assert!(!out.exists());
-        }
+    let Err((key, e)) = result else { return Ok(true) };
+    refused_cleanly(&e, "mutated.pt")?;
+    if through_binary(counter) {
+        let out = dir.join("out.safetensors");
+        let o = run(limited_bin().arg("import").arg(&path).arg("--out").arg(&out).args(["--key", key]));
+        assert_bad_input(&o, &["mutated.pt"]);
+        prop_assert!(!out.exists());
     }
-    Ok(())
+    Ok(false)
 }
 
 fn seed(name: &str) -> Vec<u8> {
@@ -368,6 +368,31 @@ fn torch_legacy_streams_damaged_anywhere_are_read_or_refused() {
     proptest!(config(256), |(muts in mutations())| {
         torch_case(dir.path(), &seed, &hot, &muts, &counter)?;
     });
+}
+
+/// torch.save files as PyTorch writes them beyond the small seeds (tests/common/torch_saves.rs, made by the
+/// project's Python: every dtype, views with offsets, `module.` prefixes, a memoized dict, a real AdamW state,
+/// an argparse.Namespace), zip and legacy, damaged anywhere. Both outcomes must occur often: a damaged
+/// tensor payload still reads, a damaged structure is refused.
+#[test]
+fn torch_saves_of_every_kind_damaged_anywhere_are_read_or_refused() {
+    let (src, _) = torch_saves::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["reg.pt", "reg-legacy.pt"] {
+        let seed = std::fs::read(src.join(file)).unwrap();
+        assert!(read_torch(&src.join(file)).is_ok(), "{file}: the seed itself reads");
+        // The zip's pickle, local headers and directory; the legacy stream's first 4 KiB, its pickles.
+        let hot = if file == "reg.pt" { zip_hot_ranges(&seed) } else { vec![0..seed.len().min(4096)] };
+        let (read, refused, counter) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+        let cases = 3000;
+        proptest!(config(cases), |(muts in mutations())| {
+            let outcome = if torch_case(dir.path(), &seed, &hot, &muts, &counter)? { &read } else { &refused };
+            outcome.fetch_add(1, Ordering::Relaxed);
+        });
+        let (read, refused) = (read.into_inner(), refused.into_inner());
+        println!("{file}: read {read}, refused {refused}");
+        assert!(read * 20 > refused + read && refused * 20 > refused + read, "{file}: read {read}, refused {refused}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -495,7 +520,7 @@ fn copy_tree(from: &Path, to: &Path) {
 fn npy_refused_by_prepare(dir: &Path, bytes: &[u8]) {
     let root = reg_tree_with_first_moments(dir, bytes);
     let out = dir.join("prepared");
-    let o = run(bin().args(["prepare", "--from-reg"]).arg(&root).arg("--out").arg(&out).args([
+    let o = run(limited_bin().args(["prepare", "--from-reg"]).arg(&root).arg("--out").arg(&out).args([
         "--no-features",
         "--store-images",
         "--device",
@@ -593,7 +618,7 @@ fn npz_archives_damaged_anywhere_are_read_or_refused() {
             refused_cleanly(&e, "mutated.npz")?;
             if through_binary(&counter) {
                 // eval reads its samples before it loads the network, so no weights are needed to see them refused.
-                let o = run(bin()
+                let o = run(limited_bin()
                     .args(["eval", "--samples"])
                     .arg(&path)
                     .arg("--ref")
@@ -667,7 +692,7 @@ fn safetensors_headers_forged_or_damaged_are_read_or_refused() {
                 refused_cleanly(&e, "mutated.safetensors")?;
                 if through_binary(&counter) {
                     // eval loads the Inception weights right after checking its samples.
-                    let o = run(bin()
+                    let o = run(limited_bin()
                         .args(["eval", "--samples"])
                         .arg(&samples)
                         .arg("--ref")
@@ -750,7 +775,7 @@ fn dataset_indexes_forged_or_damaged_are_read_exactly_or_refused() {
     let shard0 = std::fs::read(good.join("shard-00000.safetensors")).unwrap();
     let shard_header = 0..8 + u64::from_le_bytes(shard0[..8].try_into().unwrap()) as usize;
     // bench-data's own flags divide the batch: zero is refused, not divided by in the loader thread.
-    assert_bad_input(&run(bin().args(["bench-data", "--data"]).arg(&good).args(["--batch", "0"])), &["--batch 0"]);
+    assert_bad_input(&run(limited_bin().args(["bench-data", "--data"]).arg(&good).args(["--batch", "0"])), &["--batch 0"]);
     let counter = AtomicUsize::new(0);
     let cases = (prop::collection::vec(json_edit(), 0..3), prop::collection::vec(mutation(), 0..2), prop::bool::weighted(0.2));
     proptest!(config(128), |((edits, muts, in_shard) in cases)| {
@@ -778,7 +803,7 @@ fn dataset_indexes_forged_or_damaged_are_read_exactly_or_refused() {
             Err(e) => {
                 refused_cleanly(&e, "mutated-ds")?;
                 if through_binary(&counter) {
-                    let o = run(bin().args(["bench-data", "--data"]).arg(&case).args(["--batch", "2", "--steps", "2"]));
+                    let o = run(limited_bin().args(["bench-data", "--data"]).arg(&case).args(["--batch", "2", "--steps", "2"]));
                     assert_bad_input(&o, &["mutated-ds"]);
                 }
             }
@@ -886,7 +911,7 @@ fn images_forged_or_damaged_decode_within_limits_or_count_as_bad() {
 fn an_image_claiming_100000_pixels_a_side_is_a_bad_image_not_an_allocation() {
     let tmp = tempfile::tempdir().unwrap();
     let (images, out) = (tmp.path().join("images"), tmp.path().join("out"));
-    let o = bin().args(["demo-images", "--classes", "2", "--per-class", "3", "--out"]).arg(&images).output().unwrap();
+    let o = limited_bin().args(["demo-images", "--classes", "2", "--per-class", "3", "--out"]).arg(&images).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (png, _) = seed_png_and_jpeg();
     let bomb = png_with_size(&png, 100_000, 100_000, 8, 2);
@@ -898,7 +923,7 @@ fn an_image_claiming_100000_pixels_a_side_is_a_bad_image_not_an_allocation() {
         .unwrap();
     std::fs::write(images.join("class01/wide.png"), &wide).unwrap();
     let r = repo();
-    let o = bin()
+    let o = limited_bin()
         .args(["prepare", "--images"])
         .arg(&images)
         .arg("--out")

@@ -5,7 +5,7 @@ mod common;
 mod hostile;
 
 use common::{assert_bad_input, repo};
-use hostile::{bin, memory_bound, peak_of};
+use hostile::{limited_bin, memory_bound, peak_of};
 use reg::formats::torchfile::{self, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -164,7 +164,7 @@ fn refused(dir: &Path, name: &str, pickle: &[u8], needles: &[&str]) {
 /// The same through the binary (under a limited address space): exit 2, one line, no output file.
 fn refused_by_binary(path: &Path, needles: &[&str]) {
     let out = path.with_extension("safetensors");
-    let o = bin().arg("import").arg(path).arg("--out").arg(&out).output().unwrap();
+    let o = limited_bin().arg("import").arg(path).arg("--out").arg(&out).output().unwrap();
     let file = path.file_name().unwrap().to_str().unwrap();
     assert_bad_input(&o, &[&[file][..], needles].concat());
     assert!(!out.exists());
@@ -521,7 +521,7 @@ fn memo_abuse_is_refused() {
 }
 
 /// x = (x, x) forty times over is 2^40 values once copied out of the machine's shared graph: the copy stops at
-/// a budget proportional to the pickle, in a few MiB and milliseconds.
+/// a budget proportional to the pickle, within the memory bound `refused` checks.
 #[test]
 fn shared_value_bombs_are_refused_within_a_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -531,9 +531,7 @@ fn shared_value_bombs_are_refused_within_a_budget() {
         bomb = bomb.op(b"q\x00h\x00\x86");
     }
     let bomb = bomb.op(b".").0;
-    let started = std::time::Instant::now();
     refused(d, "pair-bomb", &bomb, &["the pickled value is too large"]);
-    assert!(started.elapsed().as_secs() < 10, "took {:?}", started.elapsed());
     refused_by_binary(&d.join("pair-bomb.pt"), &["too large"]);
 }
 

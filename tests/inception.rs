@@ -7,22 +7,16 @@
 
 mod common;
 
-use common::{make_weights, rel};
+use common::{golden, make_weights, ok, rel};
 
 use reg::encoders::inception::Inception;
 use reg::error::is_input_error;
 use reg::formats::weights;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/inception_golden.safetensors")
-}
-
-fn golden() -> HashMap<String, Tensor> {
-    weights::read_map(&golden_path()).unwrap()
-}
+/// pytorch-fid's outputs for the deterministic weights (tests/data).
+const GOLDEN: &str = "inception_golden.safetensors";
 
 fn write_weights(dir: &Path, tensors: &[(String, Tensor)]) -> PathBuf {
     let path = dir.join("inception.safetensors");
@@ -44,7 +38,7 @@ fn check(device: Device, kind: Kind, tol: f64) {
 }
 
 fn check_weights(path: &Path, device: Device, kind: Kind, tol: f64) {
-    let g = golden();
+    let g = golden(GOLDEN);
     let model = Inception::load(path, device).unwrap();
     let out = model.features(&g["in.images"], kind);
     assert_rel("pool", &out.pool, &g["out.pool"], tol);
@@ -92,14 +86,7 @@ torch.save(sd, d + '/pt_inception-zip.pth')
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for name in ["pt_inception-legacy.pth", "pt_inception-zip.pth"] {
         let out = d.join(format!("{name}.safetensors"));
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-            .arg("import")
-            .arg(d.join(name))
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        ok(common::bin().arg("import").arg(d.join(name)).arg("--out").arg(&out));
         check_weights(&out, Device::Cpu, Kind::Float, 1e-4);
     }
 }
@@ -142,7 +129,7 @@ fn misshaped_tensor_is_an_input_error() {
 /// amplifies bf16 rounding, so the bound is loose).
 #[test]
 fn bf16_is_finite_and_close() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let dir = tempfile::tempdir().unwrap();
     let path = write_weights(dir.path(), &make_weights());
     let model = Inception::load(&path, Device::Cpu).unwrap();
@@ -162,7 +149,7 @@ fn eval_command_scores_and_refuses_bad_input() {
     let npz = |name: &str, arrays: &str| npz(dir.path(), name, arrays);
     let samples = npz("s.npz", "arr_0=rng.integers(0, 256, (12, 40, 40, 3), dtype=np.uint8)");
     let eval = |s: &Path, r: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+        common::bin()
             .args(["eval", "--samples"])
             .arg(s)
             .arg("--ref")
@@ -241,8 +228,7 @@ fn npz(dir: &Path, name: &str, arrays: &str) -> PathBuf {
 }
 
 fn eval_json(cmd: &mut std::process::Command, out: &Path) -> serde_json::Value {
-    let o = cmd.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(cmd);
     serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
 }
 
@@ -268,7 +254,7 @@ fn eval_under_mpirun_matches_one_process() {
         v.insert(2, samples.display().to_string());
         v
     };
-    let single = |out: &Path, r: &Path| eval_json(std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp")).args(args(out, r)), out);
+    let single = |out: &Path, r: &Path| eval_json(common::bin().args(args(out, r)), out);
     let one = single(&d.join("one.json"), &reference);
     assert!(one["inception_score"].as_f64().unwrap() > 1.0 + 1e-9, "{one}");
     let cache = reg::eval::reference::cache_path(&reference);
@@ -314,8 +300,7 @@ fn eval_under_mpirun_matches_one_process() {
     let mut a = args(&d.join("other.json"), &reference);
     let i = a.iter().position(|s| s == "--inception").unwrap();
     a[i + 1] = w2.display().to_string();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp")).args(&a).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(common::bin().args(&a));
     assert_ne!(std::fs::metadata(&cache).unwrap().modified().unwrap(), cached_at, "stale cache used with other weights");
 }
 
@@ -364,7 +349,7 @@ fn fid_during_training_matches_sample_then_eval() {
     // The same images by hand: EMA weights of the final checkpoint, same sampler, seed and labels.
     let samples = d.join("samples");
     let ckpt = d.join("runs/fid/step-0000006");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+    ok(common::bin()
         .args(["sample", "--ema", "--num", "9", "--mode", "sde", "--steps", "4", "--cfg", "1", "--cls-cfg", "0"])
         .args(["--interval", "0,1", "--labels", "random", "--seed", "5", "--batch", "4", "--device", "cpu", "--threads", "1"])
         .arg("--ckpt")
@@ -372,13 +357,10 @@ fn fid_during_training_matches_sample_then_eval() {
         .arg("--vae")
         .arg(&vae)
         .arg("--out")
-        .arg(&samples)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        .arg(&samples));
     let json = d.join("by-hand.json");
     let by_hand = eval_json(
-        std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+        common::bin()
             .args(["eval", "--batch", "4", "--device", "cpu", "--threads", "1", "--samples"])
             .arg(samples.with_extension("npz"))
             .arg("--ref")
@@ -397,9 +379,6 @@ fn fid_during_training_matches_sample_then_eval() {
     assert!((sfid - by_hand_sfid).abs() <= 1e-6 * by_hand_sfid.abs(), "sFID: during training {sfid}, sample + eval {by_hand_sfid}");
 
     // FID tracking without its inputs.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-        .args(common::train_args(&out, "nofid", &["--set", "eval.fid_every=3"]))
-        .output()
-        .unwrap();
+    let o = common::bin().args(common::train_args(&out, "nofid", &["--set", "eval.fid_every=3"])).output().unwrap();
     common::assert_bad_input(&o, &["eval.ref", "missing"]);
 }

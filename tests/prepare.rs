@@ -3,13 +3,9 @@
 
 mod common;
 
-use common::{mpirun, repo};
+use common::{bin, mpirun, ok, repo};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-}
+use std::process::Output;
 
 fn prepare_args(images: &Path, out: &Path) -> Vec<String> {
     let r = repo();
@@ -35,14 +31,11 @@ fn prepare_args(images: &Path, out: &Path) -> Vec<String> {
 }
 
 fn run(args: &[String]) -> Output {
-    let o = bin().args(args).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
+    ok(bin().args(args))
 }
 
 fn demo_images(dir: &Path, per_class: u32) {
-    let o = bin().args(["demo-images", "--classes", "10", "--per-class", &per_class.to_string(), "--out"]).arg(dir).output().unwrap();
-    assert!(o.status.success());
+    ok(bin().args(["demo-images", "--classes", "10", "--per-class", &per_class.to_string(), "--out"]).arg(dir));
 }
 
 fn index(dir: &Path) -> serde_json::Value {
@@ -66,8 +59,7 @@ fn prepared_shards_train_resume_and_match_across_ranks() {
 
     // Two ranks write disjoint shards; the dataset is byte-identical.
     let args = prepare_args(&images, &two);
-    let o = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&mut mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()));
     assert_eq!(shas(&one), shas(&two));
 
     // Resume: remove one shard; only it is redone, the others are verified and kept.
@@ -79,14 +71,11 @@ fn prepared_shards_train_resume_and_match_across_ranks() {
     assert_eq!(shas(&one), shas(&two));
 
     // The dataset trains the demo model.
-    let o = bin()
+    ok(bin()
         .args(["train", "--config"])
         .arg(repo().join("configs/demo.yaml"))
         .args(["--set", "data.source=shards", "--set", &format!("data.path={}", one.display())])
-        .args(["--set", &format!("train.output_dir={}", tmp.path().join("runs").display()), "--set", "train.steps=5", "--threads", "1"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        .args(["--set", &format!("train.output_dir={}", tmp.path().join("runs").display()), "--set", "train.steps=5", "--threads", "1"]));
 }
 
 #[test]
@@ -229,16 +218,13 @@ fn broken_reg_layouts_exit_2_naming_the_file() {
 }
 
 fn train_json(data: &Path, out: &Path, extra: &[&str]) -> Vec<f64> {
-    let o = bin()
+    let o = ok(bin()
         .args(["train", "--config"])
         .arg(repo().join("configs/demo.yaml"))
         .args(["--set", "data.source=shards", "--set", &format!("data.path={}", data.display())])
         .args(["--set", &format!("train.output_dir={}", out.display()), "--set", "train.steps=4", "--set", "train.log_every=1"])
         .args(["--threads", "1", "--json"])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        .args(extra));
     common::losses(&o.stdout)
 }
 

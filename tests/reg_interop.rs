@@ -4,25 +4,12 @@
 
 mod common;
 
-use common::{rel, repo};
+use common::{bin, golden, ok, rel, repo};
 use reg::config::Config;
 use reg::formats::{torchfile, weights};
 use reg::model::build_sit;
 use std::collections::HashMap;
-use std::process::Command;
 use tch::{Kind, Tensor};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
-    c.current_dir(repo());
-    c
-}
-
-fn ok(c: &mut Command) -> std::process::Output {
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
 
 fn data(name: &str) -> std::path::PathBuf {
     repo().join("tests/data/reg_interop").join(name)
@@ -31,7 +18,7 @@ fn data(name: &str) -> std::path::PathBuf {
 #[test]
 fn a_checkpoint_saved_by_reg_train_py_imports_exactly() {
     // REG's save call: model, ema, opt (a real AdamW state), args (its argparse.Namespace), steps.
-    let expected = weights::read_map(&data("reg_train_expected.safetensors")).unwrap();
+    let expected = golden("reg_interop/reg_train_expected.safetensors");
     let tmp = tempfile::tempdir().unwrap();
     for key in ["model", "ema"] {
         let out = tmp.path().join(format!("{key}.safetensors"));
@@ -61,7 +48,7 @@ fn a_checkpoint_saved_by_reg_train_py_imports_exactly() {
 fn our_export_loads_strictly_into_reg_sit_and_computes_the_same() {
     let tmp = tempfile::tempdir().unwrap();
     let exported = tmp.path().join("export.safetensors");
-    ok(bin().args(["export", "--ckpt", "tests/data/ckpt_v0/step-0000002", "--out"]).arg(&exported));
+    ok(bin().current_dir(repo()).args(["export", "--ckpt", "tests/data/ckpt_v0/step-0000002", "--out"]).arg(&exported));
     // The names and shapes REG's load_state_dict(strict=True) accepted.
     let reg_names: HashMap<String, Vec<i64>> = serde_json::from_slice(&std::fs::read(data("reg_state_dict.json")).unwrap()).unwrap();
     let ours: HashMap<String, Vec<i64>> = weights::read(&exported).unwrap().into_iter().map(|(n, t)| (n, t.size())).collect();
@@ -70,7 +57,7 @@ fn our_export_loads_strictly_into_reg_sit_and_computes_the_same() {
     let cfg = Config::load(&repo().join("configs/demo.yaml"), &[]).unwrap();
     let (model, params) = build_sit(&cfg.dims(), tch::Device::Cpu, 0).unwrap();
     params.load_file(&exported).unwrap();
-    let g = weights::read_map(&data("reg_export_forward.safetensors")).unwrap();
+    let g = golden("reg_interop/reg_export_forward.safetensors");
     let _ng = tch::no_grad_guard();
     let out = model.forward(&g["in.x"], &g["in.t"], &g["in.y"], &g["in.cls"], Kind::Float);
     for (name, a, b) in [("x", &out.x, &g["out.x"]), ("zs0", &out.zs, &g["out.zs0"]), ("cls", &out.cls, &g["out.cls"])] {
@@ -87,8 +74,9 @@ fn our_sample_npz_is_framed_as_reg_evaluator_read_it() {
     assert_eq!(seen["reader"], "StreamingNpzArrayReader");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("samples");
+    // Its arguments name files relative to the repository.
     let args: Vec<&str> = seen["sample_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
-    ok(bin().args(&args).arg("--out").arg(&out));
+    ok(bin().current_dir(repo()).args(&args).arg("--out").arg(&out));
     let raw = std::fs::read(out.with_extension("npz")).unwrap();
     let mut z = zip::ZipArchive::new(std::io::Cursor::new(&raw)).unwrap();
     let e = z.by_name("arr_0.npy").unwrap();

@@ -3,25 +3,20 @@
 
 mod common;
 
-use common::assert_bad_input;
-
-use common::{mpirun, repo};
+use common::{assert_bad_input, bin, mpirun, ok, repo};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-}
+use std::process::Command;
 
 /// A 2-step demo checkpoint to sample from.
 fn checkpoint(dir: &Path) -> PathBuf {
-    let o = bin()
-        .args(["train", "--config"])
-        .arg(repo().join("configs/demo.yaml"))
-        .args(["--set", &format!("train.output_dir={}", dir.display()), "--set", "train.steps=2", "--threads", "1"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(bin().args(["train", "--config"]).arg(repo().join("configs/demo.yaml")).args([
+        "--set",
+        &format!("train.output_dir={}", dir.display()),
+        "--set",
+        "train.steps=2",
+        "--threads",
+        "1",
+    ]));
     dir.join("demo/step-0000002")
 }
 
@@ -39,11 +34,6 @@ fn sample_args(ckpt: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
 fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
@@ -59,18 +49,18 @@ fn one_and_two_ranks_give_identical_images_and_a_valid_npz() {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(tmp.path());
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    ok(bin().args(sample_args(&ckpt, &one, &[])).output().unwrap());
+    ok(bin().args(sample_args(&ckpt, &one, &[])));
     let args = sample_args(&ckpt, &two, &[]);
-    ok(mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap());
+    ok(&mut mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()));
     let (a, b) = (pngs(&one), pngs(&two));
     assert_eq!(a.len(), 6);
     assert!(a == b, "PNGs differ between 1 and 2 ranks");
     let check = "import numpy as np, sys; a = np.load(sys.argv[1])['arr_0']; print(a.shape, a.dtype)";
-    let o = ok(Command::new(repo().join(".venv/bin/python")).args(["-c", check]).arg(one.with_extension("npz")).output().unwrap());
+    let o = ok(Command::new(repo().join(".venv/bin/python")).args(["-c", check]).arg(one.with_extension("npz")));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "(6, 64, 64, 3) uint8");
     // Another seed gives other images (the comparison above can fail).
     let three = tmp.path().join("three");
-    ok(bin().args(sample_args(&ckpt, &three, &["--seed", "1"])).output().unwrap());
+    ok(bin().args(sample_args(&ckpt, &three, &["--seed", "1"])));
     assert!(pngs(&three) != a);
 }
 
@@ -79,13 +69,13 @@ fn an_interrupted_run_resumes_without_changing_finished_images() {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(tmp.path());
     let out = tmp.path().join("s");
-    ok(bin().args(sample_args(&ckpt, &out, &["--mode", "ode", "--heun"])).output().unwrap());
+    ok(bin().args(sample_args(&ckpt, &out, &["--mode", "ode", "--heun"])));
     let full = pngs(&out);
     // As if killed after four images: two are missing; the others must stay untouched.
     std::fs::remove_file(out.join("000001.png")).unwrap();
     std::fs::remove_file(out.join("000005.png")).unwrap();
     let kept = std::fs::metadata(out.join("000000.png")).unwrap().modified().unwrap();
-    let o = ok(bin().args(sample_args(&ckpt, &out, &["--mode", "ode", "--heun"])).output().unwrap());
+    let o = ok(bin().args(sample_args(&ckpt, &out, &["--mode", "ode", "--heun"])));
     assert!(String::from_utf8_lossy(&o.stderr).contains("(2 to do on rank 0)"), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(kept, std::fs::metadata(out.join("000000.png")).unwrap().modified().unwrap());
     assert!(pngs(&out) == full);
@@ -107,7 +97,7 @@ fn bad_input_exits_2() {
     assert_bad_input(&bin().args(&args).output().unwrap(), &["dinov2_tiny"]);
     // Weights whose shapes do not match the preset.
     let w = tmp.path().join("w.safetensors");
-    ok(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&w).output().unwrap());
+    ok(bin().args(["export", "--ckpt"]).arg(&ckpt).arg("--out").arg(&w));
     let wide = tmp.path().join("wide.yaml");
     std::fs::write(&wide, std::fs::read_to_string(repo().join("configs/demo.yaml")).unwrap().replace("hidden_size: 64", "hidden_size: 96"))
         .unwrap();

@@ -2,26 +2,21 @@
 //! draws; the ODE's Heun and Euler agree as steps grow; guidance 1 is no guidance; a
 //! clean-data prediction reads as the path's velocity.
 
+mod common;
+
+use common::{golden, rel};
 use reg::config::{ModelConfig, PathType};
 use reg::diffusion::sampler::{sample_ode, sample_sde, FixedNoise, Guidance, PerImageNoise};
 use reg::diffusion::{Interpolant, Parameterization, Prediction};
-use reg::formats::weights;
 use reg::model::{build_sit, Cond, SiT};
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// The REG model's parameterization: velocity prediction on the linear path.
 const V: Parameterization = Parameterization { path: PathType::Linear, prediction: Prediction::Velocity };
 
-fn golden() -> HashMap<String, Tensor> {
-    weights::read_map(Path::new("tests/data/reg_tiny.safetensors")).unwrap()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
-}
+/// REG's tiny model: its weights and the SDE sampler's data (tests/data).
+const GOLDEN: &str = "reg_tiny.safetensors";
 
 /// The golden tiny model, weights loaded by their REG names.
 fn model(g: &HashMap<String, Tensor>) -> SiT {
@@ -38,7 +33,7 @@ fn model(g: &HashMap<String, Tensor>) -> SiT {
 
 #[test]
 fn sde_reproduces_the_reference_sampler() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let m = model(&g);
     let mut draws = VecDeque::new();
     for i in 0.. {
@@ -80,7 +75,7 @@ fn start(seed: i64) -> (Tensor, Tensor, (Cond, Cond)) {
 
 #[test]
 fn heun_and_euler_converge_to_the_same_endpoint() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let m = model(&g);
     let (z, c, y) = start(3);
     let guide = Guidance { cfg: 1.5, cls_cfg: 1.5, low: 0.0, high: 1.0, force_doubled: false };
@@ -99,7 +94,7 @@ fn heun_and_euler_converge_to_the_same_endpoint() {
 /// rounds in f64: equal within 1e-6, not bit for bit.
 #[test]
 fn guidance_scale_one_equals_no_guidance() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let m = model(&g);
     let (z, c, y) = start(5);
     let none = Guidance::none();

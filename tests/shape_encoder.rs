@@ -4,25 +4,15 @@
 
 mod common;
 
-use common::{assert_bad_input, json_lines, losses, repo};
+use common::{assert_bad_input, bin, json_lines, losses, ok, repo};
 use reg::encoders::dinov2::{Dinov2, Dinov2Config};
 use reg::formats::weights;
 use reg::shapes::encoder::{read_set, EncoderSize, ShapeEncoder, TrainOptions};
 use reg::shapes::{Position, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use tch::{Device, Kind, Tensor};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-}
-
-fn ok(c: &mut Command) -> Output {
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
 
 /// `demo-images --captioned` of `split` at 32 px, `per_class` images per shape.
 fn shapes_set(out: &Path, split: &str, per_class: u32) {

@@ -2,24 +2,16 @@
 //! round-trips images exactly through `prepare`, the set is deterministic with varied
 //! captions and disjoint splits, and the analytic scorer reads real images right.
 
+mod common;
+
+use common::{bin, ok, ok_stdout};
 use reg::encoders::decoder::Decoder;
 use reg::formats::pillow_resample::center_crop_adm;
 use reg::shapes::reader::{accuracy, attribute_accuracy, distance, read, Accuracy};
 use reg::shapes::{self, Attribute, Attributes, SetSpec, Split, Value, Wanted};
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
-}
-
-fn ok(c: &mut Command) -> String {
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
-}
 
 fn spec(split: Split, per_class: u32) -> SetSpec {
     SetSpec { size: 32, split, seed: 0, class_attribute: Attribute::Shape, per_class, captions_per_image: 4, fixed: Wanted::default() }
@@ -197,7 +189,7 @@ fn captioned_demo_images_write_a_class_tree_with_captions() {
         z.write(image::open(out.join(&r.file)).unwrap().to_rgb8().as_raw()).unwrap();
     }
     z.finish().unwrap();
-    let line = ok(bin().args(["score-shapes", "--samples"]).arg(&npz).arg("--attributes").arg(out.join("attributes.jsonl")));
+    let line = ok_stdout(bin().args(["score-shapes", "--samples"]).arg(&npz).arg("--attributes").arg(out.join("attributes.jsonl")));
     let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
     assert_eq!(v["accuracy"]["all"], 1.0, "{v}");
     assert_eq!(v["distance"]["joint"], 0.0, "{v}");

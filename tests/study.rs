@@ -4,20 +4,15 @@
 
 mod common;
 
-use common::repo;
-use std::process::Command;
+use common::{bin, ok, repo};
 
 fn study(out: &std::path::Path) -> std::process::Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_reg-ddp"))
+    ok(bin()
         .current_dir(repo())
         .args(["study", "--out"])
         .arg(out)
         .args(["--seeds", "1", "--steps", "4", "--every", "2", "--per-class", "8", "--eval-num", "5", "--sample-steps", "2"])
-        .args(["--methods", "sit,reg", "--conditions", "caption", "--encoder-steps", "3", "--threads", "1"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
+        .args(["--methods", "sit,reg", "--conditions", "caption", "--encoder-steps", "3", "--threads", "1"]))
 }
 
 #[test]

@@ -5,19 +5,21 @@
 
 mod common;
 
-use common::{assert_bad_input, json_lines, mpirun, repo, tensorboard, train_args};
+use common::{assert_bad_input, bin, json_lines, mpirun, ok, repo, tensorboard, train_args};
 use reg::config::Config;
 use reg::diffusion::sampler::{sample_ode, sample_sde, Guidance, PerImageNoise};
 use reg::diffusion::{Parameterization, PathType};
 use reg::encoders::text::TextEncoder;
 use reg::model::{build_sit, Caption, Cond, SiT};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use tch::{Device, Kind, Tensor};
 
 const CLIP: &str = "tests/data/clip_tiny";
 
-/// The demo model conditioned on captions of the tiny CLIP (32 wide, 77 tokens).
+/// The demo model conditioned on captions of the tiny CLIP (32 wide, 77 tokens). Its path is
+/// relative to the repository: the binary runs there (`current_dir`) for a text model and its
+/// checkpoints.
 const TEXT: [&str; 8] = [
     "--set",
     "model.condition=text",
@@ -38,12 +40,11 @@ fn config(extra: &[&str]) -> Config {
 /// A text model with random weights whose zero-initialised gates and heads are given
 /// values, so that every path from the caption to the output carries signal.
 fn model() -> (SiT, TextEncoder) {
-    std::env::set_current_dir(repo()).unwrap();
     let (m, p) = build_sit(&config(&[]).dims(), Device::Cpu, 3).unwrap();
     tch::manual_seed(11);
     let _g = tch::no_grad_guard();
     p.flat.shallow_clone().copy_(&(Tensor::randn_like(&p.flat) * 0.05));
-    (m, TextEncoder::load(Path::new(CLIP), Device::Cpu).unwrap())
+    (m, TextEncoder::load(&repo().join(CLIP), Device::Cpu).unwrap())
 }
 
 fn caption(enc: &TextEncoder, texts: &[&str]) -> Cond {
@@ -62,7 +63,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn a_text_model_has_caption_projections_and_no_label_table() {
-    std::env::set_current_dir(repo()).unwrap();
     let (_, p) = build_sit(&config(&[]).dims(), Device::Cpu, 0).unwrap();
     let names: Vec<String> = p.named(&p.flat).into_iter().map(|(n, _)| n).collect();
     for want in ["context_embedder.weight", "pooled_embedder.mlp.0.weight", "pooled_embedder.mlp.2.bias"] {
@@ -142,17 +142,6 @@ fn caption_dropout_gives_the_empty_captions_encoding() {
     }
 }
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
-    c.current_dir(repo());
-    c
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    o
-}
-
 /// Trains the tiny text model on synthetic captions, with grids of fixed prompts.
 fn train(dir: &Path, steps: &str) -> Output {
     let out = dir.display().to_string();
@@ -160,7 +149,7 @@ fn train(dir: &Path, steps: &str) -> Output {
     let steps = format!("train.steps={steps}");
     extra.extend(["--set", &steps, "--set", "sample.every=20", "--set", "sample.num=4", "--set", "sample.steps=4"]);
     extra.extend(["--set", "sample.prompts=[a red disc, a blue square]"]);
-    ok(bin().args(train_args(&out, "text", &extra)).output().unwrap())
+    ok(bin().current_dir(repo()).args(train_args(&out, "text", &extra)))
 }
 
 fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -216,9 +205,9 @@ fn a_tiny_text_model_learns_and_samples_the_same_images_on_one_and_two_ranks() {
     std::fs::write(&prompts, "a red disc\n\na blue square at the top\nthree rings\n").unwrap();
     let ckpt = run.join("step-0000060");
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    ok(bin().args(sample_args(&ckpt, &prompts, &one)).output().unwrap());
+    ok(bin().current_dir(repo()).args(sample_args(&ckpt, &prompts, &one)));
     let args = sample_args(&ckpt, &prompts, &two);
-    ok(mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).current_dir(repo()).output().unwrap());
+    ok(mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>()).current_dir(repo()));
     let (a, b) = (pngs(&one), pngs(&two));
     assert_eq!(a.len(), 5);
     assert!(a == b, "PNGs differ between 1 and 2 ranks");
@@ -234,7 +223,7 @@ fn a_tiny_text_model_learns_and_samples_the_same_images_on_one_and_two_ranks() {
         let mut args = sample_args(&ckpt, &prompts, out);
         let at = args.iter().position(|a| a == "--prompts").unwrap();
         args.splice(at..at + 2, ["--captions".to_string(), coco.display().to_string(), "--seed".into(), seed.into()]);
-        ok(bin().args(&args).output().unwrap());
+        ok(bin().current_dir(repo()).args(&args));
         serde_json::from_slice::<Vec<String>>(&std::fs::read(out.join("captions.json")).unwrap()).unwrap()
     };
     let (c1, c2, c3) = (drawn(&tmp.path().join("c1"), "0"), drawn(&tmp.path().join("c2"), "0"), drawn(&tmp.path().join("c3"), "1"));
@@ -246,7 +235,7 @@ fn a_tiny_text_model_learns_and_samples_the_same_images_on_one_and_two_ranks() {
     // The same noise under another prompt list gives other images.
     std::fs::write(&prompts, "a green cross\n").unwrap();
     let other = tmp.path().join("other");
-    ok(bin().args(sample_args(&ckpt, &prompts, &other)).output().unwrap());
+    ok(bin().current_dir(repo()).args(sample_args(&ckpt, &prompts, &other)));
     assert!(pngs(&other)[0] != a[0]);
 }
 
@@ -256,7 +245,7 @@ fn bad_prompts_and_mismatched_conditions_exit_2_with_one_line() {
     train(tmp.path(), "2");
     let ckpt = tmp.path().join("text/step-0000002");
     let out = tmp.path().join("s");
-    let run = |prompts: &Path| bin().args(sample_args(&ckpt, prompts, &out)).output().unwrap();
+    let run = |prompts: &Path| bin().current_dir(repo()).args(sample_args(&ckpt, prompts, &out)).output().unwrap();
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "\n  \n").unwrap();
     assert_bad_input(&run(&empty), &["empty.txt", "no prompts"]);
@@ -268,17 +257,16 @@ fn bad_prompts_and_mismatched_conditions_exit_2_with_one_line() {
     let mut args = sample_args(&ckpt, &empty, &out);
     let at = args.iter().position(|a| a == "--prompts").unwrap();
     args.drain(at..at + 2);
-    assert_bad_input(&bin().args(&args).output().unwrap(), &["--prompts or --captions"]);
+    assert_bad_input(&bin().current_dir(repo()).args(&args).output().unwrap(), &["--prompts or --captions"]);
     let coco = tmp.path().join("captions_val2014.json");
     std::fs::write(&coco, r#"{"annotations": [{"image_id": 1, "id": 2}]}"#).unwrap();
     let mut bad = args.clone();
     bad.extend(["--captions".into(), coco.display().to_string()]);
-    assert_bad_input(&bin().args(&bad).output().unwrap(), &["captions_val2014.json", "annotations[].caption"]);
+    assert_bad_input(&bin().current_dir(repo()).args(&bad).output().unwrap(), &["captions_val2014.json", "annotations[].caption"]);
     std::fs::write(&coco, r#"{"annotations": [{"image_id": 1, "id": 2, "caption": "a dog"}]}"#).unwrap();
-    assert_bad_input(&bin().args(&bad).output().unwrap(), &["captions_val2014.json", "1 captions, fewer than --num 5"]);
+    assert_bad_input(&bin().current_dir(repo()).args(&bad).output().unwrap(), &["captions_val2014.json", "1 captions, fewer than --num 5"]);
     // A class model asked for prompts.
-    let o = ok(bin().args(train_args(&tmp.path().display().to_string(), "class", &["--set", "train.steps=1"])).output().unwrap());
-    drop(o);
+    ok(bin().args(train_args(&tmp.path().display().to_string(), "class", &["--set", "train.steps=1"])));
     let class_ckpt: PathBuf = tmp.path().join("class/step-0000001");
     let prompts = tmp.path().join("p.txt");
     std::fs::write(&prompts, "a red disc\n").unwrap();
@@ -287,7 +275,7 @@ fn bad_prompts_and_mismatched_conditions_exit_2_with_one_line() {
 
 /// Captions beside the classic demo images: class `c` is described in two wordings.
 fn captioned_demo(dir: &Path) {
-    ok(bin().args(["demo-images", "--classes", "3", "--per-class", "8", "--out"]).arg(dir).output().unwrap());
+    ok(bin().args(["demo-images", "--classes", "3", "--per-class", "8", "--out"]).arg(dir));
     let words = ["a bright disc", "a square block", "a thin ring"];
     for (c, w) in words.iter().enumerate() {
         for e in std::fs::read_dir(dir.join(format!("class{c:02}"))).unwrap().flatten() {
@@ -311,7 +299,7 @@ fn captions_go_through_prepare_train_sample_and_eval() {
         let mut c = bin();
         c.args(["prepare", "--images"]).arg(&images).arg("--out").arg(out).arg("--vae").arg(&vae).arg("--encoder").arg(&dino);
         c.args(["--resolution", "64", "--shard-size", "16", "--batch", "8", "--caption-files", "--text-encoder"]).arg(&clip);
-        ok(c.args(extra).output().unwrap())
+        ok(c.args(extra))
     };
     let (online, pre) = (d.join("online"), d.join("pre"));
     prepare(&online, &[]);
@@ -322,7 +310,7 @@ fn captions_go_through_prepare_train_sample_and_eval() {
         let mut sets: Vec<&str> = TEXT.to_vec();
         sets.extend(["--set", &path, "--set", "data.source=shards", "--set", "train.global_batch=8", "--set", "model.num_classes=1"]);
         sets.extend(extra);
-        ok(bin().args(train_args(&d.display().to_string(), name, &sets)).output().unwrap())
+        ok(bin().current_dir(repo()).args(train_args(&d.display().to_string(), name, &sets)))
     };
     run(&online, "online", &["--set", "train.steps=20"]);
     // Precomputed states train without CLIP: the empty caption comes from the dataset.
@@ -333,7 +321,7 @@ fn captions_go_through_prepare_train_sample_and_eval() {
     let prompts = d.join("prompts.txt");
     std::fs::write(&prompts, "a bright disc\na square block\na thin ring\n").unwrap();
     let samples = d.join("samples");
-    ok(bin().args(sample_args(&d.join("online/step-0000020"), &prompts, &samples)).output().unwrap());
+    ok(bin().current_dir(repo()).args(sample_args(&d.join("online/step-0000020"), &prompts, &samples)));
 
     let inception = d.join("inception.safetensors");
     reg::formats::weights::write(&inception, &common::make_weights(), None).unwrap();
@@ -341,7 +329,7 @@ fn captions_go_through_prepare_train_sample_and_eval() {
     let mut e = bin();
     e.args(["eval", "--device", "cpu", "--threads", "1", "--batch", "3", "--samples"]).arg(&samples);
     e.arg("--clip").arg(&clip).arg("--ref").arg(&images).arg("--inception").arg(&inception).arg("--out").arg(&result);
-    ok(e.output().unwrap());
+    ok(&mut e);
     let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
     let (clip_score, fid) = (j["clip_score"].as_f64().unwrap(), j["fid"].as_f64().unwrap());
     assert!(clip_score.is_finite() && (0.0..=100.0).contains(&clip_score), "{j}");
@@ -351,11 +339,11 @@ fn captions_go_through_prepare_train_sample_and_eval() {
     let plain = d.join("plain");
     let mut c = bin();
     c.args(["prepare", "--images"]).arg(&images).arg("--out").arg(&plain).arg("--vae").arg(&vae).arg("--encoder").arg(&dino);
-    ok(c.args(["--resolution", "64", "--shard-size", "16", "--batch", "8"]).output().unwrap());
+    ok(c.args(["--resolution", "64", "--shard-size", "16", "--batch", "8"]));
     let path = format!("data.path={}", plain.display());
     let mut sets: Vec<&str> = TEXT.to_vec();
     sets.extend(["--set", &path, "--set", "data.source=shards", "--set", "train.global_batch=8", "--set", "train.steps=1"]);
-    let o = bin().args(train_args(&d.display().to_string(), "plain", &sets)).output().unwrap();
+    let o = bin().current_dir(repo()).args(train_args(&d.display().to_string(), "plain", &sets)).output().unwrap();
     common::assert_bad_input_midway(&o, &["index.json", "text: missing"]);
 }
 
@@ -363,7 +351,6 @@ fn captions_go_through_prepare_train_sample_and_eval() {
 /// ignored, so the prediction does not depend on it; with the token it does.
 #[test]
 fn without_the_reg_token_its_input_is_ignored() {
-    std::env::set_current_dir(repo()).unwrap();
     for (reg_token, moves) in [("true", true), ("false", false)] {
         let dims = config(&[&format!("model.reg_token={reg_token}")]).dims();
         let (m, p) = build_sit(&dims, Device::Cpu, 1).unwrap();
@@ -379,9 +366,10 @@ fn without_the_reg_token_its_input_is_ignored() {
         class.text_len = 0;
         let (m2, p2) = build_sit(&class, Device::Cpu, 1).unwrap();
         p2.flat.shallow_clone().copy_(&(Tensor::randn_like(&p2.flat) * 0.05));
-        for (model, cond) in
-            [(&m, caption(&TextEncoder::load(Path::new(CLIP), Device::Cpu).unwrap(), &["a disc"])), (&m2, Cond::Class(y.shallow_clone()))]
-        {
+        for (model, cond) in [
+            (&m, caption(&TextEncoder::load(&repo().join(CLIP), Device::Cpu).unwrap(), &["a disc"])),
+            (&m2, Cond::Class(y.shallow_clone())),
+        ] {
             let d = max_diff(&model.forward_cond(&x, &t, &cond, &a, Kind::Float).x, &model.forward_cond(&x, &t, &cond, &b, Kind::Float).x);
             assert_eq!(d > 1e-6, moves, "reg_token {reg_token}: the token input moved the prediction by {d:e}");
         }

@@ -1,10 +1,12 @@
 //! The VAE reproduces diffusers' AutoencoderKL on the tiny random model in
 //! tests/data/vae_tiny (made by tools/golden/vae.py), and bad folders are input errors.
 
+mod common;
+
+use common::{golden, rel};
 use reg::encoders::vae::Vae;
 use reg::error::is_input_error;
 use reg::formats::weights;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -17,14 +19,8 @@ fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vae_tiny")
 }
 
-fn golden() -> HashMap<String, Tensor> {
-    weights::read_map(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/vae_tiny_golden.safetensors")).unwrap()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
-}
+/// diffusers' outputs on the tiny model (tests/data).
+const GOLDEN: &str = "vae_tiny_golden.safetensors";
 
 fn load() -> Vae {
     Vae::load(&model_dir(), Device::Cpu).unwrap()
@@ -63,7 +59,7 @@ fn config_fields_are_read() {
 
 #[test]
 fn encode_matches_diffusers_f32() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let m = load().encode_moments(&g["in.pixels"], Kind::Float);
     assert_eq!(m.kind(), Kind::Float);
     assert_eq!(m.size(), g["out.moments"].size());
@@ -74,7 +70,7 @@ fn encode_matches_diffusers_f32() {
 
 #[test]
 fn decode_raw_matches_diffusers_f32() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let d = load().decode_raw(&g["in.latents"], Kind::Float);
     assert_eq!(d.kind(), Kind::Float);
     assert_eq!(d.size(), g["out.decoded"].size());
@@ -85,7 +81,7 @@ fn decode_raw_matches_diffusers_f32() {
 
 #[test]
 fn decode_scales_and_quantises() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let vae = load();
     let px = vae.decode(&(&g["in.latents"] * vae.scaling_factor()), Kind::Float);
     assert_eq!(px.kind(), Kind::Uint8);
@@ -101,7 +97,7 @@ fn decode_scales_and_quantises() {
 
 #[test]
 fn bf16_is_finite_and_close() {
-    let g = golden();
+    let g = golden(GOLDEN);
     let vae = load();
     let m = vae.encode_moments(&g["in.pixels"], Kind::BFloat16);
     assert_eq!(m.kind(), Kind::Float);
@@ -119,7 +115,7 @@ fn bf16_is_finite_and_close() {
 
 #[test]
 fn legacy_attention_names_load_the_same() {
-    let g = golden();
+    let g = golden(GOLDEN);
     // Older checkpoints (sd-vae-ft-ema) name the mid-block attention query/key/value/proj_attn.
     let dir = edited_copy(
         |_| {},
@@ -210,7 +206,7 @@ fn missing_folder_is_an_input_error() {
 #[ignore = "needs a CUDA device: cargo test --release --test vae -- --ignored on a GPU machine"]
 fn cuda_matches_when_available() {
     assert!(tch::Cuda::is_available(), "no CUDA device");
-    let g = golden();
+    let g = golden(GOLDEN);
     let vae = Vae::load(&model_dir(), Device::Cuda(0)).unwrap();
     let m = vae.encode_moments(&g["in.pixels"].to_device(Device::Cuda(0)), Kind::Float);
     assert_eq!(m.device(), Device::Cuda(0));

@@ -3,12 +3,12 @@
 
 mod common;
 
-use common::assert_bad_input;
+use common::{assert_bad_input, bin};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn reg(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_reg-ddp")).args(args).env("REG_DDP_CACHE", cache).output().unwrap()
+    bin().args(args).env("REG_DDP_CACHE", cache).output().unwrap()
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! For the hostile-input tests: a counting allocator (the most a reader held at once) and the binary under a limited address space.
+//! For the hostile-input tests (each includes it beside `mod common`): a counting allocator (the most a reader held at once) and the binary under a limited address space.
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -92,13 +92,10 @@ pub fn memory_bound(len: usize) -> usize {
 /// Address space of the binary in these tests: libtorch maps about 3 GiB; a forged size would need more.
 pub const BINARY_ADDRESS_SPACE: u64 = 6 << 30;
 
-/// The binary, alone (no MPI launcher variables), under `BINARY_ADDRESS_SPACE`: an allocation of a forged size
-/// fails there (an abort, not exit 2) instead of being tried on the machine.
-pub fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
-    for v in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"] {
-        c.env_remove(v);
-    }
+/// The binary (`common::bin`: alone, no launcher variables) under `BINARY_ADDRESS_SPACE`: an allocation of a
+/// forged size fails there (an abort, not exit 2) instead of being tried on the machine.
+pub fn limited_bin() -> Command {
+    let mut c = crate::common::bin();
     // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
     unsafe {
         c.pre_exec(|| {

@@ -4,11 +4,57 @@
 use reg::formats::weights;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use tch::{Device, Kind, Tensor};
+
+pub mod torch_saves;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The variables by which an MPI or Slurm launcher tells a process how many ranks it has.
+pub const LAUNCHER_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"];
+
+/// The reg-ddp binary, alone: without the launcher variables this test process may have
+/// inherited (a suite run inside `srun`), so that it runs as one process.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
+    for v in LAUNCHER_VARS {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// Runs `c` and returns its output; panics with its command line, exit status and stderr
+/// unless it succeeds.
+#[track_caller]
+pub fn ok(c: &mut Command) -> Output {
+    let o = c.output().unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
+    assert!(o.status.success(), "{c:?} failed ({}):\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// `ok`, and the command's stdout as text.
+#[track_caller]
+pub fn ok_stdout(c: &mut Command) -> String {
+    String::from_utf8(ok(c).stdout).expect("stdout is UTF-8")
+}
+
+/// A script run by the project's Python (.venv, which ./launch/setup.sh installs) with `dir`
+/// as its argument; panics with its stderr if it fails.
+#[track_caller]
+pub fn python(script: &str, dir: &Path) {
+    let py = repo().join(".venv/bin/python");
+    assert!(py.exists(), "{}: missing (./launch/setup.sh installs it)", py.display());
+    ok(Command::new(py).arg("-c").arg(script).arg(dir));
+}
+
+/// A golden file of tests/data (`name` relative to it): every tensor by name.
+#[track_caller]
+pub fn golden(name: &str) -> HashMap<String, Tensor> {
+    let path = repo().join("tests/data").join(name);
+    weights::read_map(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
 }
 
 /// `mpirun -np N reg-ddp train ...` with the variables Open MPI needs as root, in a
@@ -46,6 +92,7 @@ pub fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
+/// Relative error of `a` against `b`: max |a - b| / max |b|, in f64 on the CPU.
 pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let cpu = tch::Device::Cpu;
     let (a, b) = (a.to_device(cpu).to_kind(Kind::Double), b.to_device(cpu).to_kind(Kind::Double));
@@ -73,13 +120,12 @@ pub fn copy_model_folder(from: &Path) -> tempfile::TempDir {
 /// The weights (or EMA) of a checkpoint by name, through `reg-ddp export`.
 pub fn export(ckpt: &Path, ema: bool) -> HashMap<String, Tensor> {
     let out = ckpt.join(if ema { "ema-export.safetensors" } else { "export.safetensors" });
-    let mut c = Command::new(env!("CARGO_BIN_EXE_reg-ddp"));
+    let mut c = bin();
     c.args(["export", "--ckpt"]).arg(ckpt).arg("--out").arg(&out);
     if ema {
         c.arg("--ema");
     }
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&mut c);
     weights::read_map(&out).unwrap()
 }
 
