@@ -308,10 +308,24 @@ pub fn choose(run: &Path, spec: &str) -> Result<Option<(PathBuf, Manifest)>> {
     for (_, dir) in complete_steps(run) {
         match verify(&dir) {
             Ok(m) => return Ok(Some((dir, m))),
-            Err(e) => eprintln!("warning: skipping checkpoint {}: {e:#}", dir.display()),
+            Err(e) => eprintln!("warning: skipping checkpoint {}: {e:#}{}", dir.display(), set_aside(&dir)),
         }
     }
     Ok(None)
+}
+
+/// Renames a checkpoint that failed its checks to `step-NNNNNNN.corrupt-<unix time>`,
+/// kept for inspection: left in place, it would stay the newest "complete" one, take a
+/// slot of `keep_checkpoints` (so pruning would delete good ones) and block the step
+/// folder when the run reaches that step again. Returns the note for the warning.
+fn set_aside(dir: &Path) -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = dir.with_file_name(format!("{name}.corrupt-{secs}"));
+    match std::fs::rename(dir, &aside) {
+        Ok(()) => format!("; moved to {}", aside.display()),
+        Err(e) => format!("; left in place (cannot rename it: {e})"),
+    }
 }
 
 /// Copies `[lo, lo + len)` of one flat state buffer out of the checkpoint's shards

@@ -9,6 +9,7 @@ mod meter;
 pub mod overlap;
 pub mod run;
 mod run_folder;
+mod run_lock;
 mod step;
 pub mod zero;
 

@@ -5,7 +5,7 @@
 use super::checkpoint::{self, PendingSave};
 use super::faults::Faults;
 use super::fid::FidProbe;
-use super::run_folder::{check_same_run, check_writable, new_run_id, run_id_of};
+use super::run_folder::{check_same_run, check_writable, lock_run_folder, new_run_id, run_id_of};
 use super::{StepStats, Trainer};
 use crate::config::Config;
 use crate::diffusion::generate::{grid, latents, to_images, Labels};
@@ -124,6 +124,7 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
     let (rank, world) = (t.rank(), t.world());
     let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
     check_writable(&run_dir, &t)?;
+    let _lock = lock_run_folder(&run_dir, &t)?;
     if let Some(init) = &opts.init {
         t.init_from(init)?;
     }

@@ -91,3 +91,23 @@ fn probe_writable(run: &Path) -> Result<()> {
     std::fs::write(&probe, b"").with_context(|| format!("{}: cannot create a file", dir.display()))?;
     std::fs::remove_file(&probe).with_context(|| format!("{}: cannot remove {}", dir.display(), probe.display()))
 }
+
+/// Every rank takes its lock of the run folder before reading or writing anything in it;
+/// if another job holds any of them, every rank stops (exit 2) and rank 0 names that job.
+pub(super) fn lock_run_folder(run: &Path, t: &Trainer) -> Result<super::run_lock::RunLock> {
+    let local = super::run_lock::try_acquire(run, t.rank())?;
+    let mut flags = vec![0.0; t.world() as usize];
+    flags[t.rank() as usize] = local.is_none() as i64 as f64;
+    let held: Vec<i64> = t.agree(&flags)?.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(r, _)| r as i64).collect();
+    match (local, held.first()) {
+        (Some(lock), None) => Ok(lock),
+        (_, held_rank) => {
+            let r = held_rank.copied().unwrap_or(t.rank());
+            crate::bail_input!(
+                "train.output_dir: {} is in use by another job ({} holds its rank {r} lock); let it end, or give this run another train.name",
+                run.display(),
+                super::run_lock::holder(run, r)
+            )
+        }
+    }
+}
