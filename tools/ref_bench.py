@@ -1,5 +1,5 @@
-"""CPU benchmark of the original REG (PyTorch) training step, for comparing
-against our Rust trainer at an equal thread count.
+"""Benchmark of the original REG (PyTorch) training step and sampler loop, for comparing
+against our Rust trainer on the same machine (CPU threads or one GPU).
 
 It imports the reference code (models/sit.py, loss.py) from a checkout of
 https://github.com/Martinser/REG and times exactly the per-step work of REG's
@@ -17,7 +17,13 @@ Run:
     /tmp/refvenv/bin/python tools/ref_bench.py --reg-dir /tmp/REG --depth 4 --hidden 64 \
         --heads 4 --patch 2 --input-size 8 --num-classes 10 --z-dim 32 \
         --projector-dim 64 --encoder-depth 2 --batch 16 --steps 50 --warmup 5 --threads 2
-Prints one JSON line with ms_per_step and images_per_s.
+Modes (--mode): fp32; reg (REG's recipe: fp16 autocast as Accelerate's
+mixed_precision="fp16" wraps the model's forward, GradScaler, TF32 on); bf16 (bf16
+autocast); bf16-compile (bf16 autocast, the model under torch.compile). --sample times
+REG's generate.py loop instead: samplers.euler_maruyama_sampler, --sample-steps steps,
+guidance --cfg on both outputs (interval [0, 0.85]), on a model of 1000 classes (its null
+label is hard-coded).
+Prints one JSON line with ms_per_step and images_per_s (or the sampler's images_per_s).
 """
 import argparse
 import copy
@@ -44,6 +50,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mode", default="fp32", choices=["fp32", "reg", "bf16", "bf16-compile"])
+    ap.add_argument("--sample", action="store_true", help="time REG's sampler loop instead of the step")
+    ap.add_argument("--sample-steps", type=int, default=250)
+    ap.add_argument("--cfg", type=float, default=2.3)
     a = ap.parse_args()
 
     sys.path.insert(0, a.reg_dir)
@@ -53,6 +64,15 @@ def main():
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
+    dev = torch.device(a.device)
+    if a.mode == "reg" and dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    half = {"reg": torch.float16, "bf16": torch.bfloat16, "bf16-compile": torch.bfloat16}.get(a.mode)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     # Same kwargs as REG train.py (fused_attn=True, qk_norm=False defaults; cfg_prob 0.1 > 0).
     common = dict(input_size=a.input_size, num_classes=a.num_classes, use_cfg=True,
@@ -67,7 +87,10 @@ def main():
                     patch_size=a.patch, num_heads=a.heads, class_dropout_prob=0.1, **common)
         name = f"custom-d{a.depth}-h{a.hidden}-nh{a.heads}-p{a.patch}"
         patch = a.patch
-    model = model.float().train()
+    model = model.float().train().to(dev)
+    if a.sample:
+        return sample(a, model, patch, dev, sync, name)
+    forward = torch.compile(model) if a.mode == "bf16-compile" else model
 
     ema = copy.deepcopy(model)
     for p in ema.parameters():
@@ -77,15 +100,16 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.0)
     loss_fn = SILoss(prediction="v", path_type="linear", weighting="uniform")
-    latents_scale = torch.full((1, 4, 1, 1), 0.18215)
-    latents_bias = torch.zeros(1, 4, 1, 1)
+    scaler = torch.amp.GradScaler(dev.type, enabled=a.mode == "reg")
+    latents_scale = torch.full((1, 4, 1, 1), 0.18215, device=dev)
+    latents_bias = torch.zeros(1, 4, 1, 1, device=dev)
 
     # Fixed random "dataset" batch: VAE moments, encoder features (cls + patch tokens), labels.
     B, H = a.batch, a.input_size
     T = (H // patch) ** 2
-    moments = torch.randn(B, 8, H, H)
-    feats = torch.randn(B, T + 1, a.z_dim)
-    labels = torch.randint(0, a.num_classes, (B,))
+    moments = torch.randn(B, 8, H, H, device=dev)
+    feats = torch.randn(B, T + 1, a.z_dim, device=dev)
+    labels = torch.randint(0, a.num_classes, (B,), device=dev)
     params = list(model.parameters())
     named = list(model.named_parameters())
     ema_named = dict(ema.named_parameters())
@@ -96,12 +120,15 @@ def main():
             x = (mean + std * torch.randn_like(mean)) * latents_scale + latents_bias
             zs = [feats]
             cls_token = feats[:, 0]
-        loss1, proj1, _, _, loss2 = loss_fn(model, x, dict(y=labels), zs=zs,
-                                            cls_token=cls_token, time_input=None, noises=None)
+        with torch.autocast(dev.type, dtype=half or torch.float32, enabled=half is not None):
+            loss1, proj1, _, _, loss2 = loss_fn(forward, x, dict(y=labels), zs=zs,
+                                                cls_token=cls_token, time_input=None, noises=None)
         loss = loss1.mean() + 0.5 * proj1.mean() + 0.03 * loss2.mean()
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             for n, p in named:
@@ -110,14 +137,49 @@ def main():
 
     for _ in range(a.warmup):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(a.steps):
         loss = step()
+    sync()
     dt = (time.perf_counter() - t0) / a.steps
-    print(json.dumps({"impl": "reg-pytorch", "model": name, "batch": B, "threads": a.threads,
+    print(json.dumps({"impl": "reg-pytorch", "mode": a.mode, "device": a.device, "model": name, "batch": B, "threads": a.threads,
                       "ms_per_step": round(dt * 1e3, 3), "images_per_s": round(B / dt, 3),
                       "params": sum(p.numel() for p in params), "torch": torch.__version__,
                       "final_loss": round(loss.item(), 5)}))
+
+
+def sample(a, model, patch, dev, sync, name):
+    """REG's generate.py loop: euler_maruyama_sampler on a batch, in the model's fp32
+    (generate.py samples without autocast)."""
+    import argparse as ap
+    import torch
+    from samplers import euler_maruyama_sampler
+
+    model.eval()
+    args = ap.Namespace(cls_cfg_scale=a.cfg, num_classes=a.num_classes, cls=a.z_dim)
+    n, h = a.batch, a.input_size
+
+    def run():
+        z = torch.randn(n, 4, h, h, device=dev)
+        y = torch.randint(0, a.num_classes, (n,), device=dev)
+        cls_z = torch.randn(n, a.z_dim, device=dev)
+        with torch.no_grad():
+            return euler_maruyama_sampler(model=model, latents=z, y=y, num_steps=a.sample_steps, heun=False,
+                                          cfg_scale=a.cfg, guidance_low=0.0, guidance_high=0.85,
+                                          path_type="linear", cls_latents=cls_z, args=args)
+
+    for _ in range(a.warmup):
+        run()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        run()
+    sync()
+    dt = (time.perf_counter() - t0) / a.steps
+    print(json.dumps({"impl": "reg-pytorch-sampler", "device": a.device, "model": name, "batch": n,
+                      "sample_steps": a.sample_steps, "cfg": a.cfg, "seconds_per_batch": round(dt, 4),
+                      "images_per_s": round(n / dt, 3)}))
 
 
 if __name__ == "__main__":
