@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# The main job on an embedded default, through the real pipeline (README "Does REG help
-# with captions?"): set up, build in release, draw the procedural
+# The main job on an embedded default, through the real pipeline (docs/study.md): set up, build in release, draw the procedural
 # shapes set (demo-images --captioned --fix: one white, large shape in the top-left
 # quadrant of each 32 px image, so that only the shape varies; class = shape), train the
 # small shapes encoder on a disjoint split (the REG token's and REPA's targets), prepare

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The REG-with-captions study (README, "Does REG help with captions?"): set up, build,
+# The REG-with-captions study (docs/study.md): set up, build,
 # then {SiT, SiT + REPA, SiT + REG} x {class, caption} x 3 seeds on the procedural shapes
 # set in pixel space, scored by the analytic attribute reader. Sized for a 2-core CPU in
 # under an hour; `--gpu` runs a bigger model for longer when a GPU is there. Resumable:

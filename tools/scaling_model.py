@@ -1,9 +1,9 @@
 """SiT-XL/2 + REG at global batch 256 on 8-64 GPUs, on paper (issue 13, item 6).
 
-Compute comes from the step measured on one H200 (README, "Performance": `bench
+Compute comes from the step measured on one H200 (docs/performance.md: `bench
 --profile`, bf16, batch 32); communication from the bytes our ZeRO-1 step moves and
 assumed NCCL bus bandwidths, since no per-bucket collective time has been measured on
-a multi-GPU machine yet. Every assumption is an argument; the defaults are the README's.
+a multi-GPU machine yet. Every assumption is an argument; the defaults are docs/performance.md's.
 Prints a markdown table. Standard library only: python3 tools/scaling_model.py
 """
 
