@@ -77,8 +77,6 @@ pub(super) fn extent(size: &[i64], stride: &[i64]) -> Option<i64> {
     Some(1 + size.iter().zip(stride).map(|(&n, &s)| (n - 1) * s).sum::<i64>())
 }
 
-/// Reads a `torch.save` file (the zip format of torch >= 1.6, or the legacy pickle stream)
-
 // ---------------------------------------------------------------------------------------------------------------
 // The container. torch.save writes every zip entry STORED (uncompressed, 64-byte aligned) so tensors can be read
 // in place; the legacy format is one stream.

@@ -21,6 +21,7 @@ pub use archive::TensorRef;
 pub use pickle::Value;
 use pickle::{convert, convert_budget, Obj, Vm};
 
+/// Reads a `torch.save` file (the zip format of torch >= 1.6, or the legacy pickle stream)
 /// without running any of it. Every problem with the file is an input error naming it.
 pub fn read(path: &Path) -> Result<Value> {
     let archive = Arc::new(Archive::open(path)?);
