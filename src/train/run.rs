@@ -124,7 +124,11 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
     let (rank, world) = (t.rank(), t.world());
     let run_dir = PathBuf::from(&t.cfg.train.output_dir).join(&t.cfg.train.name);
     check_writable(&run_dir, &t)?;
-    let _lock = lock_run_folder(&run_dir, &t)?;
+    // A folder that exists may hold checkpoints another job is writing: locked before
+    // anything in it is read. A new one is made (and locked) only once everything has
+    // been validated, so a bad input leaves no half-made run folder.
+    let exists = t.agree(&[(rank == 0 && run_dir.exists()) as i64 as f64])?[0] > 0.0;
+    let mut lock = if exists { Some(lock_run_folder(&run_dir, &t)?) } else { None };
     if let Some(init) = &opts.init {
         t.init_from(init)?;
     }
@@ -156,6 +160,10 @@ pub fn run(cfg: Config, launch: Launch, opts: RunOptions) -> Result<()> {
         );
     }
     // Only once everything validated: a bad input leaves no half-made run folder.
+    if lock.is_none() {
+        lock = Some(lock_run_folder(&run_dir, &t)?);
+    }
+    let _lock = lock;
     let mut tb = None;
     if rank == 0 {
         std::fs::create_dir_all(&run_dir).with_context(|| format!("{}: cannot create run folder", run_dir.display()))?;
