@@ -161,3 +161,36 @@ fn missing_or_misshaped_tensor_is_an_input_error() {
     let e = load_err(dir.path());
     assert!(is_input_error(&e) && e.to_string().contains("model.safetensors"), "{e}");
 }
+
+/// A `Dinov2WithRegistersModel` saved by transformers (tools/golden/dinov2_registers.py):
+/// the registers sit between the class token and the patches, past the position table, and
+/// the encoder gives REG the class token and the patches (registers dropped), to 1e-5.
+#[test]
+fn dinov2_with_registers_matches_transformers() {
+    let g = golden("dinov2_reg_tiny_golden.safetensors");
+    let dir = common::repo().join("tests/data/dinov2_reg_tiny");
+    let model = Dinov2::load(&dir, Device::Cpu, 56).unwrap();
+    assert_eq!(model.num_tokens(), 17, "class token + 16 patches");
+    let got = model.forward_preprocessed(&g["in.preprocessed"], Kind::Float);
+    assert_rel("registers: features", &got, &g["out.features"], 1e-5);
+    // Without the registers the same weights give another answer: they are used, not skipped.
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let plain = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("model.safetensors"), plain.path().join("model.safetensors")).unwrap();
+    std::fs::write(plain.path().join("config.json"), cfg.replace("\"dinov2_with_registers\"", "\"dinov2\"")).unwrap();
+    let without = Dinov2::load(plain.path(), Device::Cpu, 56).unwrap().forward_preprocessed(&g["in.preprocessed"], Kind::Float);
+    assert!(common::rel(&without, &g["out.features"]) > 1e-3);
+}
+
+/// Another encoder's config is refused with one line naming its kind and the supported ones.
+#[test]
+fn an_unsupported_encoder_kind_is_named() {
+    let dir = copy_model();
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"dinov2\"", "\"vit_mae\"");
+    std::fs::write(&cfg, text).unwrap();
+    let e = load_err(dir.path());
+    let msg = e.to_string();
+    assert!(is_input_error(&e) && !msg.contains('\n'), "{msg}");
+    assert!(msg.contains("config.json") && msg.contains("vit_mae") && msg.contains("dinov2_with_registers"), "{msg}");
+}

@@ -43,6 +43,11 @@ pub struct Dinov2Config {
     pub qkv_bias: bool,
     #[serde(default)]
     pub use_swiglu_ffn: bool,
+    /// Register tokens between the class token and the patches
+    /// (`Dinov2WithRegistersModel`, e.g. facebook/dinov2-with-registers-base: 4); 0 for
+    /// `Dinov2Model`.
+    #[serde(default)]
+    pub num_register_tokens: i64,
 }
 
 fn mlp_ratio() -> f64 {
@@ -67,12 +72,26 @@ impl Dinov2Config {
     pub fn parse(text: &str, file: &str) -> Result<Self> {
         let obj = hub_config::object(text, file)?;
         // Registers, or another model's config, would load into the wrong layout.
-        match obj.get("model_type") {
-            None => {}
-            Some(t) if t == "dinov2" => {}
-            Some(t) => bail_input!("{file}: field model_type: expected \"dinov2\", found {t}"),
+        let registers = match obj.get("model_type") {
+            None => false,
+            Some(t) if t == "dinov2" => false,
+            Some(t) if t == "dinov2_with_registers" => true,
+            Some(t) => {
+                bail_input!("{file}: field model_type: {t} is not a supported encoder (supported: \"dinov2\", \"dinov2_with_registers\")")
+            }
+        };
+        let given = obj.get("num_register_tokens").is_some();
+        let mut c: Dinov2Config = hub_config::from_value(obj, file)?;
+        // `Dinov2Model` has no registers whatever the field says; transformers'
+        // `Dinov2WithRegistersConfig` defaults to 4.
+        c.num_register_tokens = match (registers, given) {
+            (false, _) => 0,
+            (true, false) => 4,
+            (true, true) => c.num_register_tokens,
+        };
+        if c.num_register_tokens < 0 {
+            bail_input!("{file}: field num_register_tokens: must not be negative, found {}", c.num_register_tokens);
         }
-        let c: Dinov2Config = hub_config::from_value(obj, file)?;
         if c.hidden_size % c.num_attention_heads != 0 {
             bail_input!("{file}: field num_attention_heads: {} does not divide hidden_size {}", c.num_attention_heads, c.hidden_size);
         }
@@ -108,9 +127,13 @@ impl Dinov2Config {
     /// initial layer scale 1.0 (the values `train-encoder` trains with).
     pub fn to_json(&self) -> Value {
         let act = self.hidden_act.name();
-        serde_json::json!({
-            "architectures": ["Dinov2Model"],
-            "model_type": "dinov2",
+        let (architecture, model_type) = match self.num_register_tokens {
+            0 => ("Dinov2Model", "dinov2"),
+            _ => ("Dinov2WithRegistersModel", "dinov2_with_registers"),
+        };
+        let mut j = serde_json::json!({
+            "architectures": [architecture],
+            "model_type": model_type,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
@@ -130,14 +153,22 @@ impl Dinov2Config {
             "apply_layernorm": true,
             "use_mask_token": true,
             "dtype": "float32",
-        })
+        });
+        if self.num_register_tokens > 0 {
+            j["num_register_tokens"] = self.num_register_tokens.into();
+        }
+        j
     }
 }
 
-/// `embeddings`: patch projection, class token, position table (already at the run's grid).
+/// `embeddings`: patch projection, class token, position table (already at the run's grid),
+/// register tokens.
 pub struct Embeddings {
     /// [1, 1, D]
     pub cls_token: Tensor,
+    /// Inserted after the class token, past the position table (which has no rows for
+    /// them). [1, R, D]
+    pub register_tokens: Option<Tensor>,
     /// The table resampled to `input_size / patch`, class row first. [1, 1 + T, D] f32
     pub position_embeddings: Tensor,
     /// `patch_embeddings.projection`: p x p, stride p.
@@ -145,13 +176,20 @@ pub struct Embeddings {
 }
 
 impl Embeddings {
-    /// x: [N, 3, H, W] -> [N, 1 + T, D] in x's dtype
+    /// x: [N, 3, H, W] -> [N, 1 + R + T, D] in x's dtype
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let k = x.kind();
         let n = x.size()[0];
         let patches = self.projection.forward(x).flatten(2, -1).transpose(1, 2);
         let cls = self.cls_token.to_kind(k).expand([n, 1, -1], false);
-        Tensor::cat(&[cls, patches], 1) + self.position_embeddings.to_kind(k)
+        let h = Tensor::cat(&[cls, patches], 1) + self.position_embeddings.to_kind(k);
+        match &self.register_tokens {
+            None => h,
+            Some(r) => {
+                let t = h.size()[1];
+                Tensor::cat(&[h.narrow(1, 0, 1), r.to_kind(k).expand([n, -1, -1], false), h.narrow(1, 1, t - 1)], 1)
+            }
+        }
     }
 }
 
@@ -313,6 +351,10 @@ impl Dinov2 {
         let table = ld.get("embeddings.position_embeddings", &[1, 1 + g0 * g0, d])?;
         let embeddings = Embeddings {
             cls_token: ld.get("embeddings.cls_token", &[1, 1, d])?,
+            register_tokens: match config.num_register_tokens {
+                0 => None,
+                r => Some(ld.get("embeddings.register_tokens", &[1, r, d])?),
+            },
             position_embeddings: resample_pos_embed(&table, input_size / p),
             projection: Conv2d::load(ld, "embeddings.patch_embeddings.projection", config.num_channels, d, [p, p], true)?.stride(p),
         };
@@ -362,8 +404,8 @@ impl Dinov2 {
         }
     }
 
-    /// The ViT on already-preprocessed input [N, 3, input_size, input_size] f32 -> [N, 1 + T, D] f32,
-    /// computing in `kind`. No grad.
+    /// The ViT on already-preprocessed input [N, 3, input_size, input_size] f32 -> [N, 1 + T, D] f32
+    /// (class token and patches, registers dropped), computing in `kind`. No grad.
     pub fn forward_preprocessed(&self, x: &Tensor, kind: Kind) -> Tensor {
         tch::no_grad(|| self.forward(x, kind))
     }
@@ -378,6 +420,15 @@ impl Dinov2 {
         for layer in &self.layers {
             h = layer.forward(&h);
         }
-        self.layernorm.forward(&h).to_kind(Kind::Float)
+        let h = self.layernorm.forward(&h).to_kind(Kind::Float);
+        // The class token and the patches: registers are dropped, as REG's `dinov2reg`
+        // takes `x_norm_clstoken` and `x_norm_patchtokens`.
+        match self.config.num_register_tokens {
+            0 => h,
+            r => {
+                let t = h.size()[1];
+                Tensor::cat(&[h.narrow(1, 0, 1), h.narrow(1, 1 + r, t - 1 - r)], 1)
+            }
+        }
     }
 }

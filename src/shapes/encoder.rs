@@ -61,6 +61,7 @@ impl EncoderSize {
             hidden_act: Activation::Gelu,
             qkv_bias: true,
             use_swiglu_ffn: false,
+            num_register_tokens: 0,
         })
     }
 }
