@@ -18,9 +18,15 @@ Computed in float64 and stored as float32. transformers needs no virtualenv of i
 (torch from the project's .venv, transformers from the other; nothing is installed into .venv).
 """
 
+import os
+import sys
+
 import torch
 from safetensors.torch import save_file
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dinov2 import randomise  # noqa: E402
 
 OUT_DIR = "tests/data/dinov2_reg_tiny"
 GOLDEN = "tests/data/dinov2_reg_tiny_golden.safetensors"
@@ -32,18 +38,8 @@ def main() -> None:
     config = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
                                        image_size=56, num_register_tokens=REGISTERS, layerscale_value=1.0)
     model = Dinov2WithRegistersModel(config).eval()
-    # Weights large enough that every part matters (HF's init leaves norms at 1/0).
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-            if name.endswith("lambda1"):
-                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=gen, dtype=p.dtype))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * r)
-            else:
-                p.copy_(0.3 * r)
+    # The same randomisation as the DINOv2 golden (every part of the block matters).
+    randomise(model, gen)
     model.save_pretrained(OUT_DIR, safe_serialization=True)
     x = torch.randn(2, 3, 56, 56, generator=gen)
     with torch.no_grad():
