@@ -7,14 +7,6 @@ use anyhow::Result;
 use serde::de::{DeserializeOwned, Error};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
-use std::path::Path;
-
-/// Reads and parses `path` as a `T`.
-pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| bad_input(format!("{file}: cannot read: {e}")))?;
-    parse(&text, &file)
-}
 
 /// The JSON object of a config file. transformers and diffusers read a `null` field as
 /// "take the default", so null fields are dropped (at every depth) before parsing.

@@ -211,7 +211,7 @@ impl NpzArray {
     /// The array `name` (without `.npy`) of the archive, or `None` when it has none.
     pub fn open(path: &Path, name: &str) -> Result<Option<NpzArray>> {
         let file = path.display().to_string();
-        let zip = ZipReader::open(path, "an .npz archive")?;
+        let mut zip = ZipReader::open(path, "an .npz archive")?;
         let entry = format!("{name}.npy");
         if !zip.contains(&entry) {
             return Ok(None);

@@ -25,7 +25,10 @@ struct Entry {
 /// An archive whose directory has been read once; entries are then reached by name.
 pub struct ZipReader {
     path: PathBuf,
+    /// Mapped for stored entries.
     file: File,
+    /// The directory as the `zip` crate read it (deflated entries are inflated through it).
+    zip: zip::ZipArchive<File>,
     len: u64,
     entries: BTreeMap<String, Entry>,
 }
@@ -43,7 +46,8 @@ impl ZipReader {
     pub fn new(file: File, path: &Path, kind: &str) -> Result<ZipReader> {
         let shown = path.display();
         let len = file.metadata().map_err(|e| bad_input(format!("{shown}: cannot stat: {e}")))?.len();
-        let mut z = zip::ZipArchive::new(&file).map_err(|e| bad_input(format!("{shown}: not {kind}: {e}")))?;
+        let handle = file.try_clone().map_err(|e| bad_input(format!("{shown}: cannot open: {e}")))?;
+        let mut z = zip::ZipArchive::new(handle).map_err(|e| bad_input(format!("{shown}: not {kind}: {e}")))?;
         let mut entries = BTreeMap::new();
         for i in 0..z.len() {
             let e = z.by_index_raw(i).map_err(|e| bad_input(format!("{shown}: entry {i}: {e}")))?;
@@ -59,25 +63,7 @@ impl ZipReader {
             };
             entries.insert(e.name().to_string(), entry);
         }
-        drop(z);
-        Ok(ZipReader { path: path.to_path_buf(), file, len, entries })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// The archive's size in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        Ok(ZipReader { path: path.to_path_buf(), file, zip: z, len, entries })
     }
 
     /// Entry names (files only), sorted.
@@ -130,15 +116,14 @@ impl ZipReader {
     /// A compressed entry inflated into memory, but never past what the archive declares,
     /// and only if deflate could make that much from the stored bytes (at most 1032:1): a
     /// small file claiming terabytes is refused, not allocated.
-    pub fn inflate(&self, name: &str) -> Result<Vec<u8>> {
-        let (file, shown) = (self.path.display(), name.escape_debug());
+    pub fn inflate(&mut self, name: &str) -> Result<Vec<u8>> {
         let e = self.entry(name)?;
+        let (file, shown) = (self.path.display(), name.escape_debug());
         let (size, packed) = (e.size, e.compressed_size);
         if size > packed.saturating_mul(1032).saturating_add(1024) {
             bail_input!("{file}: {shown}: claims {size} bytes inflated from {packed}; deflate cannot, the archive is corrupt");
         }
-        let mut z = zip::ZipArchive::new(&self.file).map_err(|e| bad_input(format!("{file}: {e}")))?;
-        let mut r = z.by_name(name).map_err(|e| bad_input(format!("{file}: {shown}: {e}")))?;
+        let mut r = self.zip.by_name(name).map_err(|e| bad_input(format!("{file}: {shown}: {e}")))?;
         let mut v = Vec::new();
         (&mut r).take(size).read_to_end(&mut v).map_err(|e| bad_input(format!("{file}: {shown}: {e}")))?;
         if v.len() as u64 != size {

@@ -61,9 +61,7 @@ pub(super) fn check_same_run(run: &Path, dir: &Path, m: &checkpoint::Manifest, c
 /// at all): checked before the first step; rank 0 reports which ranks cannot.
 pub(super) fn check_writable(run: &Path, t: &Trainer) -> Result<()> {
     let local = probe_writable(run);
-    let mut flags = vec![0.0; t.world() as usize];
-    flags[t.rank() as usize] = local.is_err() as i64 as f64;
-    let failed: Vec<usize> = t.agree(&flags)?.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(r, _)| r).collect();
+    let failed = ranks_where(t, local.is_err())?;
     if failed.is_empty() {
         return Ok(());
     }
@@ -96,13 +94,12 @@ fn probe_writable(run: &Path) -> Result<()> {
 /// if another job holds any of them, every rank stops (exit 2) and rank 0 names that job.
 pub(super) fn lock_run_folder(run: &Path, t: &Trainer) -> Result<super::run_lock::RunLock> {
     let local = super::run_lock::try_acquire(run, t.rank())?;
-    let mut flags = vec![0.0; t.world() as usize];
-    flags[t.rank() as usize] = local.is_none() as i64 as f64;
-    let held: Vec<i64> = t.agree(&flags)?.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(r, _)| r as i64).collect();
+    let held = ranks_where(t, local.is_none())?;
     match (local, held.first()) {
         (Some(lock), None) => Ok(lock),
-        (_, held_rank) => {
-            let r = held_rank.copied().unwrap_or(t.rank());
+        // This rank's own lock missing puts it among the ranks named.
+        (_, r) => {
+            let r = *r.expect("a rank without its lock is named") as i64;
             crate::bail_input!(
                 "train.output_dir: {} is in use by another job ({} holds its rank {r} lock); let it end, or give this run another train.name",
                 run.display(),
@@ -110,4 +107,11 @@ pub(super) fn lock_run_folder(run: &Path, t: &Trainer) -> Result<super::run_lock
             )
         }
     }
+}
+
+/// The ranks for which `local` holds, agreed by all (every rank must call it).
+fn ranks_where(t: &Trainer, local: bool) -> Result<Vec<usize>> {
+    let mut flags = vec![0.0; t.world() as usize];
+    flags[t.rank() as usize] = local as i64 as f64;
+    Ok(t.agree(&flags)?.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(r, _)| r).collect())
 }
